@@ -1,0 +1,245 @@
+"""Typed parameters: ``params.yaml`` is parsed here, once, into one frozen model per stage.
+
+``params.yaml`` is the only switch between the two worlds GAC runs in: *here* (the embedded sample, tiny TerraTorch
+variants with random init, CPU) and *real* (a BigEarthNet v2 root, hub weights or local checkpoints, CUDA). Stages read
+their own section; CLIs override fields with :func:`override`, they never re-parse YAML. A bad key or value raises
+:class:`~gac.errors.GacError` with one line naming the key and what was expected.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from gac.errors import GacError
+
+PARAMS_FILE = "params.yaml"
+
+Precision = Literal["32", "16-mixed", "bf16-mixed", "32-true", "bf16-true", "16-true"]
+
+
+class Section(BaseModel):
+    """Base of every section: unknown keys are errors (a typo must not silently fall back to a default)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataParams(Section):
+    """Where the raw BigEarthNet v2 tiles are and what they are."""
+
+    root: str = "data"
+    #: ``sample`` (embedded real reBEN tiles), ``synthetic`` (seeded generator) or ``bigearthnet`` (the real dataset).
+    source: Literal["sample", "synthetic", "bigearthnet"] = "sample"
+
+
+class MlflowParams(Section):
+    """MLflow tracking store: SQLite + an artifact folder under ``mlruns/`` (the file store is legacy in MLflow 3)."""
+
+    tracking_uri: str = "sqlite:///mlruns/mlflow.db"
+    artifact_location: str = "mlruns/artifacts"
+    experiment: str = "gac"
+
+
+class CatalogParams(Section):
+    """The catalog stage: validate, resample and pack raw tiles into shards."""
+
+    out: str = "artifacts/catalog"
+    splits: list[Literal["train", "validation", "test"]] = ["train", "validation", "test"]
+    max_tiles: int | None = Field(default=None, gt=0)
+    shard_size: int = Field(default=256, gt=0)
+    workers: int = Field(default=2, ge=0)
+
+
+class Stage1Params(Section):
+    """Stage 1: TerraMind S1GRD → S2L2A generation (no training)."""
+
+    variant: str = "terramind_v1_tiny_generate"
+    pretrained: bool = False
+    ckpt_path: str | None = None
+    timesteps: int = Field(default=2, gt=0)
+    img_size: int = Field(default=128, gt=0, multiple_of=16)
+    batch_size: int = Field(default=4, gt=0)
+    max_tiles: int | None = Field(default=None, gt=0)
+    device: str = "auto"
+    precision: Literal["32", "bf16", "16"] = "32"
+    seed: int = 0
+    shard_size: int = Field(default=16, gt=0)
+    num_workers: int = Field(default=0, ge=0)
+    out: str = "artifacts/opt_v1"
+
+
+class LoraParams(Section):
+    """LoRA adapters (peft): rank, scaling, dropout and which modules (regex or names) get them."""
+
+    rank: int = Field(default=8, gt=0)
+    alpha: float = Field(default=16.0, gt=0)
+    dropout: float = Field(default=0.0, ge=0, lt=1)
+    target_modules: str | list[str] = r".*blocks\.\d+\.attn\.(qkv|proj)"
+
+
+class TrainParams(Section):
+    """What both trained stages share: the Lightning trainer's knobs."""
+
+    epochs: int = Field(default=2, gt=0)
+    max_steps: int = -1
+    batch_size: int = Field(default=4, gt=0)
+    grad_accum_steps: int = Field(default=1, gt=0)
+    lr: float = Field(default=1e-3, gt=0)
+    weight_decay: float = Field(default=0.0, ge=0)
+    warmup_steps: int = Field(default=0, ge=0)
+    val_every_n_steps: int = Field(default=10, gt=0)
+    save_every_n_steps: int = Field(default=10, gt=0)
+    early_stopping: bool = True
+    patience: int = Field(default=5, gt=0)
+    precision: Precision = "32"
+    accelerator: str = "auto"
+    devices: int | str = 1
+    num_nodes: int = Field(default=1, gt=0)
+    strategy: str = "auto"
+    num_workers: int = Field(default=0, ge=0)
+    max_tiles: int | None = Field(default=None, gt=0)
+    seed: int = 0
+
+
+class Stage2Params(Section):
+    """Stage 2: Prithvi-EO + LoRA (+ int8 base) refines opt_v1 → opt_v2."""
+
+    backbone: str = "prithvi_eo_v2_tiny_tl"
+    pretrained: bool = False
+    ckpt_path: str | None = None
+    img_size: int = Field(default=128, gt=0, multiple_of=16)
+    load_in_8bit: bool = False
+    lora: LoraParams = LoraParams()
+    l1_weight: float = Field(default=1.0, ge=0)
+    ms_ssim_weight: float = Field(default=0.2, ge=0)
+    lpips_weight: float = Field(default=0.0, ge=0)
+    lpips_weights_path: str | None = None
+    train: TrainParams = TrainParams()
+    out: str = "artifacts/stage2"
+
+
+class Stage3Params(Section):
+    """Stage 3: TerraMind encoder-decoder, LoRA on decoder cross-attention, grounds opt_v2 in the SAR → opt_v3."""
+
+    variant: str = "terramind_v1_tiny"
+    pretrained: bool = False
+    ckpt_path: str | None = None
+    img_size: int = Field(default=128, gt=0, multiple_of=16)
+    lora: LoraParams = LoraParams(target_modules=r".*decoder\.\d+\.cross_attn\.(q|kv|proj)")
+    recon_weight: float = Field(default=1.0, ge=0)
+    sar_edge_weight: float = Field(default=0.5, ge=0)
+    cycle_weight: float = Field(default=0.5, ge=0)
+    train: TrainParams = TrainParams()
+    out: str = "artifacts/stage3"
+
+
+class TargetParams(Section):
+    """Targets a model must meet to be promoted to ``champion`` (the seed's defaults)."""
+
+    psnr: float = 30.0
+    ssim: float = 0.85
+    sam_deg: float = 5.0
+    sar_edge: float = 0.15
+
+
+class PromoteParams(Section):
+    """Gated promotion of registered models."""
+
+    objective: Literal["psnr", "ssim", "sam_deg", "sar_edge"] = "psnr"
+    targets: TargetParams = TargetParams()
+
+
+class EvaluateParams(Section):
+    """Evaluation over a split, with the ablation rows."""
+
+    split: Literal["train", "validation", "test"] = "test"
+    n_visualize: int = Field(default=4, ge=0)
+    baseline_epochs: int = Field(default=20, gt=0)
+    out: str = "artifacts/evaluate"
+
+
+class SearchSpace(Section):
+    """Optuna search space (ranges are inclusive)."""
+
+    lora_rank: list[int] = [4, 8, 16]
+    lr: tuple[float, float] = (1e-4, 1e-2)
+    l1_weight: tuple[float, float] = (0.5, 2.0)
+    ms_ssim_weight: tuple[float, float] = (0.0, 1.0)
+    sar_edge_weight: tuple[float, float] = (0.0, 1.0)
+    cycle_weight: tuple[float, float] = (0.0, 1.0)
+
+
+class SweepParams(Section):
+    """Multi-objective Optuna sweep."""
+
+    stage: Literal["stage2", "stage3"] = "stage2"
+    study: str = "gac-sweep"
+    storage: str = "sqlite:///mlruns/optuna.db"
+    n_trials: int = Field(default=3, gt=0)
+    seed: int = 0
+    space: SearchSpace = SearchSpace()
+    out: str = "artifacts/sweep"
+
+
+class Params(BaseModel):
+    """All of ``params.yaml``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    data: DataParams = DataParams()
+    mlflow: MlflowParams = MlflowParams()
+    catalog: CatalogParams = CatalogParams()
+    stage1: Stage1Params = Stage1Params()
+    stage2: Stage2Params = Stage2Params()
+    stage3: Stage3Params = Stage3Params()
+    evaluate: EvaluateParams = EvaluateParams()
+    promote: PromoteParams = PromoteParams()
+    sweep: SweepParams = SweepParams()
+
+
+def _one_line(error: ValidationError, source: str) -> str:
+    """Turn pydantic's first error into ``<file>: <dotted.key>: <what was expected> (got <value>)``."""
+    err = error.errors()[0]
+    key = ".".join(str(p) for p in err["loc"]) or "<top level>"
+    if err["type"] == "extra_forbidden":
+        return f"{source}: unknown key '{key}' (expected one of the documented keys; see README)"
+    return f"{source}: {key}: {err['msg']} (got {err.get('input')!r})"
+
+
+def parse(raw: dict[str, Any], source: str = PARAMS_FILE) -> Params:
+    """Validate a mapping (the loaded YAML) into :class:`Params`, raising one clear :class:`GacError` line."""
+    if not isinstance(raw, dict):
+        raise GacError(f"{source}: expected a mapping of sections at the top level, got {type(raw).__name__}")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as e:
+        raise GacError(_one_line(e, source)) from None
+
+
+def load(path: str | Path = PARAMS_FILE) -> Params:
+    """Read and validate ``params.yaml`` (missing file → all defaults are *not* assumed: it is an error)."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise GacError(f"{path}: parameters file not found (expected a YAML file with the GAC sections)")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise GacError(f"{path}:{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
+    return parse(raw, str(path))
+
+
+def override(section: Section, source: str = "command line", **changes: Any) -> Section:
+    """Return ``section`` with the non-``None`` ``changes`` applied and re-validated (CLI flags override params)."""
+    changes = {k: v for k, v in changes.items() if v is not None}
+    if not changes:
+        return section
+    try:
+        return type(section).model_validate({**section.model_dump(), **changes})
+    except ValidationError as e:
+        raise GacError(_one_line(e, source)) from None

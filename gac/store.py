@@ -1,0 +1,135 @@
+"""Sharded array store: the one on-disk format of the catalog and of the opt_v1/opt_v2/opt_v3 caches.
+
+200k BigEarthNet tiles as loose files would be 200k inodes per stage and slow to list, hash (DVC) and read. A store is
+instead a folder of *shards*, each a folder of ``.npy`` arrays (first axis = tile) plus the ``index.parquet`` of its
+rows::
+
+    <root>/shards/<shard>/index.parquet   patch_id and per-tile metadata, one row per tile
+    <root>/shards/<shard>/<key>.npy       e.g. s2 (N, 12, 120, 120) uint16, s1 (N, 2, 120, 120) float32, opt (...)
+    <root>/shards/<shard>/rejected.parquet  tiles of this shard that failed, with a reason (optional)
+    <root>/index.parquet                  all shards' rows with ``shard`` and ``row`` columns (written by finalize)
+
+A shard appears by one atomic folder rename, so a killed writer leaves either a whole shard or none: resuming is
+"write the shards that are not there yet", and two processes writing different shards never collide. Readers memory-map
+the arrays, so opening a store costs one parquet read and loading a batch costs the bytes of that batch.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from gac.atomic import atomic_path
+from gac.errors import GacError
+
+SHARDS = "shards"
+INDEX = "index.parquet"
+REJECTED = "rejected.parquet"
+
+
+class ShardStore:
+    """A sharded array store rooted at ``root`` (see the module docstring for the layout)."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+
+    # -- writing ---------------------------------------------------------------------------------------------------
+    def write_shard(
+        self,
+        name: str,
+        index: pd.DataFrame,
+        arrays: Mapping[str, np.ndarray],
+        rejected: pd.DataFrame | None = None,
+    ) -> None:
+        """Write one whole shard atomically; ``index`` rows and every array's first axis must agree."""
+        for key, arr in arrays.items():
+            if len(arr) != len(index):
+                raise ValueError(f"shard {name}: array {key!r} has {len(arr)} rows, index has {len(index)}")
+        with atomic_path(self.root / SHARDS / name) as tmp:
+            tmp.mkdir()
+            for key, arr in arrays.items():
+                np.save(tmp / f"{key}.npy", np.ascontiguousarray(arr), allow_pickle=False)
+            index.reset_index(drop=True).to_parquet(tmp / INDEX, index=False)
+            if rejected is not None and len(rejected):
+                rejected.reset_index(drop=True).to_parquet(tmp / REJECTED, index=False)
+        self.__dict__.pop("_shard_index", None)
+
+    def finalize(self) -> pd.DataFrame:
+        """Write the store-level ``index.parquet`` (all complete shards, in shard-name order) atomically."""
+        index = self._concat_shard_indexes()
+        with atomic_path(self.root / INDEX) as tmp:
+            index.to_parquet(tmp, index=False)
+        return index
+
+    # -- reading ---------------------------------------------------------------------------------------------------
+    def shard_names(self) -> list[str]:
+        """Names of the complete shards (unfinished ``.tmp-*`` folders are never listed)."""
+        folder = self.root / SHARDS
+        if not folder.is_dir():
+            return []
+        return sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".tmp-"))
+
+    def _concat_shard_indexes(self) -> pd.DataFrame:
+        frames = []
+        for name in self.shard_names():
+            df = pd.read_parquet(self.root / SHARDS / name / INDEX)
+            frames.append(df.assign(shard=name, row=np.arange(len(df))))
+        if not frames:
+            return pd.DataFrame({"patch_id": pd.Series(dtype=str), "shard": [], "row": []})
+        return pd.concat(frames, ignore_index=True)
+
+    @functools.cached_property
+    def index(self) -> pd.DataFrame:
+        """All tiles of the store; from the finalised index when there is one, else from the shards."""
+        path = self.root / INDEX
+        if path.is_file():
+            return pd.read_parquet(path)
+        if not (self.root / SHARDS).is_dir():
+            raise GacError(f"{self.root}: not a GAC store (expected {SHARDS}/ or {INDEX}; run the stage that makes it)")
+        return self._concat_shard_indexes()
+
+    def rejected(self) -> pd.DataFrame:
+        """Tiles that failed in any shard, with their ``reason``."""
+        frames = [
+            pd.read_parquet(p)
+            for name in self.shard_names()
+            if (p := self.root / SHARDS / name / REJECTED).is_file()
+        ]
+        return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["patch_id", "reason"])
+
+    @functools.lru_cache(maxsize=None)  # noqa: B019 - one store object per stage run; the mmaps are meant to live.
+    def array(self, shard: str, key: str) -> np.ndarray:
+        """Memory-mapped array ``key`` of ``shard``."""
+        path = self.root / SHARDS / shard / f"{key}.npy"
+        if not path.is_file():
+            raise GacError(f"{path}: missing array {key!r} (expected one of the keys the writing stage stores)")
+        return np.load(path, mmap_mode="r")
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def read(self, key: str, rows: pd.DataFrame | None = None) -> np.ndarray:
+        """Stack array ``key`` for ``rows`` (a slice of :attr:`index`; all tiles when ``None``), in row order."""
+        rows = self.index if rows is None else rows
+        if not len(rows):
+            raise GacError(f"{self.root}: no tiles selected")
+        out = None
+        for i, (shard, row) in enumerate(zip(rows["shard"], rows["row"], strict=True)):
+            arr = self.array(shard, key)
+            if out is None:
+                out = np.empty((len(rows), *arr.shape[1:]), dtype=arr.dtype)
+            out[i] = arr[row]
+        return out
+
+    def rows_for(self, patch_ids: Iterable[str]) -> pd.DataFrame:
+        """Index rows for ``patch_ids`` in the given order (a clear error names the first missing one)."""
+        patch_ids = list(patch_ids)
+        by_id = self.index.set_index("patch_id", drop=False)
+        missing = [p for p in patch_ids if p not in by_id.index]
+        if missing:
+            raise GacError(f"{self.root}: tile {missing[0]!r} not in the store ({len(missing)} missing in all)")
+        return by_id.loc[patch_ids].reset_index(drop=True)
