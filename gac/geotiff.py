@@ -23,9 +23,15 @@ def write_geotiff(path: str | Path, bands: np.ndarray, meta: Any, names: tuple[s
     path = Path(path)
     transform = Affine(*list(meta["transform"])[:6])
     profile = {
-        "driver": "GTiff", "height": bands.shape[1], "width": bands.shape[2], "count": bands.shape[0],
-        "dtype": bands.dtype.name, "crs": meta["crs"], "transform": transform, "compress": "deflate",
-    }  # fmt: skip
+        "driver": "GTiff",
+        "height": bands.shape[1],
+        "width": bands.shape[2],
+        "count": bands.shape[0],
+        "dtype": bands.dtype.name,
+        "crs": meta["crs"],
+        "transform": transform,
+        "compress": "deflate",
+    }
     with atomic_path(path) as tmp, rasterio.open(tmp, "w", **profile) as dst:
         dst.write(bands)
         for i, name in enumerate(names[: bands.shape[0]], start=1):

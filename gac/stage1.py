@@ -185,7 +185,9 @@ def _generate_rows(model, s1: torch.Tensor, rows: pd.DataFrame, p, device) -> tu
     return kept, np.stack(arrays) if arrays else np.empty((0, 12, *s1.shape[-2:]), np.uint16), errors
 
 
-def run(p: Stage1Params, catalog_root: str, model: torch.nn.Module | None = None, progress: bool = True) -> Stage1Report:
+def run(
+    p: Stage1Params, catalog_root: str, model: torch.nn.Module | None = None, progress: bool = True
+) -> Stage1Report:
     """Generate the missing shards of opt_v1 for this rank; on rank 0 also finalise the cache index."""
     from tqdm import tqdm
 
@@ -221,8 +223,9 @@ def run(p: Stage1Params, catalog_root: str, model: torch.nn.Module | None = None
         model.to(device)
     pending: dict[str, dict] = {n: {"rows": r, "left": -(-len(r) // p.batch_size), "parts": {}} for n, r in mine}
     batches = _Batches(catalog_root, mine, p.batch_size)
-    loader = torch.utils.data.DataLoader(batches, batch_size=None, num_workers=p.num_workers,
-                                         prefetch_factor=2 if p.num_workers else None)  # fmt: skip
+    loader = torch.utils.data.DataLoader(
+        batches, batch_size=None, num_workers=p.num_workers, prefetch_factor=2 if p.num_workers else None
+    )
     bar = tqdm(total=sum(len(r) for _, r in mine), unit="tile", desc=f"stage1[{rank}]", disable=not progress)
     for name, b, rows, s1 in loader:
         seed_batch(p.seed, name, b)

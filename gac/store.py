@@ -95,13 +95,11 @@ class ShardStore:
     def rejected(self) -> pd.DataFrame:
         """Tiles that failed in any shard, with their ``reason``."""
         frames = [
-            pd.read_parquet(p)
-            for name in self.shard_names()
-            if (p := self.root / SHARDS / name / REJECTED).is_file()
+            pd.read_parquet(p) for name in self.shard_names() if (p := self.root / SHARDS / name / REJECTED).is_file()
         ]
         return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["patch_id", "reason"])
 
-    @functools.lru_cache(maxsize=None)  # noqa: B019 - one store object per stage run; the mmaps are meant to live.
+    @functools.cache  # noqa: B019 - one store object per stage run; the mmaps are meant to live.
     def array(self, shard: str, key: str) -> np.ndarray:
         """Memory-mapped array ``key`` of ``shard``."""
         path = self.root / SHARDS / shard / f"{key}.npy"

@@ -13,7 +13,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-tiles", type=int, help="at most this many tiles (default: catalog.max_tiles)")
     p.add_argument("--splits", nargs="+", help="splits to include (default: catalog.splits)")
     p.add_argument("--workers", type=int, help="reader processes (default: catalog.workers)")
-    p.add_argument("--metrics", default="metrics/catalog.json", help="summary JSON for dvc metrics (default: %(default)s)")
+    p.add_argument(
+        "--metrics", default="metrics/catalog.json", help="summary JSON for dvc metrics (default: %(default)s)"
+    )
 
 
 def run(args: argparse.Namespace) -> None:
@@ -21,12 +23,15 @@ def run(args: argparse.Namespace) -> None:
     from gac.data import catalog
 
     cfg = params(args)
-    section = config.override(cfg.catalog, out=args.output_dir, max_tiles=args.max_tiles, splits=args.splits,
-                              workers=args.workers)  # fmt: skip
+    section = config.override(
+        cfg.catalog, out=args.output_dir, max_tiles=args.max_tiles, splits=args.splits, workers=args.workers
+    )
     report = catalog.build(section, args.data_dir or cfg.data.root)
     for rec in report.rejected.itertuples():
         print(f"rejected {rec.patch_id}: {rec.reason}")
     summary = report.summary()
     write_json(args.metrics, summary)
-    print(f"Catalog: {summary['tiles']} tiles, {summary['rejected']} rejected, "
-          f"{summary['tiles_per_s']} tiles/s → {section.out}")  # fmt: skip
+    print(
+        f"Catalog: {summary['tiles']} tiles, {summary['rejected']} rejected, "
+        f"{summary['tiles_per_s']} tiles/s → {section.out}"
+    )

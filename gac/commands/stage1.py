@@ -15,15 +15,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-tiles", type=int, help="first N catalog tiles only (default: stage1.max_tiles)")
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N (default: stage1.device)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--metrics", default="metrics/stage1.json", help="summary JSON for dvc metrics (default: %(default)s)")
+    p.add_argument(
+        "--metrics", default="metrics/stage1.json", help="summary JSON for dvc metrics (default: %(default)s)"
+    )
 
 
 def run(args: argparse.Namespace) -> None:
     from gac import config, stage1, tracking
 
     cfg = params(args)
-    p = config.override(cfg.stage1, out=args.output_dir, batch_size=args.batch_size, timesteps=args.timesteps,
-                        max_tiles=args.max_tiles, device=args.device)  # fmt: skip
+    p = config.override(
+        cfg.stage1,
+        out=args.output_dir,
+        batch_size=args.batch_size,
+        timesteps=args.timesteps,
+        max_tiles=args.max_tiles,
+        device=args.device,
+    )
     report = stage1.run(p, args.data_dir or cfg.catalog.out, progress=not args.no_progress)
     rank, _ = stage1._dist()
     if rank != 0:
@@ -31,14 +39,21 @@ def run(args: argparse.Namespace) -> None:
     for err in report.errors:
         print(f"error {err['patch_id']}: {err['reason']}")
     print(report.summary_line())
-    summary = {"processed": report.processed, "total": report.total, "errors": len(report.errors),
-               "generated_this_run": report.generated, "tiles_per_s": round(report.tiles_per_s, 4),
-               "seconds": round(report.seconds, 2)}  # fmt: skip
+    summary = {
+        "processed": report.processed,
+        "total": report.total,
+        "errors": len(report.errors),
+        "generated_this_run": report.generated,
+        "tiles_per_s": round(report.tiles_per_s, 4),
+        "seconds": round(report.seconds, 2),
+    }
     write_json(args.metrics, summary)
     with tracking.start_run(cfg.mlflow, "stage1", tags={"gac.stage": "stage1", "gac.data": cfg.data.source}):
         import mlflow
 
-        mlflow.log_params(p.model_dump() | {"weights_origin": tracking.weights_origin(p.pretrained, p.ckpt_path),
-                                            "data_source": cfg.data.source})  # fmt: skip
+        mlflow.log_params(
+            p.model_dump()
+            | {"weights_origin": tracking.weights_origin(p.pretrained, p.ckpt_path), "data_source": cfg.data.source}
+        )
         mlflow.log_metrics({k: float(v) for k, v in summary.items()})
         mlflow.log_text(report.summary_line() + "\n", "summary.txt")

@@ -33,8 +33,20 @@ from gac.errors import GacError
 from gac.store import ShardStore
 
 #: Season of a northern-hemisphere acquisition month (BigEarthNet covers Europe only).
-SEASONS = {12: "winter", 1: "winter", 2: "winter", 3: "spring", 4: "spring", 5: "spring",
-           6: "summer", 7: "summer", 8: "summer", 9: "autumn", 10: "autumn", 11: "autumn"}  # fmt: skip
+SEASONS = {
+    12: "winter",
+    1: "winter",
+    2: "winter",
+    3: "spring",
+    4: "spring",
+    5: "spring",
+    6: "summer",
+    7: "summer",
+    8: "summer",
+    9: "autumn",
+    10: "autumn",
+    11: "autumn",
+}
 #: Bounds of S1 and S2 may differ by at most this many metres (half a 10 m pixel).
 BOUNDS_TOLERANCE_M = 5.0
 CONFIG_FILE = "catalog.json"
@@ -146,13 +158,22 @@ def _build_shard(args: tuple[str, pd.DataFrame]) -> tuple[pd.DataFrame, dict[str
             rejected.append({"patch_id": rec["patch_id"], "reason": str(e)})
             continue
         date, season = _acquisition(rec["patch_id"])
-        kept.append({
-            "patch_id": rec["patch_id"], "s1_name": rec["s1_name"], "split": rec["split"],
-            "country": rec["country"], "labels": list(rec["labels"]), "date": date, "season": season,
-            "crs": tile.crs, "transform": list(tile.transform), "georeference": tile.georeference,
-            "contains_seasonal_snow": bool(rec["contains_seasonal_snow"]),
-            "contains_cloud_or_shadow": bool(rec["contains_cloud_or_shadow"]),
-        })  # fmt: skip
+        kept.append(
+            {
+                "patch_id": rec["patch_id"],
+                "s1_name": rec["s1_name"],
+                "split": rec["split"],
+                "country": rec["country"],
+                "labels": list(rec["labels"]),
+                "date": date,
+                "season": season,
+                "crs": tile.crs,
+                "transform": list(tile.transform),
+                "georeference": tile.georeference,
+                "contains_seasonal_snow": bool(rec["contains_seasonal_snow"]),
+                "contains_cloud_or_shadow": bool(rec["contains_cloud_or_shadow"]),
+            }
+        )
         s2s.append(tile.s2)
         s1s.append(tile.s1)
     size = layout.TILE_SIZE
@@ -178,8 +199,12 @@ class CatalogReport:
     seconds: float
 
     def summary(self) -> dict:
-        return {"tiles": self.tiles, "rejected": len(self.rejected), "seconds": round(self.seconds, 3),
-                "tiles_per_s": round((self.tiles + len(self.rejected)) / max(self.seconds, 1e-9), 2)}  # fmt: skip
+        return {
+            "tiles": self.tiles,
+            "rejected": len(self.rejected),
+            "seconds": round(self.seconds, 3),
+            "tiles_per_s": round((self.tiles + len(self.rejected)) / max(self.seconds, 1e-9), 2),
+        }
 
 
 def build(params: CatalogParams, root: str | Path, progress: bool = True) -> CatalogReport:
@@ -206,8 +231,13 @@ def build(params: CatalogParams, root: str | Path, progress: bool = True) -> Cat
         for i in range(0, len(selected), params.shard_size)
     ]
     todo = [(name, rows) for name, rows in jobs if name not in done]
-    bar = tqdm(total=len(selected), initial=len(selected) - sum(len(r) for _, r in todo), unit="tile",
-               desc="catalog", disable=not progress)  # fmt: skip
+    bar = tqdm(
+        total=len(selected),
+        initial=len(selected) - sum(len(r) for _, r in todo),
+        unit="tile",
+        desc="catalog",
+        disable=not progress,
+    )
     work = [(str(root), rows) for _, rows in todo]
     if params.workers > 1 and len(todo) > 1:
         with ProcessPoolExecutor(params.workers) as pool:

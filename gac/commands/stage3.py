@@ -1,0 +1,44 @@
+"""``gac stage3``: train the TerraMind cross-attention LoRA grounder on opt_v2 and write opt_v3."""
+
+from __future__ import annotations
+
+import argparse
+
+from gac.commands.train import add_training_arguments
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_training_arguments(p)
+    p.add_argument("--stage2-dir", help="opt_v2 cache (default: <stage2.out>/opt_v2)")
+    p.add_argument("--stage2-checkpoint", help="a Stage 2 model folder to (re)write opt_v2 from before training")
+    p.add_argument(
+        "--lora-cross-attention-only",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="LoRA on the decoder's cross-attention only (the design; --no-… uses lora.target_modules)",
+    )
+    p.add_argument("--opt-v3-dir", help="where to write opt_v3 (default: <output-dir>/opt_v3)")
+
+
+def run(args: argparse.Namespace) -> None:
+    from gac.commands import params
+    from gac.commands.train import run_stage, section_with_overrides
+
+    cfg = params(args)
+    section = section_with_overrides(cfg.stage3, args)
+    source = args.stage2_dir or f"{cfg.stage2.out}/opt_v2"
+    if args.stage2_checkpoint:
+        from gac.refine import write_cache
+        from gac.training.export import load_model
+
+        stage, _, model = load_model(args.stage2_checkpoint)
+        source = f"{section.out}/opt_v2_from_checkpoint"
+        write_cache(
+            stage,
+            model,
+            args.data_dir or cfg.catalog.out,
+            cfg.stage1.out,
+            source,
+            provenance={"model_dir": args.stage2_checkpoint},
+        )
+    run_stage("stage3", args, section, source, args.opt_v3_dir or f"{section.out}/opt_v3")

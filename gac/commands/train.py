@@ -1,0 +1,110 @@
+"""What ``gac stage2`` and ``gac stage3`` share: the seed's training flags and the run that trains, registers and
+writes the next cache."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_training_arguments(p: argparse.ArgumentParser) -> None:
+    """The seed's flags; each overrides its ``params.yaml`` key."""
+    p.add_argument("--data-dir", help="tile catalog folder (default: catalog.out)")
+    p.add_argument("--output-dir", help="checkpoints, model and logs (default: <stage>.out)")
+    p.add_argument("--max-tiles", type=int, help="at most N train and N validation tiles")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--grad-accum-steps", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--lora-rank", type=int)
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--max-steps", type=int)
+    p.add_argument("--val-every", type=int, help="validate every N optimizer steps")
+    p.add_argument("--save-every", type=int, help="write last.ckpt every N optimizer steps")
+    p.add_argument("--early-stopping", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--early-stopping-patience", type=int)
+    p.add_argument("--devices", help="Lightning devices (int or 'auto')")
+    p.add_argument("--strategy", help="Lightning strategy, e.g. ddp")
+    p.add_argument("--accelerator", help="cpu | gpu | auto")
+    p.add_argument("--no-register", action="store_true", help="do not register the model in MLflow")
+    p.add_argument("--no-cache", action="store_true", help="do not write the next stage's cache")
+    p.add_argument("--metrics", help="summary JSON for dvc metrics (default: metrics/<stage>.json)")
+
+
+def section_with_overrides(section, args: argparse.Namespace, **extra):
+    """``section`` with the training flags (and ``extra`` top-level changes) applied."""
+    from gac import config
+
+    devices = int(args.devices) if args.devices and args.devices.isdigit() else args.devices
+    train = config.override(
+        section.train,
+        batch_size=args.batch_size,
+        grad_accum_steps=args.grad_accum_steps,
+        lr=args.lr,
+        epochs=args.epochs,
+        max_steps=args.max_steps,
+        max_tiles=args.max_tiles,
+        val_every_n_steps=args.val_every,
+        save_every_n_steps=args.save_every,
+        early_stopping=args.early_stopping,
+        patience=args.early_stopping_patience,
+        devices=devices,
+        strategy=args.strategy,
+        accelerator=args.accelerator,
+    )
+    lora = config.override(section.lora, rank=args.lora_rank)
+    return config.override(section, train=train.model_dump(), lora=lora.model_dump(), out=args.output_dir, **extra)
+
+
+def run_stage(stage: str, args: argparse.Namespace, section, source_root: str, next_cache: str) -> None:
+    """Train, register, write the next cache and the DVC metrics of one stage."""
+    from gac import tracking
+    from gac.commands import params, write_json
+    from gac.refine import write_cache
+    from gac.training.export import load_model
+    from gac.training.fit import fit
+
+    cfg = params(args)
+    catalog_root = args.data_dir or cfg.catalog.out
+    result = fit(
+        stage,
+        section,
+        cfg.mlflow,
+        catalog_root,
+        source_root,
+        tags={"gac.data": cfg.data.source},
+        register=not args.no_register,
+    )
+    if result is None:  # a non-zero DDP rank: rank 0 does the rest
+        return
+    summary = {
+        "best_score": result.best_score,
+        "global_step": result.global_step,
+        **result.metrics,
+        "trainable_params": result.trainable["trainable"],
+        "trainable_share": result.trainable["share"],
+    }
+    if not args.no_cache:
+        _, _, model = load_model(result.model_dir)
+        version = result.metrics.get("registered_version")
+        from gac.registry import MODEL_NAMES
+
+        info = write_cache(
+            stage,
+            model,
+            catalog_root,
+            source_root,
+            next_cache,
+            provenance={
+                "weights_origin": tracking.weights_origin(section.pretrained, section.ckpt_path),
+                "registered_model": MODEL_NAMES[stage] if not args.no_register else None,
+                "version": None if version != version or version is None else str(int(version)),
+                "model_dir": result.model_dir,
+                "data_source": cfg.data.source,
+            },
+        )
+        summary["seconds_per_tile"] = info["seconds_per_tile"]
+    write_json(args.metrics or f"metrics/{stage}.json", summary)
+    print(
+        f"{stage}: best {section.train and type(section).__name__} score {result.best_score:.4f} at step "
+        f"{result.global_step}; trainable {result.trainable['trainable']:,} of {result.trainable['total']:,} "
+        f"({100 * result.trainable['share']:.2f} %); model {result.model_dir}"
+    )

@@ -1,0 +1,99 @@
+"""Paired tiles for training and inference: (SAR, the previous stage's optical, the real optical) from the stores.
+
+A stage trains on the catalog's ``train`` split and validates on ``validation``; tiles a previous stage rejected are
+simply absent from its cache and are skipped. Values leave here in the units the models use: S1 in dB, optical as
+reflectance (:func:`gac.metrics.to_reflectance`, DN/10000 clipped to [0, 1]).
+"""
+
+from __future__ import annotations
+
+import lightning as L
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from gac.errors import GacError
+from gac.store import ShardStore
+
+REFLECTANCE_SCALE = 10000.0
+
+
+def rows_of(catalog: ShardStore, source: ShardStore, split: str | None, max_tiles: int | None = None) -> pd.DataFrame:
+    """Patch ids present in both stores (and in ``split`` if given), in catalog order."""
+    index = catalog.index
+    if split is not None:
+        index = index[index["split"] == split]
+    ids = [p for p in index["patch_id"] if p in set(source.index["patch_id"])]
+    if max_tiles is not None:
+        ids = ids[:max_tiles]
+    return pd.DataFrame({"patch_id": ids})
+
+
+class PairDataset(Dataset):
+    """Items ``{patch_id, s1 (2,120,120) dB, source (12,120,120) refl, target (12,120,120) refl}``.
+
+    Row locations are resolved once here; the stores' memory maps are opened lazily in each worker process.
+    """
+
+    def __init__(self, catalog_root: str, source_root: str, patch_ids: list[str]) -> None:
+        self.catalog_root, self.source_root, self.patch_ids = catalog_root, source_root, list(patch_ids)
+        self._cat = ShardStore(catalog_root).rows_for(self.patch_ids)[["shard", "row"]].to_numpy()
+        self._src = ShardStore(source_root).rows_for(self.patch_ids)[["shard", "row"]].to_numpy()
+        self._stores: tuple[ShardStore, ShardStore] | None = None
+
+    def __len__(self) -> int:
+        return len(self.patch_ids)
+
+    def __getitem__(self, i: int) -> dict:
+        if self._stores is None:
+            self._stores = ShardStore(self.catalog_root), ShardStore(self.source_root)
+        catalog, source = self._stores
+        (cs, cr), (ss, sr) = self._cat[i], self._src[i]
+        return {
+            "patch_id": self.patch_ids[i],
+            "s1": torch.from_numpy(np.asarray(catalog.array(cs, "s1")[int(cr)], dtype=np.float32)),
+            "source": reflectance(source.array(ss, "opt")[int(sr)]),
+            "target": reflectance(catalog.array(cs, "s2")[int(cr)]),
+        }
+
+
+def reflectance(dn: np.ndarray) -> torch.Tensor:
+    """L2A DN → reflectance in [0, 1] (the one convention of :mod:`gac.metrics`)."""
+    return torch.from_numpy(np.clip(np.asarray(dn, dtype=np.float32) / REFLECTANCE_SCALE, 0.0, 1.0))
+
+
+class PairDataModule(L.LightningDataModule):
+    """Train on the catalog's ``train`` split, validate on ``validation`` (Lightning adds DistributedSampler)."""
+
+    def __init__(
+        self, catalog_root: str, source_root: str, batch_size: int, num_workers: int = 0, max_tiles: int | None = None
+    ) -> None:
+        super().__init__()
+        self.catalog_root, self.source_root = catalog_root, source_root
+        self.batch_size, self.num_workers, self.max_tiles = batch_size, num_workers, max_tiles
+
+    def setup(self, stage: str | None = None) -> None:
+        catalog, source = ShardStore(self.catalog_root), ShardStore(self.source_root)
+        self.train_ids = list(rows_of(catalog, source, "train", self.max_tiles)["patch_id"])
+        self.val_ids = list(rows_of(catalog, source, "validation", self.max_tiles)["patch_id"])
+        if not self.train_ids or not self.val_ids:
+            raise GacError(
+                f"{self.source_root}: no train/validation tiles shared with {self.catalog_root} "
+                f"(train {len(self.train_ids)}, validation {len(self.val_ids)})"
+            )
+
+    def _loader(self, ids: list[str], shuffle: bool) -> DataLoader:
+        return DataLoader(
+            PairDataset(self.catalog_root, self.source_root, ids),
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_ids, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_ids, shuffle=False)

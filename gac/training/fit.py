@@ -1,0 +1,185 @@
+"""Fit a stage with Lightning, keep its best and last checkpoints, and log and register it in MLflow.
+
+One call of :func:`fit` is one MLflow run: params, per-step losses, validation metrics, the best checkpoint and the
+exported model (see :mod:`gac.registry_model`) registered as a new version of ``gac-stage2``/``gac-stage3`` with the
+alias ``challenger``. A rerun with the same folder resumes from ``checkpoints/last.ckpt``: Lightning restores the
+step counter, optimiser, scheduler and the data loader's epoch, so nothing is repeated.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from gac.config import MlflowParams, Stage2Params, Stage3Params
+from gac.training.export import STAGES, save_model
+
+CHECKPOINTS = "checkpoints"
+
+
+@dataclass
+class FitResult:
+    """What a fit left behind (on global rank 0; other ranks get ``None`` from :func:`fit`)."""
+
+    stage: str
+    best_checkpoint: str
+    last_checkpoint: str
+    best_score: float
+    global_step: int
+    metrics: dict[str, float]
+    run_id: str | None
+    model_dir: str
+    trainable: dict
+
+
+def _trainer(section: Stage2Params | Stage3Params, out: Path, task_cls, logger, extra_callbacks=()):
+    import lightning as L
+    from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+
+    t = section.train
+    last = ModelCheckpoint(
+        dirpath=out / CHECKPOINTS,
+        filename="step{step}",
+        save_top_k=0,
+        save_last=True,
+        every_n_train_steps=t.save_every_n_steps,
+        auto_insert_metric_name=False,
+    )
+    best = ModelCheckpoint(
+        dirpath=out / CHECKPOINTS,
+        filename="best",
+        monitor=task_cls.monitor,
+        mode=task_cls.mode,
+        save_top_k=1,
+        enable_version_counter=False,
+        auto_insert_metric_name=False,
+    )
+    callbacks = [last, best, *extra_callbacks]
+    if t.early_stopping:
+        callbacks.append(EarlyStopping(monitor=task_cls.monitor, mode=task_cls.mode, patience=t.patience))
+    trainer = L.Trainer(
+        max_epochs=t.epochs,
+        max_steps=t.max_steps,
+        accumulate_grad_batches=t.grad_accum_steps,
+        precision=t.precision,
+        accelerator=t.accelerator,
+        devices=t.devices,
+        num_nodes=t.num_nodes,
+        strategy=t.strategy,
+        val_check_interval=t.val_every_n_steps,
+        check_val_every_n_epoch=None,
+        log_every_n_steps=1,
+        callbacks=callbacks,
+        logger=logger,
+        default_root_dir=out,
+        enable_progress_bar=bool(os.environ.get("GAC_PROGRESS", "1") == "1"),
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        deterministic=False,
+    )
+    return trainer, best, last
+
+
+def fit(
+    stage: str,
+    section: Stage2Params | Stage3Params,
+    mlflow_params: MlflowParams,
+    catalog_root: str,
+    source_root: str,
+    tags: dict[str, str] | None = None,
+    register: bool = True,
+    extra_callbacks=(),
+) -> FitResult | None:
+    """Train ``stage`` (``stage2``/``stage3``) on the catalog + previous cache; resume if ``last.ckpt`` exists."""
+    import lightning as L
+    from lightning.pytorch.loggers import CSVLogger, MLFlowLogger
+
+    from gac import tracking
+    from gac.training.data import PairDataModule
+
+    spec = STAGES[stage]
+    out = Path(section.out)
+    L.seed_everything(section.train.seed, workers=True, verbose=False)
+    tracking.setup(mlflow_params)
+    last_ckpt = out / CHECKPOINTS / "last.ckpt"
+    run_file = out / "mlflow_run_id"
+    resume = last_ckpt.is_file()
+    run_id = run_file.read_text().strip() if resume and run_file.is_file() else None
+    all_tags = {"gac.stage": stage, "gac.git_commit": tracking.git_commit(), **(tags or {})}
+    mlf = MLFlowLogger(
+        experiment_name=mlflow_params.experiment,
+        tracking_uri=mlflow_params.tracking_uri,
+        run_name=stage,
+        tags=all_tags,
+        run_id=run_id,
+        log_model=False,
+    )
+    csv = CSVLogger(save_dir=out, name="logs", version="")
+    task = spec.task(section.model_dump())
+    data = PairDataModule(
+        catalog_root, source_root, section.train.batch_size, section.train.num_workers, section.train.max_tiles
+    )
+    trainer, best_cb, _ = _trainer(section, out, spec.task, [mlf, csv], extra_callbacks)
+    if trainer.is_global_zero:
+        out.mkdir(parents=True, exist_ok=True)
+        run_file.write_text(mlf.run_id)
+        mlf.log_hyperparams(_flat(section.model_dump()) | {"resumed": resume})
+    trainer.fit(task, datamodule=data, ckpt_path=str(last_ckpt) if resume else None)
+    if not trainer.is_global_zero:
+        return None
+    best_path = best_cb.best_model_path or str(last_ckpt)
+    state = torch.load(best_path, map_location="cpu", weights_only=True)
+    task.load_state_dict(state["state_dict"])
+    trainable = spec.report(task.model)
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+    best_score = float(best_cb.best_model_score) if best_cb.best_model_score is not None else float("nan")
+    model_dir = save_model(stage, section, task.model, out / "model")
+    result = FitResult(
+        stage=stage,
+        best_checkpoint=best_path,
+        last_checkpoint=str(last_ckpt),
+        best_score=best_score,
+        global_step=trainer.global_step,
+        metrics=metrics,
+        run_id=mlf.run_id,
+        model_dir=str(model_dir),
+        trainable={k: v for k, v in trainable.items() if k != "names"},
+    )
+    _log_result(result, mlflow_params, section, register, tags or {})
+    return result
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    """Nested params → ``a.b`` keys for MLflow."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out |= _flat(v, f"{prefix}{k}.")
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _log_result(result: FitResult, mlflow_params: MlflowParams, section, register: bool, tags: dict) -> None:
+    """Log the best checkpoint and the model to the run and register it as ``challenger``."""
+    import mlflow
+
+    from gac import registry
+
+    mlflow.set_tracking_uri(mlflow_params.tracking_uri)
+    with mlflow.start_run(run_id=result.run_id):
+        mlflow.log_metrics(
+            {
+                "best_score": result.best_score,
+                "trainable_share": result.trainable["share"],
+                "trainable_params": result.trainable["trainable"],
+            }
+        )
+        mlflow.log_artifact(result.best_checkpoint, "checkpoints")
+        mlflow.log_text(json.dumps(result.trainable, indent=2), "trainable.json")
+        version = registry.log_and_register(result, section, register=register, tags=tags)
+    result.metrics["registered_version"] = float(version) if version else float("nan")

@@ -1,0 +1,99 @@
+"""The Lightning task both trained stages share, in torchgeo's ``BaseTask`` shape.
+
+A stage fills in three hooks — :meth:`RefineTask.configure_models` (the network), :meth:`RefineTask.predict`
+(batch → refined optical) and :meth:`RefineTask.losses` (named loss terms) — and sets ``monitor``/``mode``; the loop,
+validation metrics, optimiser and schedule live here once. Only trainable parameters (LoRA adapters and heads) reach the
+optimiser, so the frozen base costs no optimiser state.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+
+from gac import metrics
+
+
+class RefineTask(L.LightningModule):
+    """Base of the Stage 2 and Stage 3 tasks."""
+
+    #: Validation metric that chooses the best checkpoint and drives early stopping.
+    monitor = "val/loss"
+    mode = "min"
+
+    def __init__(self, section: dict[str, Any]) -> None:
+        super().__init__()
+        self.save_hyperparameters({"section": section})
+        self.section = section
+        self.train_cfg = section["train"]
+        self.configure_models()
+
+    # -- hooks -------------------------------------------------------------------------------------------------------
+    def configure_models(self) -> None:
+        """Build ``self.model``."""
+        raise NotImplementedError
+
+    def predict(self, batch: dict) -> torch.Tensor:
+        """Refined optical reflectance (B, 12, 120, 120) for a batch."""
+        raise NotImplementedError
+
+    def losses(self, pred: torch.Tensor, batch: dict) -> dict[str, torch.Tensor]:
+        """Named, already weighted loss terms; their sum is optimised."""
+        raise NotImplementedError
+
+    # -- loop --------------------------------------------------------------------------------------------------------
+    def _step(self, batch: dict, stage: str) -> tuple[torch.Tensor, torch.Tensor]:
+        pred = self.predict(batch)
+        terms = self.losses(pred, batch)
+        loss = torch.stack(list(terms.values())).sum()
+        bs = len(batch["patch_id"])
+        on_step = stage == "train"
+        self.log(
+            f"{stage}/loss",
+            loss,
+            batch_size=bs,
+            on_step=on_step,
+            on_epoch=not on_step,
+            prog_bar=True,
+            sync_dist=not on_step,
+        )
+        for name, value in terms.items():
+            self.log(
+                f"{stage}/loss_{name}",
+                value,
+                batch_size=bs,
+                on_step=on_step,
+                on_epoch=not on_step,
+                sync_dist=not on_step,
+            )
+        return loss, pred
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        return self._step(batch, "train")[0]
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        _, pred = self._step(batch, "val")
+        values = metrics.per_tile(pred.detach().float(), batch["target"].float(), batch["s1"].float())
+        bs = len(batch["patch_id"])
+        for name in ("psnr", "ssim", "sam_deg", "sar_edge"):
+            self.log(f"val/{name}", values[name].mean(), batch_size=bs, sync_dist=True)
+
+    def configure_optimizers(self) -> dict:
+        params = [p for p in self.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=self.train_cfg["lr"], weight_decay=self.train_cfg["weight_decay"])
+        warmup = self.train_cfg["warmup_steps"]
+        total = max(int(self.trainer.estimated_stepping_batches), 1)
+
+        def schedule(step: int) -> float:
+            """Linear warm-up, then cosine decay to 10 % over the run."""
+            import math
+
+            if step < warmup:
+                return (step + 1) / warmup
+            progress = min((step - warmup) / max(total - warmup, 1), 1.0)
+            return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

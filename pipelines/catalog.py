@@ -1,0 +1,8 @@
+"""DVC stage `catalog`: a thin entry point; the work is in :mod:`gac.commands.catalog`."""
+
+import sys
+
+from gac.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(["catalog", *sys.argv[1:]]))
