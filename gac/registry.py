@@ -28,8 +28,15 @@ def example_input(n: int = 1) -> dict[str, np.ndarray]:
     return {"s1": np.full((n, 2, 120, 120), -12.0, np.float32), "opt": np.full((n, 12, 120, 120), 0.1, np.float32)}
 
 
-def log_and_register(result: Any, section: Any, register: bool = True, tags: dict | None = None) -> str | None:
-    """Log the stage's model folder as an MLflow model in the active run and register it ``@challenger``."""
+def log_and_register(
+    model_dir: str,
+    section: Any,
+    metrics: dict[str, float],
+    trainable: dict | None = None,
+    register: bool = True,
+    tags: dict | None = None,
+) -> str | None:
+    """Log a stage's model folder as an MLflow model in the active run and register it ``@challenger``."""
     import mlflow
     from mlflow.models import infer_signature
 
@@ -37,7 +44,7 @@ def log_and_register(result: Any, section: Any, register: bool = True, tags: dic
     from gac.promote import describe_version, model_card
     from gac.training.export import apply, load_model
 
-    stage, _, model = load_model(result.model_dir)
+    stage, _, model = load_model(model_dir)
     x = example_input(2)
     import torch
 
@@ -47,7 +54,7 @@ def log_and_register(result: Any, section: Any, register: bool = True, tags: dic
     info = mlflow.pyfunc.log_model(
         name="model",
         python_model=Path(registry_model.__file__),
-        artifacts={"model": result.model_dir},
+        artifacts={"model": model_dir},
         signature=infer_signature(x, y),
         pip_requirements=pip_requirements(),
         registered_model_name=name if register else None,
@@ -63,12 +70,12 @@ def log_and_register(result: Any, section: Any, register: bool = True, tags: dic
             "name": name,
             "version": version,
             "stage": stage,
-            "run_id": result.run_id,
+            "run_id": mlflow.active_run().info.run_id,
             "weights_origin": origin,
             "data": (tags or {}).get("gac.data", "unknown"),
             "params": section.model_dump(),
-            "metrics": result.metrics,
-            "trainable": result.trainable,
+            "metrics": metrics,
+            "trainable": trainable or {},
             "git_commit": tracking.git_commit(),
         }
     )

@@ -22,6 +22,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> None:
     from gac import config, stage1, tracking
+    from gac.refine import write_provenance
 
     cfg = params(args)
     p = config.override(
@@ -48,12 +49,22 @@ def run(args: argparse.Namespace) -> None:
         "seconds": round(report.seconds, 2),
     }
     write_json(args.metrics, summary)
+    origin = tracking.weights_origin(p.pretrained, p.ckpt_path)
+    seconds = report.seconds / report.generated if report.generated else None
+    if seconds is not None:  # a run that generated nothing keeps the timing of the run that did
+        write_provenance(
+            p.out,
+            {
+                "stage": "stage1",
+                "weights_origin": origin,
+                "variant": p.variant,
+                "seconds_per_tile": seconds,
+                "data_source": cfg.data.source,
+            },
+        )
     with tracking.start_run(cfg.mlflow, "stage1", tags={"gac.stage": "stage1", "gac.data": cfg.data.source}):
         import mlflow
 
-        mlflow.log_params(
-            p.model_dump()
-            | {"weights_origin": tracking.weights_origin(p.pretrained, p.ckpt_path), "data_source": cfg.data.source}
-        )
+        mlflow.log_params(p.model_dump() | {"weights_origin": origin, "data_source": cfg.data.source})
         mlflow.log_metrics({k: float(v) for k, v in summary.items()})
         mlflow.log_text(report.summary_line() + "\n", "summary.txt")

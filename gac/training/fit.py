@@ -93,8 +93,12 @@ def fit(
     tags: dict[str, str] | None = None,
     register: bool = True,
     extra_callbacks=(),
+    run_id: str | None = None,
 ) -> FitResult | None:
-    """Train ``stage`` (``stage2``/``stage3``) on the catalog + previous cache; resume if ``last.ckpt`` exists."""
+    """Train ``stage`` (``stage2``/``stage3``) on the catalog + previous cache; resume if ``last.ckpt`` exists.
+
+    ``run_id`` logs into an existing MLflow run (a sweep trial's nested run) instead of a new one.
+    """
     import lightning as L
     from lightning.pytorch.loggers import CSVLogger, MLFlowLogger
 
@@ -107,8 +111,15 @@ def fit(
     tracking.setup(mlflow_params)
     last_ckpt = out / CHECKPOINTS / "last.ckpt"
     run_file = out / "mlflow_run_id"
-    resume = last_ckpt.is_file()
-    run_id = run_file.read_text().strip() if resume and run_file.is_file() else None
+    settings = out / CHECKPOINTS / "fit.json"
+    wanted = json.dumps({"stage": stage, "section": section.model_dump(), "source": source_root}, sort_keys=True)
+    resume = last_ckpt.is_file() and settings.is_file() and settings.read_text() == wanted
+    if not resume and (out / CHECKPOINTS).exists() and int(os.environ.get("LOCAL_RANK", 0)) == 0:
+        import shutil
+
+        shutil.rmtree(out / CHECKPOINTS)  # checkpoints of other settings cannot be resumed
+    if run_id is None:  # resume logs into the run that started the training
+        run_id = run_file.read_text().strip() if resume and run_file.is_file() else None
     all_tags = {"gac.stage": stage, "gac.git_commit": tracking.git_commit(), **(tags or {})}
     mlf = MLFlowLogger(
         experiment_name=mlflow_params.experiment,
@@ -125,9 +136,11 @@ def fit(
     )
     trainer, best_cb, _ = _trainer(section, out, spec.task, [mlf, csv], extra_callbacks)
     if trainer.is_global_zero:
-        out.mkdir(parents=True, exist_ok=True)
+        (out / CHECKPOINTS).mkdir(parents=True, exist_ok=True)
+        settings.write_text(wanted)
         run_file.write_text(mlf.run_id)
-        mlf.log_hyperparams(_flat(section.model_dump()) | {"resumed": resume})
+        if not resume:  # MLflow params are immutable: a resumed run keeps the ones it started with
+            mlf.log_hyperparams(_flat(section.model_dump()))
     trainer.fit(task, datamodule=data, ckpt_path=str(last_ckpt) if resume else None)
     if not trainer.is_global_zero:
         return None
@@ -181,5 +194,7 @@ def _log_result(result: FitResult, mlflow_params: MlflowParams, section, registe
         )
         mlflow.log_artifact(result.best_checkpoint, "checkpoints")
         mlflow.log_text(json.dumps(result.trainable, indent=2), "trainable.json")
-        version = registry.log_and_register(result, section, register=register, tags=tags)
+        version = registry.log_and_register(
+            result.model_dir, section, result.metrics, result.trainable, register=register, tags=tags
+        )
     result.metrics["registered_version"] = float(version) if version else float("nan")

@@ -1,0 +1,25 @@
+"""``gac promote``: move the ``champion`` alias to a challenger that meets the targets (see :mod:`gac.promote`)."""
+
+from __future__ import annotations
+
+import argparse
+
+from gac.commands import params, write_json
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", action="append", help="registered model, repeatable (default: gac-stage2 and gac-stage3)")
+    p.add_argument("--version", help="candidate version (default: the version with alias 'challenger'; one --model)")
+    p.add_argument("--metrics", default="metrics/promote.json", help="decisions JSON (default: %(default)s)")
+
+
+def run(args: argparse.Namespace) -> None:
+    from gac.errors import GacError
+    from gac.promote import promote_models
+
+    if args.version is not None and len(args.model or []) != 1:
+        raise GacError("--version needs exactly one --model (a version number means nothing across models)")
+    decisions = promote_models(params(args), args.model, args.version)
+    for decision in decisions:
+        print("\n".join(decision.lines()))
+    write_json(args.metrics, {d.model: d.to_dict() for d in decisions})

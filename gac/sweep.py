@@ -1,0 +1,231 @@
+"""Multi-objective Optuna sweep of a trained stage: LoRA rank/alpha, learning rate and loss weights.
+
+Each trial trains through the very code of its stage (:func:`gac.training.fit.fit`) and is scored on the validation
+split with :mod:`gac.metrics`: maximise PSNR and SSIM, minimise SAM and SAR-edge agreement. Tracking:
+
+* **Optuna storage** (``sweep.storage``): a SQLite file by default, any SQLAlchemy URL (PostgreSQL) for many workers.
+  Re-running the command loads the same study and runs only the trials still missing from the budget; trials a killed
+  worker left ``RUNNING`` are failed by Optuna's heartbeat, so nothing is counted twice or lost silently.
+* **MLflow**: one parent run per study (its id is a study attribute, so every worker nests under the same one) and
+  one nested run per trial, made by optuna-integration's ``MLflowCallback`` (training curves land in the trial's run).
+* A trial that raises (OOM, NaN loss, bad setting) is recorded ``FAIL`` with its reason and the study goes on.
+
+The Pareto front is written as ``pareto.csv`` and ``pareto.png`` and logged to the parent run. The *best* trial is the
+Pareto trial closest to the promotion targets (:func:`target_distance`); it is registered ``@challenger`` so that
+``gac promote`` can judge it.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from gac.config import Params, TargetParams
+
+OBJECTIVES = ("psnr", "ssim", "sam_deg", "sar_edge")
+DIRECTIONS = ("maximize", "maximize", "minimize", "minimize")
+PARENT_RUN = "mlflow_parent_run_id"
+COUNTED = ("COMPLETE", "FAIL", "PRUNED", "RUNNING")
+
+
+def target_distance(values: dict[str, float], targets: TargetParams) -> float:
+    """Sum of relative shortfalls from the targets (0 when all are met): the rule that picks the best trial."""
+    short = {
+        "psnr": max(0.0, targets.psnr - values["psnr"]) / targets.psnr,
+        "ssim": max(0.0, targets.ssim - values["ssim"]) / targets.ssim,
+        "sam_deg": max(0.0, values["sam_deg"] - targets.sam_deg) / targets.sam_deg,
+        "sar_edge": max(0.0, values["sar_edge"] - targets.sar_edge) / targets.sar_edge,
+    }
+    return sum(short.values())
+
+
+def suggest(trial, cfg: Params):
+    """The trial's stage section: the search space of ``sweep.space`` applied to the stage's params."""
+    from gac import config
+
+    space, stage = cfg.sweep.space, cfg.sweep.stage
+    section = getattr(cfg, stage)
+    rank = trial.suggest_categorical("lora_rank", list(space.lora_rank))
+    lr = trial.suggest_float("lr", *space.lr, log=True)
+    if stage == "stage2":
+        weights = {"l1_weight": trial.suggest_float("l1_weight", *space.l1_weight),
+                   "ms_ssim_weight": trial.suggest_float("ms_ssim_weight", *space.ms_ssim_weight)}  # fmt: skip
+    else:
+        weights = {"sar_edge_weight": trial.suggest_float("sar_edge_weight", *space.sar_edge_weight),
+                   "cycle_weight": trial.suggest_float("cycle_weight", *space.cycle_weight)}  # fmt: skip
+    lora = config.override(section.lora, rank=rank, alpha=2.0 * rank)
+    train = config.override(section.train, lr=lr, seed=cfg.sweep.seed + trial.number)
+    out = str(Path(cfg.sweep.out) / f"trial-{trial.number:04d}")
+    return config.override(section, lora=lora.model_dump(), train=train.model_dump(), out=out, **weights)
+
+
+def score(stage: str, model, catalog_root: str, source_root: str, split: str = "validation") -> dict[str, float]:
+    """Mean per-tile metrics of ``model`` on ``split`` (the values the study optimises)."""
+    import torch
+
+    from gac import metrics
+    from gac.store import ShardStore
+    from gac.training.data import PairDataset, rows_of
+    from gac.training.export import apply
+
+    ids = list(rows_of(ShardStore(catalog_root), ShardStore(source_root), split)["patch_id"])
+    loader = torch.utils.data.DataLoader(PairDataset(catalog_root, source_root, ids), batch_size=8)
+    sums: dict[str, float] = {}
+    with torch.inference_mode():
+        for batch in loader:
+            pred = apply(stage, model.eval(), batch["s1"], batch["source"]).float()
+            for name, values in metrics.per_tile(pred, batch["target"], batch["s1"]).items():
+                sums[name] = sums.get(name, 0.0) + float(values.sum())
+    return {k: v / len(ids) for k, v in sums.items()}
+
+
+def source_of(cfg: Params) -> str:
+    """The cache a swept stage trains on."""
+    return cfg.stage1.out if cfg.sweep.stage == "stage2" else f"{cfg.stage2.out}/opt_v2"
+
+
+def counted(study) -> int:
+    """Trials that use up the budget (finished or running)."""
+    import optuna
+
+    states = tuple(getattr(optuna.trial.TrialState, s) for s in COUNTED)
+    return len(study.get_trials(deepcopy=False, states=states))
+
+
+def open_study(cfg: Params):
+    """Create or load the study on ``sweep.storage`` (heartbeats fail trials of killed workers)."""
+    import optuna
+
+    storage = optuna.storages.RDBStorage(cfg.sweep.storage, heartbeat_interval=5, grace_period=15)
+    sampler = optuna.samplers.NSGAIISampler(seed=cfg.sweep.seed, population_size=max(2, min(8, cfg.sweep.n_trials)))
+    return optuna.create_study(study_name=cfg.sweep.study, storage=storage, directions=list(DIRECTIONS),
+                               sampler=sampler, load_if_exists=True)  # fmt: skip
+
+
+def run(cfg: Params, n_trials: int | None = None, register: bool = True) -> dict[str, Any]:
+    """Run this worker's share of the study until the budget is used; on completion write the Pareto front."""
+    import mlflow
+    from optuna_integration.mlflow import MLflowCallback
+
+    from gac import tracking
+    from gac.training.export import load_model
+    from gac.training.fit import fit
+
+    budget = n_trials or cfg.sweep.n_trials
+    stage, catalog_root, source_root = cfg.sweep.stage, cfg.catalog.out, source_of(cfg)
+    study = open_study(cfg)
+    tracking.setup(cfg.mlflow)
+    parent_id = study.user_attrs.get(PARENT_RUN)
+    if parent_id is None:
+        with tracking.start_run(cfg.mlflow, f"sweep:{cfg.sweep.study}", tags={"gac.stage": "sweep"}) as parent:
+            mlflow.log_params({"study": cfg.sweep.study, "stage": stage, "budget": budget,
+                               "storage": cfg.sweep.storage.split("@")[-1]})  # fmt: skip
+        parent_id = parent.info.run_id
+        study.set_user_attr(PARENT_RUN, parent_id)
+        parent_id = study.user_attrs[PARENT_RUN]  # another worker may have set it first
+    callback = MLflowCallback(tracking_uri=cfg.mlflow.tracking_uri, metric_name=list(OBJECTIVES),
+                              create_experiment=False, mlflow_kwargs={"nested": True})  # fmt: skip
+
+    @callback.track_in_mlflow()
+    def objective(trial):
+        section = suggest(trial, cfg)
+        trial.set_user_attr("out", section.out)
+        result = fit(stage, section, cfg.mlflow, catalog_root, source_root, register=False,
+                     tags={"gac.data": cfg.data.source, "optuna.trial": str(trial.number)},
+                     run_id=mlflow.active_run().info.run_id)  # fmt: skip
+        _, _, model = load_model(result.model_dir)
+        values = score(stage, model, catalog_root, source_root)
+        trial.set_user_attr("model_dir", result.model_dir)
+        trial.set_user_attr("run_id", result.run_id)
+        out = [values[k] for k in OBJECTIVES]
+        if not all(math.isfinite(v) for v in out):
+            raise FloatingPointError(f"non-finite objective values {dict(zip(OBJECTIVES, out, strict=True))}")
+        return out
+
+    with mlflow.start_run(run_id=parent_id):
+        while counted(study) < budget:
+            study.optimize(objective, n_trials=1, catch=(Exception,), callbacks=[callback])
+    return summarise(cfg, study, register=register)
+
+
+def summarise(cfg: Params, study, register: bool = True) -> dict[str, Any]:
+    """Write the Pareto front, pick the best trial by target distance, register it ``@challenger``."""
+    import mlflow
+    import optuna
+    import pandas as pd
+
+    out = Path(cfg.sweep.out)
+    out.mkdir(parents=True, exist_ok=True)
+    trials = study.get_trials(deepcopy=False)
+    rows = []
+    pareto_numbers = {t.number for t in study.best_trials}
+    for t in trials:
+        row = {"number": t.number, "state": t.state.name, **t.params, "pareto": t.number in pareto_numbers}
+        if t.values:
+            row |= dict(zip(OBJECTIVES, t.values, strict=True))
+        if t.state == optuna.trial.TrialState.FAIL:
+            row["fail_reason"] = t.system_attrs.get("fail_reason", "")
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    table.to_csv(out / "trials.csv", index=False)
+    pareto = table[table["pareto"]] if len(table) else table
+    pareto.to_csv(out / "pareto.csv", index=False)
+    summary: dict[str, Any] = {"trials": len(trials), "complete": int((table["state"] == "COMPLETE").sum()),
+                               "failed": int((table["state"] == "FAIL").sum()), "pareto": len(pareto)}  # fmt: skip
+    if len(pareto):
+        _plot(pareto, out / "pareto.png")
+        best = min(study.best_trials,
+                   key=lambda t: (target_distance(dict(zip(OBJECTIVES, t.values, strict=True)), cfg.promote.targets),
+                                  -t.values[0]))  # fmt: skip
+        summary["best_trial"] = best.number
+        summary["best"] = dict(zip(OBJECTIVES, best.values, strict=True))
+        summary["best_params"] = best.params
+        mlflow.set_tracking_uri(cfg.mlflow.tracking_uri)
+        with mlflow.start_run(run_id=study.user_attrs[PARENT_RUN]):
+            mlflow.log_artifact(str(out / "pareto.csv"))
+            mlflow.log_artifact(str(out / "trials.csv"))
+            mlflow.log_artifact(str(out / "pareto.png"))
+            mlflow.log_metrics({f"best.{k}": v for k, v in summary["best"].items()})
+            mlflow.set_tag("best_trial", best.number)
+        if register:
+            summary["registered_version"] = _register(cfg, best)
+    return summary
+
+
+def _plot(pareto, path: Path) -> None:
+    """PSNR against SAR-edge agreement of the Pareto trials (the two objectives that pull against each other)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 4))
+    ax.scatter(pareto["sar_edge"], pareto["psnr"])
+    for _, r in pareto.iterrows():
+        ax.annotate(str(int(r["number"])), (r["sar_edge"], r["psnr"]))
+    ax.set_xlabel("SAR-edge agreement (lower is better)")
+    ax.set_ylabel("PSNR [dB]")
+    ax.set_title("Pareto front")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _register(cfg: Params, best) -> str | None:
+    """Register the best trial's model in its own MLflow run as ``@challenger``."""
+    import mlflow
+
+    from gac import registry
+    from gac.training.export import load_model
+
+    model_dir = best.user_attrs["model_dir"]
+    _, section, _ = load_model(model_dir)
+    mlflow.set_tracking_uri(cfg.mlflow.tracking_uri)
+    with mlflow.start_run(run_id=best.user_attrs["run_id"]):
+        return registry.log_and_register(
+            model_dir,
+            section,
+            dict(zip(OBJECTIVES, best.values, strict=True)),
+            tags={"gac.data": cfg.data.source, "optuna.trial": str(best.number)},
+        )
