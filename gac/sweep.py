@@ -75,7 +75,8 @@ def score(stage: str, model, catalog_root: str, source_root: str, split: str = "
     with torch.inference_mode():
         for batch in loader:
             pred = apply(stage, model.eval(), batch["s1"], batch["source"]).float()
-            for name, values in metrics.per_tile(pred, batch["target"], batch["s1"]).items():
+            dn = metrics.DN_SCALE
+            for name, values in metrics.per_tile(pred * dn, batch["target"] * dn, batch["s1"]).items():
                 sums[name] = sums.get(name, 0.0) + float(values.sum())
     return {k: v / len(ids) for k, v in sums.items()}
 

@@ -265,10 +265,15 @@ def _write_metadata(path: Path, rows: list[dict[str, object]], skipped: dict[str
 
     schema = pa.schema(
         [
-            ("patch_id", pa.string()), ("labels", pa.list_(pa.string())), ("split", pa.string()),
-            ("country", pa.string()), ("s1_name", pa.string()), ("s2v1_name", pa.string()),
-            ("contains_seasonal_snow", pa.bool_()), ("contains_cloud_or_shadow", pa.bool_()),
-        ],  # fmt: skip
+            ("patch_id", pa.string()),
+            ("labels", pa.list_(pa.string())),
+            ("split", pa.string()),
+            ("country", pa.string()),
+            ("s1_name", pa.string()),
+            ("s2v1_name", pa.string()),
+            ("contains_seasonal_snow", pa.bool_()),
+            ("contains_cloud_or_shadow", pa.bool_()),
+        ],
         metadata={SKIPPED_KEY: json.dumps(skipped, sort_keys=True).encode()},
     )
     table = pa.Table.from_pylist([{c: r[c] for c in METADATA_COLUMNS} for r in rows], schema=schema)

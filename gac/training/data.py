@@ -14,9 +14,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from gac.errors import GacError
+from gac.metrics import DN_SCALE
 from gac.store import ShardStore
-
-REFLECTANCE_SCALE = 10000.0
 
 
 def rows_of(catalog: ShardStore, source: ShardStore, split: str | None, max_tiles: int | None = None) -> pd.DataFrame:
@@ -60,7 +59,7 @@ class PairDataset(Dataset):
 
 def reflectance(dn: np.ndarray) -> torch.Tensor:
     """L2A DN → reflectance in [0, 1] (the one convention of :mod:`gac.metrics`)."""
-    return torch.from_numpy(np.clip(np.asarray(dn, dtype=np.float32) / REFLECTANCE_SCALE, 0.0, 1.0))
+    return torch.from_numpy(np.clip(np.asarray(dn, dtype=np.float32) / DN_SCALE, 0.0, 1.0))
 
 
 class PairDataModule(L.LightningDataModule):

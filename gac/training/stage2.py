@@ -24,7 +24,6 @@ class Stage2Task(RefineTask):
         self.lpips = None
         if self.params.lpips_weight > 0:  # fails with one clear line when no local LPIPS weights are configured
             self.lpips = metrics.lpips_metric(self.params.lpips_weights_path)
-            self.lpips.requires_grad_(False)
 
     def predict(self, batch: dict) -> torch.Tensor:
         return self.model(batch["source"])
@@ -33,7 +32,10 @@ class Stage2Task(RefineTask):
         p, target = self.params, batch["target"]
         terms = {"l1": p.l1_weight * torch.nn.functional.l1_loss(pred, target)}
         if p.ms_ssim_weight > 0:
-            terms["ms_ssim"] = p.ms_ssim_weight * (1 - metrics.ms_ssim(pred.float(), target.float()))
+            terms["ms_ssim"] = p.ms_ssim_weight * (1 - metrics.ms_ssim(pred.float(), target.float())).mean()
         if self.lpips is not None:
-            terms["lpips"] = p.lpips_weight * metrics.lpips_distance(self.lpips, pred.float(), target.float()).mean()
+            self.lpips.to(pred.device)
+            terms["lpips"] = (
+                p.lpips_weight * self.lpips(pred.float() * metrics.DN_SCALE, target.float() * metrics.DN_SCALE).mean()
+            )
         return terms

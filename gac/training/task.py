@@ -75,7 +75,8 @@ class RefineTask(L.LightningModule):
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         _, pred = self._step(batch, "val")
-        values = metrics.per_tile(pred.detach().float(), batch["target"].float(), batch["s1"].float())
+        dn = metrics.DN_SCALE
+        values = metrics.per_tile(pred.detach().float() * dn, batch["target"].float() * dn, batch["s1"].float())
         bs = len(batch["patch_id"])
         for name in ("psnr", "ssim", "sam_deg", "sar_edge"):
             self.log(f"val/{name}", values[name].mean(), batch_size=bs, sync_dist=True)

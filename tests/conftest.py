@@ -1,0 +1,35 @@
+"""Shared fixtures: the real reBEN sample and a small synthetic set, each built once per test session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def sample_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The real BigEarthNet v2 sample (21 T33UUP patches) at ``<tmp>/sample``.
+
+    The pinned wheel is downloaded once into ``<tmp>/wheel-cache`` (tests reuse it beside the root), or taken from
+    ``$GAC_WHEEL_CACHE`` when set, so repeated sessions need not download 55 MB again.
+    """
+    from gac.data.sample import materialise_sample
+
+    base = tmp_path_factory.mktemp("reben")
+    cache = Path(os.environ.get("GAC_WHEEL_CACHE") or base / "wheel-cache")
+    materialise_sample(base / "sample", cache_dir=cache)
+    if not (base / "wheel-cache").exists():
+        (base / "wheel-cache").symlink_to(cache.resolve(), target_is_directory=True)
+    return base / "sample"
+
+
+@pytest.fixture(scope="session")
+def synthetic_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """24 intact synthetic tiles (seed 0), 8 per split."""
+    from gac.data.synthetic import generate
+
+    root = tmp_path_factory.mktemp("synthetic") / "seed0"
+    generate(root, n_tiles=24, seed=0)
+    return root
