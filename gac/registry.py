@@ -56,6 +56,7 @@ def log_and_register(
         python_model=Path(registry_model.__file__),
         artifacts={"model": model_dir},
         signature=infer_signature(x, y),
+        input_example=example_input(1),
         pip_requirements=pip_requirements(),
         registered_model_name=name if register else None,
     )

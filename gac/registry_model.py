@@ -23,7 +23,7 @@ class StageModel(mlflow.pyfunc.PythonModel):
 
         self.stage, self.section, self.model = load_model(Path(context.artifacts["model"]))
 
-    def predict(self, context, model_input: dict[str, np.ndarray], params=None) -> np.ndarray:
+    def predict(self, context, model_input, params=None):  # no type hints: the signature comes from log_model
         import torch
 
         from gac.training.export import apply
