@@ -18,4 +18,7 @@ def run(args: argparse.Namespace) -> None:
 
     root = args.root or params(args).data.root
     report = sample.materialise_sample(root, cache_dir=args.cache_dir, force=args.force)
-    print(report)
+    state = "already there" if report.reused else "written"
+    print(f"sample: {len(report.written)} real reBEN patches {state} in {root}")
+    for patch_id, reason in report.skipped.items():
+        print(f"sample: skipped {patch_id}: {reason}")

@@ -6,8 +6,8 @@ from the BigEarthNet v2 layout (:mod:`gac.data.layout`), validated and stored in
 * ``s2``: ``(12, 120, 120) uint16`` L2A DN in :data:`~gac.data.layout.S2_BANDS` order. 20 m and 60 m bands are
   resampled to the 10 m grid on read with GDAL's *bilinear* resampling (``rasterio`` ``out_shape``), the same call
   torchgeo's ``BigEarthNetV2`` makes, so the two readers agree pixel for pixel.
-* ``s1``: ``(2, 120, 120) float32`` σ0 in dB, ``[VV, VH]`` (TerraMind's order; torchgeo returns ``[VH, VV]`` and
-  truncates to int32).
+* ``s1``: ``(2, 120, 120) float32`` σ0 in dB, ``[VV, VH]`` (TerraMind's order; torchgeo returns ``[VH, VV]`` read
+  as int32, which GDAL rounds half away from zero: up to 0.5 dB off).
 
 A tile is rejected, with a one-line reason, when a file is missing or unreadable, a band has the wrong shape, dtype or
 count, S1 holds NaN/inf, an S2 band is all nodata (0), or S1 and S2 disagree on CRS or bounds. The stage goes on past
@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from gac.atomic import write_text
 from gac.config import CatalogParams
 from gac.data import layout
 from gac.errors import GacError
@@ -220,10 +221,13 @@ def build(params: CatalogParams, root: str | Path, progress: bool = True) -> Cat
     out = Path(params.out)
     stamp = fingerprint(params, root, selected)
     config = out / CONFIG_FILE
+    if out.exists() and not config.is_file() and any(out.iterdir()):
+        # Never delete a folder this stage did not write (e.g. --output-dir pointing at the data root).
+        raise GacError(f"{out}: exists and is not a catalog (no {CONFIG_FILE}); remove it or set catalog.out")
     if out.exists() and (not config.is_file() or json.loads(config.read_text()).get("fingerprint") != stamp):
         shutil.rmtree(out)  # written for other tiles or settings: nothing to resume from.
     out.mkdir(parents=True, exist_ok=True)
-    config.write_text(json.dumps({"fingerprint": stamp, "root": str(root), "splits": list(params.splits)}))
+    write_text(config, json.dumps({"fingerprint": stamp, "root": str(root), "splits": list(params.splits)}))
     store = ShardStore(out)
     done = set(store.shard_names())
     jobs = [

@@ -25,7 +25,11 @@ def load_state_dict(model: torch.nn.Module, path: str | Path, key: str = "ckpt_p
         raise GacError(f"{key}: {path} is not a loadable state dict ({type(e).__name__}: {e})") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
-    result = model.load_state_dict(state, strict=False)
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # same keys, other shapes (another variant, another band layout)
+        first = str(e).strip().splitlines()[-1].strip()
+        raise GacError(f"{key}: {path} does not match the model ({first})") from None
     if result.missing_keys or result.unexpected_keys:
         raise GacError(
             f"{key}: {path} does not match the model ({len(result.missing_keys)} missing keys, e.g. "

@@ -1,0 +1,275 @@
+"""Prithvi-EO-2.0 through TerraTorch's backbone registry, with LoRA (and an optional int8 base): the Stage 2 refiner.
+
+The refiner maps opt_v1 (Stage 1's generation) to opt_v2 = opt_v1 + residual, both as S2L2A reflectance in [0, 1]
+of shape ``(B, 12, 120, 120)``. The residual head's last layer starts at zero, so an untrained refiner is exactly the
+identity: Stage 2 cannot start worse than Stage 1 (an earlier implementation's Stage 2 ended 6 dB *below* Stage 1).
+
+**Bands.** Prithvi-EO-2.0 was pretrained on six HLS bands; TerraTorch's ``bands=`` argument takes band names, keeps
+the pretrained patch-embedding weights of the names it knows and gives new names fresh (xavier) weights. GAC feeds
+all twelve BigEarthNet L2A bands under the HLS names TerraMind also uses for S2L2A:
+
+=====  ===================  =================================
+S2     name given           patch embedding
+=====  ===================  =================================
+B01    COASTAL_AEROSOL      new
+B02    BLUE                 pretrained (HLS BLUE)
+B03    GREEN                pretrained (HLS GREEN)
+B04    RED                  pretrained (HLS RED)
+B05    RED_EDGE_1           new
+B06    RED_EDGE_2           new
+B07    RED_EDGE_3           new
+B08    NIR_BROAD            new
+B8A    NIR_NARROW           pretrained (HLS NIR_NARROW)
+B09    WATER_VAPOR          new
+B11    SWIR_1               pretrained (HLS SWIR_1)
+B12    SWIR_2               pretrained (HLS SWIR_2)
+=====  ===================  =================================
+
+The whole backbone is frozen, the new bands' embedding columns included (they stay a fixed random projection; what
+adapts are the LoRA adapters on attention and the head). This keeps "what trains" provable: exactly the ``lora_A`` /
+``lora_B`` adapter weights and the ``head``.
+
+**Standardisation.** Inputs are standardised per band before the backbone: the six pretrained bands with Prithvi's own
+pretraining mean/std (``prithvi_cfgs[variant]['mean'/'std']`` in TerraTorch, HLS DN), the six new bands with
+TerraMind v1's S2L2A pretraining mean/std (``v1_pretraining_mean/std['untok_sen2l2a@224']``), the only per-band L2A
+statistics TerraTorch ships for them. Both are in DN (reflectance × 10000) and are divided by 10000 here.
+
+**Geometry.** The 120 px tile is reflect-padded symmetrically to ``img_size`` (a multiple of the patch size) with
+:func:`gac.geometry.pad_to` and the residual is centre-cropped back with :func:`gac.geometry.crop_from`.
+
+**Head.** The backbone returns one token sequence per block; the last (layer-normed) one, without its cls token, is
+reshaped to the patch grid, a linear layer expands each token to ``patch × patch × 8`` features (pixel-shuffled to
+full resolution), which are fused with the standardised input by a 3×3 conv and projected to 12 bands by a
+zero-initialised 1×1 conv. The residual is predicted in standardised units and scaled back by the band std.
+The output is not clamped (training losses see the raw values; writers clip to the DN range).
+
+**Weights.** ``pretrained: true`` lets TerraTorch download the Prithvi hub weights (not reachable here; it also maps
+the six pretrained bands into the 12-band patch embedding). ``ckpt_path`` builds with ``pretrained=False`` and loads a
+local state dict of the *backbone* (GAC's 12-band layout, e.g. ``build_backbone(p).state_dict()``) strictly with
+:func:`gac.models.checkpoints.load_state_dict`. Neither gives random init. Weights load before quantisation and LoRA.
+
+**int8.** ``load_in_8bit: true`` replaces every ``nn.Linear`` of the backbone by a bitsandbytes ``Linear8bitLt``
+(``has_fp16_weights=False``, outlier threshold 6.0) whose weight is quantised on ``Int8Params.to(device)`` (row-wise
+int8 + fp32 scales ``SCB``; this works on CPU in bitsandbytes 0.50). peft then wraps the attention layers with its
+bnb-aware LoRA layer (it needs ``is_loaded_in_8bit`` on the module it injects into). The adapters stay fp32.
+
+**Saving.** :func:`refiner_state` is the model's state dict as plain tensors (int8 weights and their ``SCB`` scales
+as they are, so a reload is bit-exact); :func:`load_refiner` rebuilds from ``params`` without downloading and loads it
+strictly.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from gac.config import Stage2Params
+from gac.errors import GacError
+from gac.geometry import crop_from, pad_to
+from gac.models.checkpoints import load_state_dict
+
+#: BigEarthNet v2 S2 band order (Stage 1's output and the catalog's ``s2``) and the band name Prithvi is given.
+S2_BANDS = ("B01", "B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B09", "B11", "B12")
+BAND_NAMES = (
+    "COASTAL_AEROSOL",
+    "BLUE",
+    "GREEN",
+    "RED",
+    "RED_EDGE_1",
+    "RED_EDGE_2",
+    "RED_EDGE_3",
+    "NIR_BROAD",
+    "NIR_NARROW",
+    "WATER_VAPOR",
+    "SWIR_1",
+    "SWIR_2",
+)
+DN_PER_REFLECTANCE = 10000.0
+#: Features per pixel the head's linear layer produces, and the width of its fusing conv.
+HEAD_FEATURES = 8
+HEAD_WIDTH = 32
+#: Where LoRA adapters may live (attention of a transformer block); :func:`trainable_report` users assert on it.
+LORA_SITE = re.compile(r"(?:.*\.)?blocks\.\d+\.attn\.(qkv|proj)$")
+
+
+def _variant(p: Stage2Params) -> str:
+    """``p.backbone`` without the optional ``terratorch_`` prefix, checked against TerraTorch's Prithvi configs."""
+    from terratorch.models.backbones.prithvi_vit import prithvi_cfgs
+
+    name = p.backbone.removeprefix("terratorch_")
+    if name not in prithvi_cfgs:
+        raise GacError(f"stage2.backbone: {p.backbone!r} (expected one of {sorted(prithvi_cfgs)})")
+    return name
+
+
+def band_statistics(p: Stage2Params) -> tuple[Tensor, Tensor]:
+    """Per-band mean and std (reflectance, S2 band order) used to standardise the refiner's input; see module doc."""
+    from terratorch.models.backbones.prithvi_vit import prithvi_cfgs
+    from terratorch.models.backbones.terramind.model.terramind_register import (
+        PRETRAINED_BANDS as TERRAMIND_BANDS,
+    )
+    from terratorch.models.backbones.terramind.model.terramind_register import (
+        v1_pretraining_mean,
+        v1_pretraining_std,
+    )
+
+    cfg = prithvi_cfgs[_variant(p)]
+    prithvi = [getattr(b, "value", b) for b in cfg["bands"]]
+    terramind = TERRAMIND_BANDS["untok_sen2l2a@224"]
+    mean, std = [], []
+    for name in BAND_NAMES:
+        if name in prithvi:
+            mean.append(cfg["mean"][prithvi.index(name)])
+            std.append(cfg["std"][prithvi.index(name)])
+        else:
+            mean.append(v1_pretraining_mean["untok_sen2l2a@224"][terramind.index(name)])
+            std.append(v1_pretraining_std["untok_sen2l2a@224"][terramind.index(name)])
+    return torch.tensor(mean) / DN_PER_REFLECTANCE, torch.tensor(std) / DN_PER_REFLECTANCE
+
+
+def build_backbone(p: Stage2Params) -> nn.Module:
+    """The plain 12-band Prithvi ViT encoder of ``p.backbone`` with its weights (hub, ``ckpt_path`` or random)."""
+    from terratorch.registry import BACKBONE_REGISTRY
+
+    name = _variant(p)
+    backbone = BACKBONE_REGISTRY.build(
+        name,
+        pretrained=p.pretrained and not p.ckpt_path,
+        bands=list(BAND_NAMES),
+        num_frames=1,
+        img_size=p.img_size,
+    )
+    patch = backbone.patch_embed.patch_size[-1]
+    if p.img_size % patch:
+        raise GacError(f"stage2.img_size: {p.img_size} is not a multiple of {name}'s patch size {patch}")
+    if p.ckpt_path:
+        load_state_dict(backbone, p.ckpt_path, key="stage2.ckpt_path")
+    return backbone
+
+
+class _DropCastNotice(logging.Filter):
+    """bitsandbytes logs, on *every* int8 matmul, that fp32 activations are cast to fp16: by design, not news."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("MatMul8bitLt: inputs will be cast")
+
+
+def quantize_linears(module: nn.Module) -> int:
+    """Replace every ``nn.Linear`` under ``module`` by a frozen int8 bitsandbytes ``Linear8bitLt``; return the count."""
+    import bitsandbytes as bnb
+
+    matmul_log = logging.getLogger("bitsandbytes.autograd._functions")
+    if not any(isinstance(f, _DropCastNotice) for f in matmul_log.filters):
+        matmul_log.addFilter(_DropCastNotice())
+
+    targets = [(name, m) for name, m in module.named_modules() if type(m) is nn.Linear]
+    for name, linear in targets:
+        layer = bnb.nn.Linear8bitLt(
+            linear.in_features, linear.out_features, linear.bias is not None, has_fp16_weights=False, threshold=6.0
+        )
+        layer.weight = bnb.nn.Int8Params(linear.weight.data.clone(), requires_grad=False, has_fp16_weights=False)
+        layer.weight = layer.weight.to(linear.weight.device)  # Int8Params quantises here: data → int8, scales → SCB
+        if linear.bias is not None:
+            layer.bias = nn.Parameter(linear.bias.data.clone(), requires_grad=False)
+        parent_name, _, child = name.rpartition(".")
+        setattr(module.get_submodule(parent_name) if parent_name else module, child, layer)
+    module.is_loaded_in_8bit = True  # peft reads this to pick its bnb 8-bit LoRA layer
+    return len(targets)
+
+
+def add_lora(module: nn.Module, p: Stage2Params) -> None:
+    """Inject LoRA adapters (peft) into ``module`` in place, then freeze everything in it but the adapters."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    lora = p.lora
+    config = LoraConfig(
+        r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules
+    )
+    try:
+        inject_adapter_in_model(config, module)
+    except ValueError as e:
+        raise GacError(
+            f"stage2.lora.target_modules: {lora.target_modules!r} cannot be adapted in {p.backbone} "
+            f"({str(e).splitlines()[0]}); attention only is r'.*blocks\\.\\d+\\.attn\\.(qkv|proj)'"
+        ) from None
+    for name, param in module.named_parameters():
+        param.requires_grad_("lora_" in name)
+
+
+class PixelHead(nn.Module):
+    """Patch tokens (+ the standardised input) → a per-pixel residual in standardised units, zero at init."""
+
+    def __init__(self, dim: int, patch: int, bands: int) -> None:
+        super().__init__()
+        self.patch = patch
+        self.expand = nn.Linear(dim, patch * patch * HEAD_FEATURES)
+        self.fuse = nn.Sequential(nn.Conv2d(HEAD_FEATURES + bands, HEAD_WIDTH, 3, padding=1), nn.GELU())
+        self.out = nn.Conv2d(HEAD_WIDTH, bands, 1)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, tokens: Tensor, z: Tensor) -> Tensor:
+        """``tokens`` (B, h·w, dim) in row-major patch order, ``z`` (B, bands, h·patch, w·patch)."""
+        h, w = z.shape[-2] // self.patch, z.shape[-1] // self.patch
+        f = self.expand(tokens).transpose(1, 2).reshape(tokens.shape[0], -1, h, w)
+        f = F.pixel_shuffle(f, self.patch)
+        return self.out(self.fuse(torch.cat([f, z], dim=1)))
+
+
+class Refiner(nn.Module):
+    """opt_v1 reflectance (B, 12, H, H) → opt_v2 reflectance = opt_v1 + residual (see the module docstring)."""
+
+    def __init__(self, backbone: nn.Module, img_size: int, mean: Tensor, std: Tensor) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.img_size = img_size
+        self.head = PixelHead(backbone.embed_dim, backbone.patch_embed.patch_size[-1], len(BAND_NAMES))
+        self.register_buffer("mean", mean.view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", std.view(1, -1, 1, 1), persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.ndim != 4 or x.shape[1] != len(BAND_NAMES) or x.shape[-1] != x.shape[-2]:
+            raise ValueError(f"expected (B, {len(BAND_NAMES)}, H, H) reflectance, got {tuple(x.shape)}")
+        size = x.shape[-1]
+        z = (pad_to(x, self.img_size) - self.mean) / self.std
+        tokens = self.backbone(z)[-1][:, 1:, :]  # last block (layer-normed), cls token dropped
+        residual = crop_from(self.head(tokens, z), size)
+        return x + residual * self.std
+
+
+def build_refiner(p: Stage2Params) -> Refiner:
+    """Backbone with weights → (int8 base) → LoRA on ``p.lora.target_modules`` → frozen base + zero-init head."""
+    backbone = build_backbone(p)
+    if p.load_in_8bit:
+        quantize_linears(backbone)
+    add_lora(backbone, p)
+    mean, std = band_statistics(p)
+    return Refiner(backbone, p.img_size, mean, std)
+
+
+def trainable_report(model: nn.Module) -> dict:
+    """Trainable and total parameter counts (int8 weights count one per element), their share and the names."""
+    names = [n for n, prm in model.named_parameters() if prm.requires_grad]
+    trainable = sum(prm.numel() for prm in model.parameters() if prm.requires_grad)
+    total = sum(prm.numel() for prm in model.parameters())
+    return {"trainable": trainable, "total": total, "share": trainable / total, "names": names}
+
+
+def refiner_state(model: Refiner) -> dict[str, Tensor]:
+    """Everything needed to rebuild ``model`` as plain tensors (int8 base weights + ``SCB`` scales kept exact)."""
+    return {k: v.detach().as_subclass(Tensor).clone() for k, v in model.state_dict().items()}
+
+
+def load_refiner(p: Stage2Params, state: dict[str, Tensor]) -> Refiner:
+    """Rebuild the refiner ``p`` describes (no download, no ``ckpt_path``) and load ``state`` strictly; eval mode."""
+    model = build_refiner(p.model_copy(update={"pretrained": False, "ckpt_path": None}))
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:  # missing/unexpected keys or shapes: another variant, rank, band set or 8-bit setting
+        detail = "; ".join(line.strip() for line in str(e).splitlines()[1:3])
+        raise GacError(f"stage2 checkpoint does not match the stage2 params ({detail[:300]})") from None
+    return model.eval()
