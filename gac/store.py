@@ -65,6 +65,16 @@ class ShardStore:
             index.to_parquet(tmp, index=False)
         return index
 
+    def clean_partial(self) -> int:
+        """Remove ``.tmp-*`` leftovers of killed writers; call once before any writer starts. Returns how many."""
+        import shutil
+
+        folder = self.root / SHARDS
+        stale = [p for p in folder.iterdir() if p.name.startswith(".tmp-")] if folder.is_dir() else []
+        for p in stale:
+            shutil.rmtree(p, ignore_errors=True)
+        return len(stale)
+
     # -- reading ---------------------------------------------------------------------------------------------------
     def shard_names(self) -> list[str]:
         """Names of the complete shards (unfinished ``.tmp-*`` folders are never listed)."""
