@@ -17,6 +17,7 @@ $(STAMP): requirements.txt pyproject.toml
 
 data: $(STAMP)
 	$(BIN)/gac sample --root data
+	$(BIN)/dvc add -q data  # the bytes are reproducible: data.dvc stays as committed, the cache gets filled
 
 repro: data
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/dvc repro

@@ -156,7 +156,13 @@ class EvaluateParams(Section):
 
     split: Literal["train", "validation", "test"] = "test"
     n_visualize: int = Field(default=4, ge=0)
-    baseline_epochs: int = Field(default=20, gt=0)
+    batch_size: int = Field(default=16, gt=0)
+    #: The ridge baseline (:mod:`gac.baseline`) is fitted in closed form on at most this many train tiles.
+    baseline_max_tiles: int | None = Field(default=2000, gt=0)
+    baseline_ridge: float = Field(default=1e-3, ge=0)
+    #: LPIPS is added to the metrics only when local weights are given (nothing is downloaded; see gac.metrics).
+    lpips_weights_path: str | None = None
+    lpips_backbone_path: str | None = None
     out: str = "artifacts/evaluate"
 
 

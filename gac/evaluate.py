@@ -1,0 +1,463 @@
+"""Evaluation over one split: the ablation table, per-group tables, pictures, GeoTIFFs, and the registry's eval tags.
+
+Rows of the ablation (each scored against the catalog's real Sentinel-2 tile with :func:`gac.metrics.per_tile`):
+
+==============  =============================================================
+``stage1``      opt_v1, TerraMind generation from SAR (cache ``<stage1.out>``)
+``stage1+2``    opt_v2, after the Prithvi-EO + LoRA refinement (``<stage2.out>/opt_v2``)
+``full``        opt_v3, after the TerraMind cross-attention grounding (``<stage3.out>/opt_v3``)
+``baseline``    the per-pixel ridge regression of :mod:`gac.baseline`, fitted here on the catalog's train split
+==============  =============================================================
+
+All rows are scored on the same tiles: the split's tiles present in *every* cache (a stage may reject a tile; how
+many each cache lacks is reported). A row's value of a metric is the mean of its per-tile values; the same means are
+given per ``country`` and per ``season``. ``seconds_per_tile`` comes from each cache's ``provenance.json`` (written by
+the stage that made it); the baseline's is measured here.
+
+Outputs (``out_dir``, default ``evaluate.out``, replaced as a whole):
+
+* ``plots/ablation.csv`` (rows × metrics, for ``dvc plots``), ``plots/groups.csv``, ``plots/per_tile.csv``;
+* ``figures/<patch_id>_compare.png``: SAR VV, opt_v1, opt_v2, opt_v3, truth (true colour B04/B03/B02, one stretch
+  for the whole row: the truth's 2–98 % percentiles) and the error ``|opt_v3 − truth|``;
+* ``figures/<patch_id>_grounding.png``: ``|opt_v3 − opt_v2|`` with the SAR's Sobel edges as contours (where Stage 3
+  changed the image, and whether that is where the radar sees boundaries); ``figures/<patch_id>_attention.png`` when
+  an attention-map hook is given;
+* ``geotiff/<patch_id>_opt_v3.tif`` with the tile's CRS and transform; ``baseline.npz`` (the fitted baseline);
+
+plus the metrics JSON (``dvc metrics show``), one MLflow run with everything, and ``eval.<metric>`` tags plus an
+updated model card on every registered model version named in a cache's provenance (for :mod:`gac.promote`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from gac.atomic import atomic_path, write_text
+from gac.config import Params
+from gac.data.layout import S2_BANDS
+from gac.errors import GacError
+from gac.store import ShardStore
+
+#: Ablation row → the stage whose cache it reads (``None``: computed here).
+ROWS: dict[str, str | None] = {"stage1": "stage1", "stage1+2": "stage2", "full": "stage3", "baseline": None}
+#: Cache name of each stage's output, for labels.
+LABELS: dict[str, str] = {"stage1": "opt_v1", "stage2": "opt_v2", "stage3": "opt_v3"}
+#: Index columns the per-group tables are made over.
+GROUPS: tuple[str, ...] = ("country", "season")
+PROVENANCE_FILE = "provenance.json"
+#: Metric keys of :func:`gac.metrics.per_tile` in table order (``lpips`` is added when configured).
+METRICS: tuple[str, ...] = ("psnr", "ssim", "ms_ssim", "sam_deg", "mae", "rmse", "ndvi_err", "sar_edge")
+RGB = tuple(S2_BANDS.index(b) for b in ("B04", "B03", "B02"))
+DN_SCALE = 10000.0
+
+AttentionMaps = Callable[[np.ndarray, np.ndarray], np.ndarray]
+
+
+def metric_key(row: str, metric: str) -> str:
+    """MLflow metric name of a row's metric, ``<row>.<metric>`` (``+`` is not allowed in MLflow names → ``_``)."""
+    return f"{row.replace('+', '_')}.{metric}"
+
+
+# ------------------------------------------------------------------------------------------------- inputs
+
+
+@dataclass(frozen=True)
+class Cache:
+    """One stage's output store and its ``provenance.json``."""
+
+    stage: str
+    store: ShardStore
+    provenance: dict[str, Any]
+
+    @property
+    def registered(self) -> tuple[str, str] | None:
+        """``(registered model, version)`` the cache was made with, if it is in the registry."""
+        name, version = self.provenance.get("registered_model"), self.provenance.get("version")
+        uri = self.provenance.get("model_uri") or ""
+        if (name is None or version is None) and uri.startswith("models:/") and uri.count("/") == 2:
+            name, version = uri.removeprefix("models:/").split("/")  # models:/<name>/<version>
+        return (str(name), str(version)) if name and version else None
+
+
+def read_provenance(root: str | Path, stage: str) -> dict[str, Any]:
+    """A cache's ``provenance.json``; a cache without one is still evaluated, with its origin marked unknown."""
+    path = Path(root) / PROVENANCE_FILE
+    if not path.is_file():
+        return {"stage": stage, "weights_origin": f"unknown (no {PROVENANCE_FILE})", "seconds_per_tile": None,
+                "model_uri": None, "registered_model": None, "version": None}  # fmt: skip
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise GacError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}); rerun the {stage} stage") from None
+    if not isinstance(data, dict):
+        raise GacError(f"{path}: expected a JSON object with weights_origin, seconds_per_tile, model_uri, ...")
+    return data
+
+
+def cache_roots(cfg: Params) -> dict[str, Path]:
+    """Where the stages write their caches: opt_v1 is Stage 1's whole output folder; opt_v2 and opt_v3 live inside
+    the training stages' folders, beside their checkpoints and logs (as ``gac stage2``/``gac stage3`` and ``dvc.yaml``
+    have them)."""
+    return {"stage1": Path(cfg.stage1.out), "stage2": Path(cfg.stage2.out) / LABELS["stage2"],
+            "stage3": Path(cfg.stage3.out) / LABELS["stage3"]}  # fmt: skip
+
+
+def open_caches(cfg: Params) -> dict[str, Cache]:
+    """The three stage caches of ``params.yaml`` (a missing one is a one-line error)."""
+    caches = {}
+    for stage, root in cache_roots(cfg).items():
+        store = ShardStore(root)
+        store.index  # noqa: B018 - raises GacError naming the folder when the stage has not run
+        caches[stage] = Cache(stage, store, read_provenance(root, stage))
+    return caches
+
+
+def common_tiles(catalog: ShardStore, caches: dict[str, Cache], split: str) -> tuple[pd.DataFrame, dict[str, int]]:
+    """Catalog rows of ``split`` present in every cache, sorted by patch id, and how many each cache lacks."""
+    index = catalog.index
+    rows = index[index["split"] == split].sort_values("patch_id").reset_index(drop=True)
+    if rows.empty:
+        raise GacError(f"{catalog.root}: no '{split}' tiles in the catalog (check evaluate.split and catalog.splits)")
+    present = {stage: rows["patch_id"].isin(set(c.store.index["patch_id"])) for stage, c in caches.items()}
+    missing = {LABELS[stage]: int((~mask).sum()) for stage, mask in present.items()}
+    keep = np.logical_and.reduce(list(present.values()))
+    if not keep.any():
+        raise GacError(f"none of the {len(rows)} '{split}' tiles is in every cache (missing: {missing}); rerun stages")
+    return rows[keep].reset_index(drop=True), missing
+
+
+# ------------------------------------------------------------------------------------------------ scoring
+
+
+def score(
+    rows: pd.DataFrame,
+    catalog: ShardStore,
+    caches: dict[str, Cache],
+    baseline=None,
+    batch_size: int = 16,
+    lpips_fn=None,
+) -> tuple[pd.DataFrame, float]:
+    """Per-tile metrics of every row (long format: one line per tile and row) and the baseline's seconds per tile."""
+    import torch
+
+    from gac import metrics
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    aligned = {stage: c.store.rows_for(rows["patch_id"]) for stage, c in caches.items()}
+    frames, baseline_seconds = [], 0.0
+    for start in range(0, len(rows), batch_size):
+        chunk = rows.iloc[start : start + batch_size]
+        s1 = catalog.read("s1", chunk)
+        preds = {row: caches[stage].store.read("opt", aligned[stage].iloc[start : start + batch_size])
+                 for row, stage in ROWS.items() if stage is not None}  # fmt: skip
+        if baseline is not None:
+            t0 = time.perf_counter()
+            preds["baseline"] = baseline.predict(s1)
+            baseline_seconds += time.perf_counter() - t0
+        truth = torch.from_numpy(catalog.read("s2", chunk).astype(np.float32)).to(device)
+        s1_t = torch.from_numpy(s1).to(device)
+        meta = pd.DataFrame({"patch_id": chunk["patch_id"].to_numpy(),
+                             **{g: chunk[g].to_numpy() if g in chunk else "unknown" for g in GROUPS}})  # fmt: skip
+        for row, pred in preds.items():
+            values = metrics.per_tile(torch.from_numpy(pred.astype(np.float32)).to(device), truth, s1_t, lpips_fn)
+            frames.append(meta.assign(row=row, **{k: v.numpy() for k, v in values.items()}))
+    per_tile = pd.concat(frames, ignore_index=True)
+    return per_tile, baseline_seconds / len(rows)
+
+
+def summarise(per_tile: pd.DataFrame, metric_names: list[str]) -> dict[str, dict[str, float]]:
+    """``{row: {metric: mean over tiles, tiles: n}}`` in :data:`ROWS` order."""
+    out = {}
+    for row in ROWS:
+        sub = per_tile[per_tile["row"] == row]
+        if len(sub):
+            out[row] = {m: float(sub[m].mean()) for m in metric_names} | {"tiles": len(sub)}
+    return out
+
+
+def group_tables(per_tile: pd.DataFrame, metric_names: list[str]) -> dict[str, dict[str, dict]]:
+    """``{group column: {value: {row: {metric: mean}}}}`` for :data:`GROUPS`."""
+    return {
+        group: {str(value): summarise(sub, metric_names) for value, sub in per_tile.groupby(group, sort=True)}
+        for group in GROUPS
+    }
+
+
+def format_table(table: dict[str, dict[str, float]], metric_names: list[str]) -> str:
+    """The ablation as a plain aligned text table (one line per row), with the direction of each metric below."""
+    from gac.promote import higher_is_better
+
+    columns = ["row", "tiles", *metric_names, "seconds_per_tile"]
+    cells = [columns] + [[row] + [_cell(values.get(c)) for c in columns[1:]] for row, values in table.items()]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(columns))]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
+             for r in cells]  # fmt: skip
+    up = [m for m in metric_names if higher_is_better(m)]
+    down = [m for m in metric_names if not higher_is_better(m)]
+    lines.append(f"higher is better: {', '.join(up)}; lower is better: {', '.join(down)}")
+    return "\n".join(lines)
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, (int, np.integer)):
+        return str(value)
+    return f"{value:.4g}" if math.isfinite(value) else "nan"
+
+
+def _finite(data: Any) -> Any:
+    """Replace NaN/inf by ``None`` recursively (JSON has no NaN; DVC and MLflow reject it)."""
+    if isinstance(data, dict):
+        return {k: _finite(v) for k, v in data.items()}
+    if isinstance(data, float) and not math.isfinite(data):
+        return None
+    return data
+
+
+# ------------------------------------------------------------------------------------------------ pictures
+
+
+def _rgb(dn: np.ndarray) -> np.ndarray:
+    """True colour (H, W, 3) reflectance from 12-band DN."""
+    return np.moveaxis(dn[list(RGB)].astype(np.float32) / DN_SCALE, 0, -1)
+
+
+def sar_edges(s1_db: np.ndarray) -> np.ndarray:
+    """Sobel magnitude (H, W) of the 5×5-smoothed mean of VV and VH, as in :func:`gac.metrics.sar_edge_agreement`."""
+    from scipy import ndimage
+
+    from gac.baseline import box_mean
+
+    smooth = box_mean(s1_db.astype(np.float64).mean(axis=0))
+    return np.hypot(ndimage.sobel(smooth, axis=0, mode="mirror"), ndimage.sobel(smooth, axis=1, mode="mirror"))
+
+
+def _edge_contours(ax, edges: np.ndarray) -> None:
+    level = float(np.percentile(edges, 90))
+    if level > edges.min():
+        ax.contour(edges, levels=[level], colors="cyan", linewidths=0.6)
+
+
+def _bare(ax, title: str) -> None:
+    ax.set_title(title, fontsize=9)
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def save_comparison(path: Path, s1_db: np.ndarray, opts: dict[str, np.ndarray], truth: np.ndarray, title: str) -> None:
+    """SAR VV, each optical prediction and the truth, and ``|last − truth|``.
+
+    Every true-colour panel gets the same linear stretch, the truth's 2–98 % percentiles (one pair for the three
+    bands, so colours keep their balance): a prediction that is too bright or too dark then looks it, instead of
+    being rescaled into looking right; and noisy predictions do not flatten the contrast of the whole row.
+    """
+    from matplotlib.figure import Figure
+
+    rgbs = {**{k: _rgb(v) for k, v in opts.items()}, "truth (S2 L2A)": _rgb(truth)}
+    lo, hi = np.percentile(rgbs["truth (S2 L2A)"], [2, 98])
+    hi = hi if hi > lo else lo + 1e-6
+    error = np.abs(list(opts.values())[-1].astype(np.float32) - truth.astype(np.float32)).mean(axis=0) / DN_SCALE
+    fig = Figure(figsize=(3.0 * (len(rgbs) + 2), 3.4))
+    axes = fig.subplots(1, len(rgbs) + 2)
+    axes[0].imshow(s1_db[0], cmap="gray")
+    _bare(axes[0], "SAR VV (dB)")
+    for ax, (name, rgb) in zip(axes[1:], rgbs.items(), strict=False):
+        ax.imshow(np.clip((rgb - lo) / (hi - lo), 0, 1))
+        _bare(ax, name)
+    im = axes[-1].imshow(error, cmap="inferno", vmin=0)
+    fig.colorbar(im, ax=axes[-1], fraction=0.046, pad=0.04)
+    _bare(axes[-1], f"|{list(opts)[-1].split()[0]} − truth| (refl.)")
+    fig.suptitle(title, fontsize=9)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+
+
+def save_grounding(path: Path, s1_db: np.ndarray, before: np.ndarray, after: np.ndarray, title: str) -> None:
+    """Where Stage 3 changed the image, ``|opt_v3 − opt_v2|`` (mean over bands), against the SAR's edges."""
+    from matplotlib.figure import Figure
+
+    change = np.abs(after.astype(np.float32) - before.astype(np.float32)).mean(axis=0) / DN_SCALE
+    edges = sar_edges(s1_db)
+    fig = Figure(figsize=(7.5, 3.6))
+    axes = fig.subplots(1, 2)
+    axes[0].imshow(s1_db[0], cmap="gray")
+    _edge_contours(axes[0], edges)
+    _bare(axes[0], "SAR VV (dB) + SAR edges")
+    im = axes[1].imshow(change, cmap="magma", vmin=0)
+    _edge_contours(axes[1], edges)
+    fig.colorbar(im, ax=axes[1], fraction=0.046, pad=0.04)
+    _bare(axes[1], "|opt_v3 − opt_v2| (refl.) + SAR edges")
+    fig.suptitle(title, fontsize=9)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+
+
+def save_attention(path: Path, s1_db: np.ndarray, attention: np.ndarray, title: str) -> None:
+    """A Stage 3 cross-attention map (any resolution) over the SAR it attends to."""
+    from matplotlib.figure import Figure
+
+    h, w = s1_db.shape[-2:]
+    fig = Figure(figsize=(7.5, 3.6))
+    axes = fig.subplots(1, 2)
+    axes[0].imshow(s1_db[0], cmap="gray")
+    axes[0].imshow(attention, cmap="viridis", alpha=0.5, extent=(-0.5, w - 0.5, h - 0.5, -0.5))
+    _bare(axes[0], "attention over SAR VV")
+    im = axes[1].imshow(attention, cmap="viridis")
+    fig.colorbar(im, ax=axes[1], fraction=0.046, pad=0.04)
+    _bare(axes[1], "decoder cross-attention")
+    fig.suptitle(title, fontsize=9)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+
+
+def visualise(out: Path, rows: pd.DataFrame, catalog: ShardStore, caches: dict[str, Cache], per_tile: pd.DataFrame,
+              attention_maps: AttentionMaps | None = None) -> list[str]:  # fmt: skip
+    """Pictures and opt_v3 GeoTIFFs of ``rows``; returns their patch ids."""
+    from gac.stage1 import export_geotiff
+
+    if rows.empty:
+        return []
+    (out / "figures").mkdir(parents=True, exist_ok=True)
+    s1, truth = catalog.read("s1", rows), catalog.read("s2", rows)
+    opts = {stage: c.store.read("opt", c.store.rows_for(rows["patch_id"])) for stage, c in caches.items()}
+    attention = attention_maps(s1, opts["stage2"]) if attention_maps is not None else None
+    psnr = per_tile.set_index(["patch_id", "row"])["psnr"]
+    for i, pid in enumerate(rows["patch_id"]):
+        named = {f"{LABELS[stage]} ({row}, {psnr[pid, row]:.2f} dB)": opts[stage][i]
+                 for row, stage in ROWS.items() if stage is not None}  # fmt: skip
+        save_comparison(out / "figures" / f"{pid}_compare.png", s1[i], named, truth[i], pid)
+        save_grounding(out / "figures" / f"{pid}_grounding.png", s1[i], opts["stage2"][i], opts["stage3"][i], pid)
+        if attention is not None:
+            save_attention(out / "figures" / f"{pid}_attention.png", s1[i], np.asarray(attention[i]), pid)
+        export_geotiff(caches["stage3"].store.root, pid, out / "geotiff" / f"{pid}_opt_v3.tif")
+    return list(rows["patch_id"])
+
+
+# ----------------------------------------------------------------------------------------------- the stage
+
+
+def _write_csvs(out: Path, table: dict, groups: dict, per_tile: pd.DataFrame) -> None:
+    plots = out / "plots"
+    plots.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame([{"row": r, **v} for r, v in table.items()]).to_csv(plots / "ablation.csv", index=False)
+    flat = [{"group": g, "value": val, "row": r, **m} for g, by in groups.items() for val, t in by.items()
+            for r, m in t.items()]  # fmt: skip
+    pd.DataFrame(flat).to_csv(plots / "groups.csv", index=False)
+    per_tile.to_csv(plots / "per_tile.csv", index=False)
+
+
+def _fit_baseline(cfg: Params, catalog: ShardStore):
+    """The ridge baseline, or ``None`` (with a warning) when the catalog has no train tiles."""
+    from gac.baseline import fit_baseline
+
+    t0 = time.perf_counter()
+    try:
+        model = fit_baseline(catalog, "train", ridge=cfg.evaluate.baseline_ridge,
+                             max_tiles=cfg.evaluate.baseline_max_tiles, batch_size=cfg.evaluate.batch_size)  # fmt: skip
+    except GacError as e:
+        print(f"warning: no baseline row: {e}", file=sys.stderr)
+        return None, 0.0
+    return model, time.perf_counter() - t0
+
+
+def evaluate(
+    cfg: Params,
+    out_dir: str | Path | None = None,
+    metrics_path: str | Path = "metrics/evaluate.json",
+    attention_maps: AttentionMaps | None = None,
+    verbose: bool = True,
+) -> dict[str, Any]:
+    """Score every ablation row on ``cfg.evaluate.split``; write, log and tag everything (see the module docstring).
+
+    Args:
+        cfg: All parameters (catalog, the three caches, ``evaluate``, ``mlflow``, ``data.source``).
+        out_dir: Folder of plots, figures and GeoTIFFs (default ``cfg.evaluate.out``); replaced as a whole.
+        metrics_path: The JSON for ``dvc metrics show``.
+        attention_maps: Optional hook ``(s1_db (B, 2, H, W), opt_v2_dn (B, 12, H, W)) -> (B, h, w)``; when given,
+            an attention picture is saved per visualised tile.
+        verbose: Print the ablation table and the tile counts.
+
+    Returns:
+        The content of ``metrics_path``: ``{row: {metric: value}}``, ``groups`` and ``provenance``.
+    """
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from gac import tracking
+    from gac.promote import tag_evaluation
+
+    p = cfg.evaluate
+    out = Path(out_dir or p.out)
+    catalog = ShardStore(cfg.catalog.out)
+    caches = open_caches(cfg)
+    rows, missing = common_tiles(catalog, caches, p.split)
+    baseline, fit_seconds = _fit_baseline(cfg, catalog)
+    lpips_fn = None
+    if p.lpips_weights_path or p.lpips_backbone_path:
+        from gac.metrics import lpips_metric
+
+        lpips_fn = lpips_metric(p.lpips_weights_path, p.lpips_backbone_path)
+    per_tile, baseline_spt = score(rows, catalog, caches, baseline, p.batch_size, lpips_fn)
+    metric_names = [*METRICS, *(["lpips"] if lpips_fn is not None else [])]
+    table = summarise(per_tile, metric_names)
+    for row, stage in ROWS.items():
+        if row in table:
+            table[row]["seconds_per_tile"] = caches[stage].provenance.get("seconds_per_tile") if stage else baseline_spt
+    groups = group_tables(per_tile, metric_names)
+    split_tiles = int((catalog.index["split"] == p.split).sum())
+    stages = {stage: {**c.provenance, "cache": str(c.store.root)} for stage, c in caches.items()}
+    if baseline is not None:
+        stages["baseline"] = {"weights_origin": f"ridge regression fitted on {baseline.tiles} catalog train tiles",
+                              "fit_seconds": round(fit_seconds, 3), "ridge": baseline.ridge}  # fmt: skip
+    provenance = {"split": p.split, "data_source": cfg.data.source, "catalog": str(catalog.root),
+                  "tiles_in_split": split_tiles, "tiles_evaluated": len(rows), "missing": missing,
+                  "stages": stages}  # fmt: skip
+
+    with atomic_path(out) as tmp:
+        tmp.mkdir()
+        _write_csvs(tmp, table, groups, per_tile)
+        shown = visualise(tmp, rows.head(p.n_visualize), catalog, caches, per_tile, attention_maps)
+        if baseline is not None:
+            np.savez(tmp / "baseline.npz", **baseline.state())
+    text = format_table(table, metric_names)
+    if verbose:
+        lacking = ", ".join(f"{k} {v}" for k, v in missing.items() if v) or "none"
+        print(f"Evaluated {len(rows)} of {split_tiles} '{p.split}' tiles (missing from caches: {lacking})")
+        print(text)
+
+    tags = {"gac.split": p.split, "gac.data_source": cfg.data.source}
+    with tracking.start_run(cfg.mlflow, "evaluate", tags=tags) as run:
+        mlflow.log_params({"split": p.split, "data_source": cfg.data.source, "tiles": len(rows),
+                           "n_visualize": p.n_visualize, "baseline_ridge": p.baseline_ridge})  # fmt: skip
+        mlflow.log_metrics({metric_key(r, m): float(v) for r, vals in table.items() for m, v in vals.items()
+                            if v is not None and math.isfinite(v)})  # fmt: skip
+        provenance["mlflow_run_id"] = run.info.run_id
+        result = _finite({**table, "groups": groups, "provenance": provenance})
+        write_text(metrics_path, json.dumps(result, indent=2, sort_keys=True, default=str) + "\n")
+        mlflow.log_artifacts(str(out), artifact_path="evaluate")
+        mlflow.log_artifact(str(metrics_path))
+        mlflow.log_text(text + "\n", "ablation.txt")
+    client = mlflow.MlflowClient()
+    context = {"split": p.split, "data_source": cfg.data.source, "run_id": run.info.run_id}
+    tagged = []
+    for row, stage in ROWS.items():
+        if stage is None or row not in table or caches[stage].registered is None:
+            continue
+        name, version = caches[stage].registered
+        try:
+            tag_evaluation(client, name, version, table[row], context)
+        except MlflowException as e:  # a cache made by a version since deleted: the evaluation itself stands
+            print(f"warning: cannot tag {name} version {version}: {str(e).splitlines()[0]}", file=sys.stderr)
+            continue
+        tagged.append(f"{name}/{version}")
+    if verbose and tagged:
+        print(f"Tagged eval.* on {', '.join(tagged)}; figures for {len(shown)} tiles in {out}")
+    return result

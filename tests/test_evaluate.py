@@ -1,0 +1,247 @@
+"""Evaluation end to end on real stores: synthetic tiles → catalog → opt caches of known quality → ablation.
+
+The caches are the true S2 tile plus Gaussian noise of known size (Stage 1 noisiest, the full pipeline least), so the
+ablation's ordering is known by construction. One test tile is missing from opt_v3 (a rejected tile) and the caches
+of Stage 2 and 3 name registered model versions in a real MLflow registry (SQLite in tmp_path).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from gac.config import (
+    CatalogParams,
+    DataParams,
+    EvaluateParams,
+    MlflowParams,
+    Params,
+    Stage1Params,
+    Stage2Params,
+    Stage3Params,
+)
+from gac.errors import GacError
+from gac.evaluate import METRICS, ROWS, cache_roots, evaluate, metric_key
+from gac.store import ShardStore
+
+NOISE_DN = {"stage1": 1500.0, "stage2": 600.0, "stage3": 150.0}
+N_VISUALIZE = 1
+
+
+def empty_mlflow_db(tmp_path_factory):
+    """A migrated, empty MLflow SQLite store, made once per session and copied (creating one costs seconds)."""
+    from mlflow import MlflowClient
+
+    path = tmp_path_factory.getbasetemp() / "mlflow-empty.db"
+    if not path.exists():
+        tmp = path.with_suffix(".tmp")
+        MlflowClient(tracking_uri=f"sqlite:///{tmp}", registry_uri=f"sqlite:///{tmp}").search_registered_models()
+        tmp.rename(path)
+    return path
+
+
+def write_cache(catalog: ShardStore, root, stage: str, sigma: float, drop: str | None, provenance: dict) -> None:
+    """An opt cache = truth + N(0, sigma) DN, without the tile ``drop`` (recorded as rejected)."""
+    index = catalog.index
+    kept = index[index["patch_id"] != drop]
+    rng = np.random.default_rng(len(stage))
+    truth = catalog.read("s2", kept).astype(np.float64)
+    opt = np.clip(np.rint(truth + rng.normal(0.0, sigma, truth.shape)), 0, 65535).astype(np.uint16)
+    rejected = pd.DataFrame({"patch_id": [drop], "reason": ["non-finite generated output"]}) if drop else None
+    store = ShardStore(root)
+    store.write_shard("00000", kept.drop(columns=["shard", "row"]), {"opt": opt}, rejected)
+    store.finalize()
+    (store.root / "provenance.json").write_text(json.dumps({"stage": stage, **provenance}))
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """Catalog, three caches, registry versions, params; and one evaluation run over the test split."""
+    from mlflow import MlflowClient
+
+    from gac.data import catalog as catalog_mod
+    from gac.data import synthetic
+
+    tmp = tmp_path_factory.mktemp("evaluate")
+    synthetic.generate(tmp / "data", 12, seed=5)
+    catalog_mod.build(CatalogParams(out=str(tmp / "catalog"), workers=0), tmp / "data", progress=False)
+    catalog = ShardStore(tmp / "catalog")
+    shutil.copy(empty_mlflow_db(tmp_path_factory), tmp / "mlflow.db")
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    (tmp / "model").mkdir()
+    versions = {}
+    for stage in ("stage2", "stage3"):
+        name = f"gac-{stage}"
+        client.create_registered_model(name)
+        versions[stage] = str(client.create_model_version(name, source=str(tmp / "model")).version)
+        client.update_model_version(name, versions[stage], description=f"# {name}\n\n## Data\n- source: synthetic\n")
+    cfg = Params(
+        data=DataParams(root=str(tmp / "data"), source="synthetic"),
+        mlflow=MlflowParams(tracking_uri=uri, artifact_location=str(tmp / "artifacts"), experiment="gac-test"),
+        catalog=CatalogParams(out=str(tmp / "catalog")),
+        stage1=Stage1Params(out=str(tmp / "stage1")),
+        stage2=Stage2Params(out=str(tmp / "stage2")),
+        stage3=Stage3Params(out=str(tmp / "stage3")),
+        evaluate=EvaluateParams(n_visualize=N_VISUALIZE, batch_size=3, out=str(tmp / "out")),
+    )
+    test_ids = sorted(catalog.index.loc[catalog.index["split"] == "test", "patch_id"])
+    dropped = test_ids[-1]
+    for stage, sigma in NOISE_DN.items():
+        reg = {"registered_model": f"gac-{stage}", "version": versions[stage],
+               "model_uri": f"models:/gac-{stage}/{versions[stage]}"} if stage in versions else {}  # fmt: skip
+        write_cache(catalog, cache_roots(cfg)[stage], stage, sigma, dropped if stage == "stage3" else None,
+                    {"weights_origin": f"random init ({stage})", "seconds_per_tile": 0.5, **reg})  # fmt: skip
+    calls = []
+
+    def attention(s1_db: np.ndarray, opt_v2: np.ndarray) -> np.ndarray:
+        calls.append((s1_db.shape, opt_v2.shape))
+        return np.abs(s1_db[:, 0, ::8, ::8])  # any (B, h, w) map
+
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        result = evaluate(cfg, cfg.evaluate.out, metrics_path=tmp / "metrics" / "evaluate.json",
+                          attention_maps=attention)  # fmt: skip
+    return {"tmp": tmp, "cfg": cfg, "catalog": catalog, "client": client, "versions": versions, "result": result,
+            "stdout": stdout.getvalue(), "test_ids": test_ids, "dropped": dropped,
+            "attention_calls": calls}  # fmt: skip
+
+
+def test_metrics_json_has_every_row_metric_and_group(world):
+    saved = json.loads((world["tmp"] / "metrics" / "evaluate.json").read_text())
+    assert saved == world["result"]
+    evaluated = len(world["test_ids"]) - 1
+    for row in ROWS:
+        assert set(METRICS) | {"tiles", "seconds_per_tile"} <= set(saved[row]), row
+        assert saved[row]["tiles"] == evaluated
+        assert all(np.isfinite(saved[row][m]) for m in METRICS)
+    assert saved["stage1"]["seconds_per_tile"] == 0.5 and saved["baseline"]["seconds_per_tile"] > 0
+    for group in ("country", "season"):
+        tables = saved["groups"][group]
+        assert tables and sum(t["full"]["tiles"] for t in tables.values()) == evaluated
+    prov = saved["provenance"]
+    assert prov["split"] == "test" and prov["data_source"] == "synthetic"
+    assert prov["tiles_in_split"] == len(world["test_ids"]) and prov["tiles_evaluated"] == evaluated
+    assert prov["missing"] == {"opt_v1": 0, "opt_v2": 0, "opt_v3": 1}
+    assert prov["stages"]["stage2"]["weights_origin"] == "random init (stage2)"
+    assert "ridge regression" in prov["stages"]["baseline"]["weights_origin"]
+
+
+def test_ablation_ordering_known_by_construction(world):
+    r = world["result"]
+    assert r["full"]["psnr"] > r["stage1+2"]["psnr"] > r["stage1"]["psnr"]
+    assert r["full"]["rmse"] < r["stage1+2"]["rmse"] < r["stage1"]["rmse"]
+    assert r["full"]["ssim"] > r["stage1+2"]["ssim"] > r["stage1"]["ssim"]
+    # noise of 150 DN is 0.015 reflectance: PSNR ≈ 20·log10(1/0.015) ≈ 36.5 dB (a little more from clipping at 0)
+    assert 35.0 < r["full"]["psnr"] < 40.0
+
+
+def test_printed_table_and_csvs(world):
+    out = world["tmp"] / "out"
+    text = world["stdout"]
+    assert f"Evaluated {len(world['test_ids']) - 1} of {len(world['test_ids'])} 'test' tiles" in text
+    header = next(line for line in text.splitlines() if line.startswith("row"))
+    assert header.split() == ["row", "tiles", *METRICS, "seconds_per_tile"]
+    assert [line.split()[0] for line in text.splitlines() if line.split() and line.split()[0] in ROWS] == list(ROWS)
+    ablation = pd.read_csv(out / "plots" / "ablation.csv")
+    assert list(ablation["row"]) == list(ROWS)
+    assert np.allclose(ablation.set_index("row")["psnr"]["full"], world["result"]["full"]["psnr"])
+    per_tile = pd.read_csv(out / "plots" / "per_tile.csv")
+    assert len(per_tile) == len(ROWS) * (len(world["test_ids"]) - 1)
+    assert world["dropped"] not in set(per_tile["patch_id"])
+
+
+def test_figures_are_real_pictures(world):
+    import matplotlib.image as mpimg
+
+    shown = world["test_ids"][:N_VISUALIZE]  # sorted by patch id; the dropped tile is the last one
+    figures = world["tmp"] / "out" / "figures"
+    assert sorted(p.name for p in figures.iterdir()) == sorted(
+        f"{pid}_{kind}.png" for pid in shown for kind in ("compare", "grounding", "attention")
+    )
+    for path in figures.iterdir():
+        image = mpimg.imread(path)
+        assert path.stat().st_size > 10_000 and image.shape[0] > 200 and image[..., :3].std() > 0.05, path.name
+    assert world["attention_calls"] == [((N_VISUALIZE, 2, 120, 120), (N_VISUALIZE, 12, 120, 120))]
+
+
+def test_geotiff_has_tile_georeference(world):
+    import rasterio
+    from affine import Affine
+
+    pid = world["test_ids"][0]
+    row = world["catalog"].rows_for([pid]).iloc[0]
+    with rasterio.open(world["tmp"] / "out" / "geotiff" / f"{pid}_opt_v3.tif") as src:
+        assert src.crs == rasterio.crs.CRS.from_user_input(row["crs"])
+        assert src.transform == Affine(*list(row["transform"])[:6])
+        assert src.count == 12 and src.dtypes[0] == "uint16"
+        cache = ShardStore(cache_roots(world["cfg"])["stage3"])
+        np.testing.assert_array_equal(src.read(), cache.read("opt", cache.rows_for([pid]))[0])
+
+
+def test_mlflow_run_and_model_version_tags(world):
+    client, r = world["client"], world["result"]
+    experiment = client.get_experiment_by_name("gac-test")
+    (run,) = client.search_runs([experiment.experiment_id], "attributes.run_name = 'evaluate'")
+    assert run.info.run_id == r["provenance"]["mlflow_run_id"]
+    assert run.data.metrics[metric_key("stage1+2", "psnr")] == pytest.approx(r["stage1+2"]["psnr"])
+    assert run.data.tags["gac.split"] == "test"
+    logged = {a.path for a in client.list_artifacts(run.info.run_id, "evaluate")}
+    assert {"evaluate/plots", "evaluate/figures", "evaluate/geotiff"} <= logged
+    for stage, row in (("stage2", "stage1+2"), ("stage3", "full")):
+        mv = client.get_model_version(f"gac-{stage}", world["versions"][stage])
+        assert float(mv.tags["eval.psnr"]) == pytest.approx(r[row]["psnr"])
+        assert float(mv.tags["eval.sar_edge"]) == pytest.approx(r[row]["sar_edge"])
+        assert mv.tags["eval.split"] == "test" and mv.tags["eval.data_source"] == "synthetic"
+        assert mv.description.startswith(f"# gac-{stage}") and "## Evaluation" in mv.description
+
+
+def test_missing_cache_is_one_line_error(world, tmp_path):
+    cfg = world["cfg"].model_copy(update={"stage3": Stage3Params(out=str(tmp_path / "nope"))})
+    with pytest.raises(GacError, match="not a GAC store"):
+        evaluate(cfg, tmp_path / "out", metrics_path=tmp_path / "m.json", verbose=False)
+
+
+def test_baseline_beats_constant_mean_on_train(world):
+    from gac.baseline import Baseline, fit_baseline
+
+    catalog = world["catalog"]
+    model = fit_baseline(catalog, "train")
+    train = catalog.index[catalog.index["split"] == "train"]
+    s1, s2 = catalog.read("s1", train), catalog.read("s2", train).astype(np.float64)
+    pred = model.predict(s1)
+    assert pred.dtype == np.uint16 and pred.shape == s2.shape
+    mse_model = np.mean((pred - s2) ** 2)
+    mse_const = np.mean((s2.mean(axis=(0, 2, 3), keepdims=True) - s2) ** 2)
+    assert mse_model < 0.85 * mse_const, (mse_model, mse_const)
+    again = Baseline.from_state(dict(np.load(world["tmp"] / "out" / "baseline.npz")))
+    np.testing.assert_array_equal(again.predict(s1), pred)
+    with pytest.raises(GacError, match="no 'nowhere' tiles"):
+        fit_baseline(catalog, "nowhere")
+
+
+def test_cli_overrides_split_and_paths(world, tmp_path):
+    import yaml
+
+    from gac.cli import main
+
+    shutil.copy(world["tmp"] / "mlflow.db", tmp_path / "mlflow.db")  # the registry as it is, without touching it
+    cfg = world["cfg"].model_dump(mode="json")
+    cfg["evaluate"]["n_visualize"] = 0
+    cfg["mlflow"]["tracking_uri"] = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(cfg))
+    metrics = tmp_path / "val.json"
+    code = main(["--params", str(tmp_path / "params.yaml"), "evaluate", "--split", "validation",
+                 "--output-dir", str(tmp_path / "val"), "--metrics", str(metrics)])  # fmt: skip
+    assert code == 0
+    saved = json.loads(metrics.read_text())
+    n_val = int((world["catalog"].index["split"] == "validation").sum())
+    assert saved["provenance"]["split"] == "validation" and saved["full"]["tiles"] == n_val
+    assert (tmp_path / "val" / "plots" / "ablation.csv").is_file()
+    assert not (tmp_path / "val" / "figures").exists()
