@@ -21,7 +21,6 @@ data: $(STAMP)
 
 repro: data
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/dvc repro
-	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/dvc metrics show
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

@@ -4,8 +4,10 @@ Each trial trains through the very code of its stage (:func:`gac.training.fit.fi
 split with :mod:`gac.metrics`: maximise PSNR and SSIM, minimise SAM and SAR-edge agreement. Tracking:
 
 * **Optuna storage** (``sweep.storage``): a SQLite file by default, any SQLAlchemy URL (PostgreSQL) for many workers.
-  Re-running the command loads the same study and runs only the trials still missing from the budget; trials a killed
-  worker left ``RUNNING`` are failed by Optuna's heartbeat, so nothing is counted twice or lost silently.
+  The budget ``sweep.n_trials`` counts *completed* trials (plus those running now, so parallel workers do not
+  overshoot it). Re-running the command loads the same study and runs only what is still missing; a trial a killed
+  worker left ``RUNNING`` is failed by Optuna's heartbeat once it is :data:`GRACE_S` seconds stale, with its reason,
+  and its place is taken by a new trial — nothing is lost, nothing is counted twice.
 * **MLflow**: one parent run per study (its id is a study attribute, so every worker nests under the same one) and
   one nested run per trial, made by optuna-integration's ``MLflowCallback`` (training curves land in the trial's run).
 * A trial that raises (OOM, NaN loss, bad setting) is recorded ``FAIL`` with its reason and the study goes on.
@@ -18,15 +20,21 @@ Pareto trial closest to the promotion targets (:func:`target_distance`); it is r
 from __future__ import annotations
 
 import math
+import os
+import socket
 from pathlib import Path
 from typing import Any
 
 from gac.config import Params, TargetParams
+from gac.errors import GacError
 
 OBJECTIVES = ("psnr", "ssim", "sam_deg", "sar_edge")
 DIRECTIONS = ("maximize", "maximize", "minimize", "minimize")
 PARENT_RUN = "mlflow_parent_run_id"
-COUNTED = ("COMPLETE", "FAIL", "PRUNED", "RUNNING")
+COUNTED = ("COMPLETE", "RUNNING")
+#: Heartbeat of running trials and how stale one may get before it is declared failed (its worker died).
+HEARTBEAT_S = 3
+GRACE_S = 10
 
 
 def target_distance(values: dict[str, float], targets: TargetParams) -> float:
@@ -87,18 +95,26 @@ def source_of(cfg: Params) -> str:
 
 
 def counted(study) -> int:
-    """Trials that use up the budget (finished or running)."""
+    """Trials that use up the budget: completed, or running with a live heartbeat (stale ones are failed first)."""
     import optuna
 
+    optuna.storages.fail_stale_trials(study)
     states = tuple(getattr(optuna.trial.TrialState, s) for s in COUNTED)
     return len(study.get_trials(deepcopy=False, states=states))
+
+
+def failed(study) -> int:
+    """Failed trials (exceptions, NaN objectives, killed workers)."""
+    import optuna
+
+    return len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,)))
 
 
 def open_study(cfg: Params):
     """Create or load the study on ``sweep.storage`` (heartbeats fail trials of killed workers)."""
     import optuna
 
-    storage = optuna.storages.RDBStorage(cfg.sweep.storage, heartbeat_interval=5, grace_period=15)
+    storage = optuna.storages.RDBStorage(cfg.sweep.storage, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S)
     sampler = optuna.samplers.NSGAIISampler(seed=cfg.sweep.seed, population_size=max(2, min(8, cfg.sweep.n_trials)))
     return optuna.create_study(study_name=cfg.sweep.study, storage=storage, directions=list(DIRECTIONS),
                                sampler=sampler, load_if_exists=True)  # fmt: skip
@@ -114,6 +130,7 @@ def run(cfg: Params, n_trials: int | None = None, register: bool = True) -> dict
     from gac.training.fit import fit
 
     budget = n_trials or cfg.sweep.n_trials
+    worker = os.environ.get("GAC_WORKER") or f"{socket.gethostname()}:{os.getpid()}"
     stage, catalog_root, source_root = cfg.sweep.stage, cfg.catalog.out, source_of(cfg)
     study = open_study(cfg)
     tracking.setup(cfg.mlflow)
@@ -132,6 +149,7 @@ def run(cfg: Params, n_trials: int | None = None, register: bool = True) -> dict
     def objective(trial):
         section = suggest(trial, cfg)
         trial.set_user_attr("out", section.out)
+        trial.set_user_attr("worker", worker)
         result = fit(stage, section, cfg.mlflow, catalog_root, source_root, register=False,
                      tags={"gac.data": cfg.data.source, "optuna.trial": str(trial.number)},
                      run_id=mlflow.active_run().info.run_id)  # fmt: skip
@@ -146,6 +164,8 @@ def run(cfg: Params, n_trials: int | None = None, register: bool = True) -> dict
 
     with mlflow.start_run(run_id=parent_id):
         while counted(study) < budget:
+            if failed(study) >= max(budget, 3):  # every trial fails: a bug or a bad space, not bad luck
+                raise GacError(f"sweep {cfg.sweep.study}: {failed(study)} failed trials (see trials.csv / MLflow)")
             study.optimize(objective, n_trials=1, catch=(Exception,), callbacks=[callback])
     return summarise(cfg, study, register=register)
 

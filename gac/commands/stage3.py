@@ -20,12 +20,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--opt-v3-dir", help="where to write opt_v3 (default: <output-dir>/opt_v3)")
 
 
+def section_for(cfg, args: argparse.Namespace):
+    """``cfg.stage3`` with the flags applied; LoRA targets the decoder's cross-attention unless
+    ``--no-lora-cross-attention-only`` (then ``stage3.lora.target_modules`` from the params file decides)."""
+    from gac import config
+    from gac.commands.train import section_with_overrides
+
+    section = section_with_overrides(cfg.stage3, args)
+    if args.lora_cross_attention_only:
+        design = config.Stage3Params().lora.target_modules
+        section = config.override(section, lora=config.override(section.lora, target_modules=design).model_dump())
+    return section
+
+
 def run(args: argparse.Namespace) -> None:
     from gac.commands import params
-    from gac.commands.train import run_stage, section_with_overrides
+    from gac.commands.train import run_stage
 
     cfg = params(args)
-    section = section_with_overrides(cfg.stage3, args)
+    section = section_for(cfg, args)
     source = args.stage2_dir or f"{cfg.stage2.out}/opt_v2"
     if args.stage2_checkpoint:
         from gac.refine import write_cache

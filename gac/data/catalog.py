@@ -229,6 +229,7 @@ def build(params: CatalogParams, root: str | Path, progress: bool = True) -> Cat
     out.mkdir(parents=True, exist_ok=True)
     write_text(config, json.dumps({"fingerprint": stamp, "root": str(root), "splits": list(params.splits)}))
     store = ShardStore(out)
+    store.clean_partial()
     done = set(store.shard_names())
     jobs = [
         (f"{i // params.shard_size:05d}", selected.iloc[i : i + params.shard_size])

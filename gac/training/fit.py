@@ -8,6 +8,7 @@ step counter, optimiser, scheduler and the data loader's epoch, so nothing is re
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from dataclasses import dataclass
@@ -184,7 +185,9 @@ def _log_result(result: FitResult, mlflow_params: MlflowParams, section, registe
     from gac import registry
 
     mlflow.set_tracking_uri(mlflow_params.tracking_uri)
-    with mlflow.start_run(run_id=result.run_id):
+    active = mlflow.active_run()
+    same = active is not None and active.info.run_id == result.run_id  # a sweep trial's run is already open
+    with contextlib.nullcontext() if same else mlflow.start_run(run_id=result.run_id):
         mlflow.log_metrics(
             {
                 "best_score": result.best_score,

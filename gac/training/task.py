@@ -4,16 +4,25 @@ A stage fills in three hooks — :meth:`RefineTask.configure_models` (the networ
 (batch → refined optical) and :meth:`RefineTask.losses` (named loss terms) — and sets ``monitor``/``mode``; the loop,
 validation metrics, optimiser and schedule live here once. Only trainable parameters (LoRA adapters and heads) reach the
 optimiser, so the frozen base costs no optimiser state.
+
+Debugging/audit aid: with ``GAC_SEEN_TILES_DIR`` set, every training step appends one ``<epoch>\t<step>\t<patch_id>``
+line per tile to ``<dir>/rank<global_rank>.txt``, so which tiles each (DDP) rank trained on, and when, can be checked
+from the outside (the tests do). Unset, nothing is written.
 """
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 
 from gac import metrics
+
+#: Environment variable naming the folder of the per-rank seen-tiles audit files (see the module docstring).
+SEEN_TILES_ENV = "GAC_SEEN_TILES_DIR"
 
 
 class RefineTask(L.LightningModule):
@@ -71,7 +80,17 @@ class RefineTask(L.LightningModule):
         return loss, pred
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        self._record_seen_tiles(batch)
         return self._step(batch, "train")[0]
+
+    def _record_seen_tiles(self, batch: dict) -> None:
+        """Append the batch's tiles to this rank's audit file when ``GAC_SEEN_TILES_DIR`` is set."""
+        folder = os.environ.get(SEEN_TILES_ENV)
+        if not folder:
+            return
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        with (Path(folder) / f"rank{self.global_rank}.txt").open("a") as f:
+            f.writelines(f"{self.current_epoch}\t{self.global_step}\t{p}\n" for p in batch["patch_id"])
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         _, pred = self._step(batch, "val")
