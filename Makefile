@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat requirements.txt pyproject.toml | sha256sum | cut -c1-12)
 
-.PHONY: setup data repro test lint clean-venv
+.PHONY: setup data repro test lint postgres
 
 setup: $(STAMP)
 
@@ -22,8 +22,14 @@ data: $(STAMP)
 repro: data
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/dvc repro
 
-test: $(STAMP)
-	$(BIN)/python -m pytest
+# PostgreSQL binaries for the distributed-sweep test (the test starts its own server on 127.0.0.1).
+postgres:
+	@command -v initdb >/dev/null || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql)
+
+# pytest exits 5 when it collects no test: make fails on any non-zero status, so that cannot pass silently.
+test: $(STAMP) postgres
+	GAC_WHEEL_CACHE=$(CURDIR)/.cache $(BIN)/python -m pytest
 
 lint: $(STAMP)
 	$(BIN)/ruff check gac pipelines tests benchmarks

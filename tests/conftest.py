@@ -33,3 +33,15 @@ def synthetic_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("synthetic") / "seed0"
     generate(root, n_tiles=24, seed=0)
     return root
+
+
+@pytest.fixture(scope="session")
+def empty_mlflow_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A migrated, empty MLflow SQLite store, made once per session; tests copy it (creating one costs seconds)."""
+    from mlflow import MlflowClient
+
+    path = tmp_path_factory.getbasetemp() / "mlflow-empty.db"
+    tmp = path.with_suffix(".tmp")
+    MlflowClient(tracking_uri=f"sqlite:///{tmp}", registry_uri=f"sqlite:///{tmp}").search_registered_models()
+    tmp.rename(path)
+    return path

@@ -34,18 +34,6 @@ NOISE_DN = {"stage1": 1500.0, "stage2": 600.0, "stage3": 150.0}
 N_VISUALIZE = 1
 
 
-def empty_mlflow_db(tmp_path_factory):
-    """A migrated, empty MLflow SQLite store, made once per session and copied (creating one costs seconds)."""
-    from mlflow import MlflowClient
-
-    path = tmp_path_factory.getbasetemp() / "mlflow-empty.db"
-    if not path.exists():
-        tmp = path.with_suffix(".tmp")
-        MlflowClient(tracking_uri=f"sqlite:///{tmp}", registry_uri=f"sqlite:///{tmp}").search_registered_models()
-        tmp.rename(path)
-    return path
-
-
 def write_cache(catalog: ShardStore, root, stage: str, sigma: float, drop: str | None, provenance: dict) -> None:
     """An opt cache = truth + N(0, sigma) DN, without the tile ``drop`` (recorded as rejected)."""
     index = catalog.index
@@ -61,7 +49,7 @@ def write_cache(catalog: ShardStore, root, stage: str, sigma: float, drop: str |
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
+def world(tmp_path_factory, empty_mlflow_db):
     """Catalog, three caches, registry versions, params; and one evaluation run over the test split."""
     from mlflow import MlflowClient
 
@@ -72,7 +60,7 @@ def world(tmp_path_factory):
     synthetic.generate(tmp / "data", 12, seed=5)
     catalog_mod.build(CatalogParams(out=str(tmp / "catalog"), workers=0), tmp / "data", progress=False)
     catalog = ShardStore(tmp / "catalog")
-    shutil.copy(empty_mlflow_db(tmp_path_factory), tmp / "mlflow.db")
+    shutil.copy(empty_mlflow_db, tmp / "mlflow.db")
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     (tmp / "model").mkdir()

@@ -22,24 +22,11 @@ LOW = TargetParams(psnr=10.0, ssim=0.1, sam_deg=60.0, sar_edge=0.9)
 GOOD = {"psnr": 20.0, "ssim": 0.5, "ms_ssim": 0.6, "sam_deg": 20.0, "mae": 0.05, "sar_edge": 0.4, "tiles": 7}
 
 
-@pytest.fixture(scope="module")
-def empty_db(tmp_path_factory):
-    """A migrated, empty MLflow SQLite store, made once per session; tests get copies (creating one costs seconds)."""
-    from mlflow import MlflowClient
-
-    path = tmp_path_factory.getbasetemp() / "mlflow-empty.db"
-    if not path.exists():
-        tmp = path.with_suffix(".tmp")
-        MlflowClient(tracking_uri=f"sqlite:///{tmp}", registry_uri=f"sqlite:///{tmp}").search_registered_models()
-        tmp.rename(path)
-    return path
-
-
 @pytest.fixture
-def client(tmp_path, empty_db):
+def client(tmp_path, empty_mlflow_db):
     from mlflow import MlflowClient
 
-    shutil.copy(empty_db, tmp_path / "mlflow.db")
+    shutil.copy(empty_mlflow_db, tmp_path / "mlflow.db")
     return MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db", registry_uri=f"sqlite:///{tmp_path}/mlflow.db")
 
 

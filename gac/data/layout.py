@@ -65,3 +65,29 @@ def reference_map_path(root: str | Path, patch_id: str) -> Path:
 def s2_tile_name(patch_id: str) -> str:
     """The Sentinel-2 MGRS tile (e.g. ``T33UUP``) a patch lies on, read from its id."""
     return patch_id.split("_")[-3]
+
+
+def write_metadata(path: str | Path, rows: list[dict], extra: dict[bytes, bytes]) -> None:
+    """Write ``metadata.parquet`` with the real column types (``labels`` as ``list<string>``).
+
+    ``extra`` goes into the parquet schema metadata (e.g. why sample patches were skipped, which synthetic tiles are
+    broken), where it travels with the file without adding columns torchgeo does not expect.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    schema = pa.schema(
+        [
+            ("patch_id", pa.string()),
+            ("labels", pa.list_(pa.string())),
+            ("split", pa.string()),
+            ("country", pa.string()),
+            ("s1_name", pa.string()),
+            ("s2v1_name", pa.string()),
+            ("contains_seasonal_snow", pa.bool_()),
+            ("contains_cloud_or_shadow", pa.bool_()),
+        ],
+        metadata=extra,
+    )
+    table = pa.Table.from_pylist([{c: r[c] for c in METADATA_COLUMNS} for r in rows], schema=schema)
+    pq.write_table(table, path, compression="snappy", write_statistics=True)

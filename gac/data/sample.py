@@ -66,6 +66,7 @@ from gac.data.layout import (
     s1_band_path,
     s2_band_path,
     s2_tile_name,
+    write_metadata,
 )
 from gac.errors import GacError
 
@@ -259,25 +260,8 @@ def _write_tif(path: Path, array: np.ndarray, patch_id: str, gsd: int) -> None:
 
 
 def _write_metadata(path: Path, rows: list[dict[str, object]], skipped: dict[str, str]) -> None:
-    """Write the metadata rows with the real column types (labels as list<string>) and the skip reasons."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    schema = pa.schema(
-        [
-            ("patch_id", pa.string()),
-            ("labels", pa.list_(pa.string())),
-            ("split", pa.string()),
-            ("country", pa.string()),
-            ("s1_name", pa.string()),
-            ("s2v1_name", pa.string()),
-            ("contains_seasonal_snow", pa.bool_()),
-            ("contains_cloud_or_shadow", pa.bool_()),
-        ],
-        metadata={SKIPPED_KEY: json.dumps(skipped, sort_keys=True).encode()},
-    )
-    table = pa.Table.from_pylist([{c: r[c] for c in METADATA_COLUMNS} for r in rows], schema=schema)
-    pq.write_table(table, path, compression="snappy", write_statistics=True)
+    """Write the metadata rows and, in the schema metadata, the skip reasons."""
+    write_metadata(path, rows, {SKIPPED_KEY: json.dumps(skipped, sort_keys=True).encode()})
 
 
 def _read_existing(root: Path) -> SampleReport:

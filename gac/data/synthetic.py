@@ -59,6 +59,7 @@ from gac.data.layout import (
     reference_map_path,
     s1_band_path,
     s2_band_path,
+    write_metadata,
 )
 from gac.errors import GacError
 
@@ -434,23 +435,9 @@ def _plan_broken(n_tiles: int, seed: int, broken: dict[str, int] | None) -> dict
 
 
 def _write_metadata(path: Path, rows: list[dict[str, object]], broken: dict[str, str], seed: int) -> None:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    schema = pa.schema(
-        [
-            ("patch_id", pa.string()),
-            ("labels", pa.list_(pa.string())),
-            ("split", pa.string()),
-            ("country", pa.string()),
-            ("s1_name", pa.string()),
-            ("s2v1_name", pa.string()),
-            ("contains_seasonal_snow", pa.bool_()),
-            ("contains_cloud_or_shadow", pa.bool_()),
-        ],
-        metadata={BROKEN_KEY: json.dumps(broken, sort_keys=True).encode(), b"gac:synthetic-seed": str(seed).encode()},
-    )
-    pq.write_table(pa.Table.from_pylist(rows, schema=schema), path, compression="snappy")
+    """Write the metadata rows; which tiles are broken (and the seed) go into the schema metadata."""
+    extra = {BROKEN_KEY: json.dumps(broken, sort_keys=True).encode(), b"gac:synthetic-seed": str(seed).encode()}
+    write_metadata(path, rows, extra)
 
 
 def broken_patches(root: str | Path) -> dict[str, str]:
