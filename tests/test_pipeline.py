@@ -81,7 +81,7 @@ def test_catalog_param_change_reruns_stage(dvc_repo):
 
 
 def test_sample_matches_committed_data_dvc(tmp_path, sample_root):
-    """The materialised sample is byte-for-byte what ``data.dvc`` records, so ``dvc status`` is clean on a fresh clone."""
+    """The materialised sample is byte for byte what ``data.dvc`` records: ``dvc status`` is clean on a fresh clone."""
     repo = tmp_path / "clone"
     repo.mkdir()
     shutil.copy(ROOT / "data.dvc", repo / "data.dvc")
