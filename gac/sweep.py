@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 import os
 import socket
+import time
 from pathlib import Path
 from typing import Any
 
@@ -111,13 +112,27 @@ def failed(study) -> int:
 
 
 def open_study(cfg: Params):
-    """Create or load the study on ``sweep.storage`` (heartbeats fail trials of killed workers)."""
-    import optuna
+    """Create or load the study on ``sweep.storage`` (heartbeats fail trials of killed workers).
 
-    storage = optuna.storages.RDBStorage(cfg.sweep.storage, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S)
+    Workers that start together race to create Optuna's tables and the study; the loser of that race sees an
+    integrity error and simply loads what the winner made.
+    """
+    import optuna
+    import sqlalchemy.exc
+
     sampler = optuna.samplers.NSGAIISampler(seed=cfg.sweep.seed, population_size=max(2, min(8, cfg.sweep.n_trials)))
-    return optuna.create_study(study_name=cfg.sweep.study, storage=storage, directions=list(DIRECTIONS),
-                               sampler=sampler, load_if_exists=True)  # fmt: skip
+    for attempt in range(5):
+        try:
+            storage = optuna.storages.RDBStorage(
+                cfg.sweep.storage, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S
+            )
+            return optuna.create_study(study_name=cfg.sweep.study, storage=storage, directions=list(DIRECTIONS),
+                                       sampler=sampler, load_if_exists=True)  # fmt: skip
+        except (sqlalchemy.exc.IntegrityError, optuna.exceptions.DuplicatedStudyError):
+            if attempt == 4:
+                raise
+            time.sleep(0.5 + attempt)
+    raise AssertionError("unreachable")
 
 
 def run(cfg: Params, n_trials: int | None = None, register: bool = True) -> dict[str, Any]:

@@ -16,21 +16,39 @@ from gac.config import MlflowParams
 
 
 def setup(params: MlflowParams) -> str:
-    """Point MLflow at the project store and make sure the experiment exists; return its id."""
+    """Point MLflow at the project store and make sure the experiment exists; return its id.
+
+    Creating a SQLite store migrates its schema; two processes doing that at once (sweep workers, DDP ranks) break
+    each other, so for SQLite the first use is serialised with a lock file beside the database.
+    """
     import mlflow
 
+    lock = contextlib.nullcontext()
     if params.tracking_uri.startswith("sqlite:///"):
-        Path(params.tracking_uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        db = Path(params.tracking_uri.removeprefix("sqlite:///"))
+        db.parent.mkdir(parents=True, exist_ok=True)
+        lock = _file_lock(db.with_name(db.name + ".lock"))
     mlflow.set_tracking_uri(params.tracking_uri)
-    experiment = mlflow.get_experiment_by_name(params.experiment)
-    if experiment is not None:
-        mlflow.set_experiment(params.experiment)
-        return experiment.experiment_id
-    location = Path(params.artifact_location).resolve()
-    location.mkdir(parents=True, exist_ok=True)
-    experiment_id = mlflow.create_experiment(params.experiment, artifact_location=location.as_uri())
-    mlflow.set_experiment(params.experiment)
-    return experiment_id
+    with lock:
+        experiment = mlflow.get_experiment_by_name(params.experiment)
+        if experiment is None:
+            location = Path(params.artifact_location).resolve()
+            location.mkdir(parents=True, exist_ok=True)
+            mlflow.create_experiment(params.experiment, artifact_location=location.as_uri())
+    return mlflow.set_experiment(params.experiment).experiment_id
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    """An exclusive ``flock`` on ``path`` for the duration of the block."""
+    import fcntl
+
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def git_commit() -> str:
