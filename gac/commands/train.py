@@ -96,7 +96,7 @@ def run_stage(stage: str, args: argparse.Namespace, section, source_root: str, n
             provenance={
                 "weights_origin": tracking.weights_origin(section.pretrained, section.ckpt_path),
                 "registered_model": MODEL_NAMES[stage] if not args.no_register else None,
-                "version": None if version != version or version is None else str(int(version)),
+                "version": str(version) if version else None,
                 "model_dir": result.model_dir,
                 "data_source": cfg.data.source,
             },

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from gac.atomic import atomic_path
 from gac.config import MlflowParams, Stage2Params, Stage3Params
 from gac.training.export import STAGES, save_model
 
@@ -130,7 +131,11 @@ def fit(
         run_id=run_id,
         log_model=False,
     )
-    csv = CSVLogger(save_dir=out, name="logs", version="")
+    csv_file = out / "logs" / "metrics.csv"
+    # Lightning's CSVLogger deletes metrics.csv when it starts: a resumed fit puts back the rows of the earlier steps
+    # (flushed every step, so a killed fit leaves all of its rows on disk).
+    earlier = csv_file.read_text() if resume and csv_file.is_file() else None
+    csv = CSVLogger(save_dir=out, name="logs", version="", flush_logs_every_n_steps=1)
     task = spec.task(section.model_dump())
     data = PairDataModule(
         catalog_root, source_root, section.train.batch_size, section.train.num_workers, section.train.max_tiles
@@ -145,6 +150,8 @@ def fit(
     trainer.fit(task, datamodule=data, ckpt_path=str(last_ckpt) if resume else None)
     if not trainer.is_global_zero:
         return None
+    if earlier is not None:
+        _restore_earlier_rows(csv_file, earlier)
     best_path = best_cb.best_model_path or str(last_ckpt)
     state = torch.load(best_path, map_location="cpu", weights_only=True)
     task.load_state_dict(state["state_dict"])
@@ -165,6 +172,19 @@ def fit(
     )
     _log_result(result, mlflow_params, section, register, tags or {})
     return result
+
+
+def _restore_earlier_rows(csv_file: Path, earlier: str) -> None:
+    """Prepend the rows of ``earlier`` (a metrics.csv) whose steps come before the resumed fit's first logged step."""
+    import io
+
+    import pandas as pd
+
+    before = pd.read_csv(io.StringIO(earlier))
+    after = pd.read_csv(csv_file) if csv_file.is_file() else before.iloc[:0]
+    first = after["step"].min() if len(after) else float("inf")
+    with atomic_path(csv_file) as tmp:
+        pd.concat([before[before["step"] < first], after], ignore_index=True).to_csv(tmp, index=False)
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -200,4 +220,5 @@ def _log_result(result: FitResult, mlflow_params: MlflowParams, section, registe
         version = registry.log_and_register(
             result.model_dir, section, result.metrics, result.trainable, register=register, tags=tags
         )
-    result.metrics["registered_version"] = float(version) if version else float("nan")
+    if version:  # metrics stay numbers (and strict JSON): no entry when nothing was registered
+        result.metrics["registered_version"] = int(version)

@@ -1,0 +1,373 @@
+"""Stage 2/3 training: Lightning fit, checkpoints, MLflow run + registry round trip, kill-and-resume, DDP, the CLI.
+
+Everything runs for real on CPU: tiny random-init models (Prithvi-EO-2.0 tiny, TerraMind v1 tiny, img_size 128), two
+to four tiles per split, at most six optimizer steps, MLflow on a SQLite file in a temporary folder. The network-level
+behaviour (LoRA sites, identity at init, gradients) is tested in ``test_prithvi.py`` and ``test_grounding.py``; here
+it is what training does with them. Subprocesses are used only where the behaviour is about processes: a SIGKILL and
+resume, Lightning's DDP launcher, and the CLI's metrics file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+from gac.config import CatalogParams, DataParams, MlflowParams, Params, Stage1Params, Stage2Params, Stage3Params
+from gac.config import TrainParams as Train
+from gac.store import ShardStore
+from gac.training.export import STAGES, apply
+
+STAGE_NAMES = ("stage2", "stage3")
+#: In-process fits: 2 train + 2 validation tiles, one batch per epoch, a validation and a last.ckpt every step.
+TRAIN = Train(
+    batch_size=2, epochs=100, max_steps=3, val_every_n_steps=1, save_every_n_steps=1, max_tiles=2, accelerator="cpu"
+)
+SECTIONS = {"stage2": Stage2Params(img_size=128, train=TRAIN), "stage3": Stage3Params(img_size=128, train=TRAIN)}
+#: What a LoRA run may train: adapters on attention (Stage 2) or decoder cross-attention (Stage 3), and the heads.
+LORA = r"\.lora_[AB]\.default\.weight"
+TRAINABLE = {
+    "stage2": re.compile(rf"backbone\.blocks\.\d+\.attn\.(qkv|proj){LORA}|head\..+"),
+    "stage3": re.compile(rf"encdec\.decoder\.\d+\.cross_attn\.(q|kv|proj){LORA}|(pixel|sar)_head\..+"),
+}
+ENV = os.environ | {"GAC_PROGRESS": "0", "OMP_NUM_THREADS": "1"}
+
+
+# -- data ----------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def catalog(synthetic_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The catalog of the session's synthetic tiles, train and validation splits (8 each; runs use 2–4 of them).
+
+    DDP needs an even number of train tiles: DistributedSampler pads an odd count by repeating a tile on one rank.
+    """
+    from gac.data.catalog import build
+
+    out = tmp_path_factory.mktemp("training") / "catalog"
+    build(CatalogParams(out=str(out), splits=["train", "validation"], workers=0), synthetic_root, progress=False)
+    splits = ShardStore(out).index["split"].value_counts()
+    assert splits["train"] >= 4 and splits["validation"] >= 4, splits
+    return out
+
+
+@pytest.fixture(scope="module")
+def opt_v1(catalog: Path) -> Path:
+    """An opt_v1-shaped cache without running TerraMind: the real S2 blurred, darkened and noised.
+
+    Stage 1's own tests cover how opt_v1 is generated; training only needs a cache of the same format (key ``opt``,
+    uint16 DN, the catalog's index rows) that is a plausible, imperfect guess of the truth.
+    """
+    cat = ShardStore(catalog)
+    s2 = cat.read("s2").astype(np.float32)
+    kernel = np.ones(5, np.float32) / 5  # separable 5×5 box blur along both image axes
+    blurred = np.apply_along_axis(np.convolve, -1, s2, kernel, mode="same")
+    blurred = np.apply_along_axis(np.convolve, -2, blurred, kernel, mode="same")
+    noise = np.random.default_rng(0).normal(0.0, 150.0, s2.shape)
+    opt = np.clip(0.9 * blurred + noise, 0, 65535).astype(np.uint16)
+    store = ShardStore(catalog.parent / "opt_v1")
+    store.write_shard("00000", cat.index.drop(columns=["shard", "row"]), {"opt": opt})
+    store.finalize()
+    return store.root
+
+
+def tiles(catalog: Path, opt_v1: Path, split: str, n: int = 2) -> dict[str, np.ndarray]:
+    """Model input of the first ``n`` tiles of ``split``: S1 dB and opt_v1 reflectance (float32)."""
+    cat, src = ShardStore(catalog), ShardStore(opt_v1)
+    ids = cat.index.loc[cat.index["split"] == split, "patch_id"].head(n)
+    opt = src.read("opt", src.rows_for(ids)).astype(np.float32) / 10000.0
+    return {"s1": cat.read("s1", cat.rows_for(ids)).astype(np.float32), "opt": np.clip(opt, 0, 1)}
+
+
+# -- in-process fits -------------------------------------------------------------------------------------------------
+def mlflow_store(folder: Path, empty_mlflow_db: Path) -> MlflowParams:
+    """MLflow on a copy of the session's empty SQLite store in ``folder`` (migrating a new one costs seconds)."""
+    shutil.copyfile(empty_mlflow_db, folder / "mlflow.db")
+    return MlflowParams(tracking_uri=f"sqlite:///{folder}/mlflow.db", artifact_location=str(folder / "mlartifacts"))
+
+
+@pytest.fixture(scope="module")
+def mlflow_params(catalog: Path, empty_mlflow_db: Path) -> MlflowParams:
+    return mlflow_store(catalog.parent, empty_mlflow_db)
+
+
+@pytest.fixture(scope="module", params=STAGE_NAMES)
+def fitted(request, catalog: Path, opt_v1: Path, mlflow_params: MlflowParams) -> dict:
+    """One in-process fit per stage, registered ``@challenger``; Stage 3 trains on the opt_v1 store as its source."""
+    from gac.training.fit import fit
+
+    stage = request.param
+    section = SECTIONS[stage].model_copy(update={"out": str(catalog.parent / stage)})
+    result = fit(stage, section, mlflow_params, str(catalog), str(opt_v1), tags={"gac.data": "synthetic"})
+    assert result is not None
+    return {"stage": stage, "section": section, "result": result}
+
+
+@pytest.fixture(scope="module")
+def rebuilt(fitted: dict):
+    """The task rebuilt from the best checkpoint alone (its hyper-parameters name the section), in eval mode."""
+    ckpt = torch.load(fitted["result"].best_checkpoint, map_location="cpu", weights_only=True)
+    task = STAGES[fitted["stage"]].task(ckpt["hyper_parameters"]["section"])
+    task.load_state_dict(ckpt["state_dict"])
+    return task.eval(), ckpt
+
+
+def client(mlflow_params: MlflowParams):
+    from mlflow import MlflowClient
+
+    return MlflowClient(mlflow_params.tracking_uri)
+
+
+def history(mlflow_client, run_id: str, key: str) -> list[int]:
+    """Steps at which ``key`` was logged, sorted (a step logged twice appears twice)."""
+    return sorted(m.step for m in mlflow_client.get_metric_history(run_id, key))
+
+
+def test_fit_keeps_best_and_last_checkpoints(fitted: dict, rebuilt) -> None:
+    result, steps = fitted["result"], TRAIN.max_steps
+    assert Path(result.best_checkpoint).name == "best.ckpt" and Path(result.last_checkpoint).name == "last.ckpt"
+    last = torch.load(result.last_checkpoint, map_location="cpu", weights_only=True)
+    _, best = rebuilt
+    assert result.global_step == last["global_step"] == steps
+    assert 1 <= best["global_step"] <= steps
+    assert sorted(p.name for p in Path(result.best_checkpoint).parent.glob("*.ckpt")) == ["best.ckpt", "last.ckpt"]
+    model_dir = Path(result.model_dir)
+    assert (model_dir / "weights.safetensors").is_file() and (model_dir / "params.json").is_file()
+    assert (model_dir.parent / "logs" / "metrics.csv").is_file()
+
+
+def test_only_lora_adapters_and_heads_train(fitted: dict, rebuilt) -> None:
+    stage, result = fitted["stage"], fitted["result"]
+    task, ckpt = rebuilt
+    report = STAGES[stage].report(task.model)
+    assert report["share"] < 0.2 and report["share"] == pytest.approx(result.trainable["share"])
+    assert report["names"] and all(TRAINABLE[stage].fullmatch(n) for n in report["names"]), report["names"]
+    assert any("lora_" in n for n in report["names"])
+    # Only those reached the optimizer: its state holds one entry per trainable tensor, of that tensor's shape.
+    trainable = [p for p in task.parameters() if p.requires_grad]
+    state = ckpt["optimizer_states"][0]["state"]
+    assert len(ckpt["optimizer_states"][0]["param_groups"][0]["params"]) == len(trainable) == len(state)
+    assert [state[i]["exp_avg"].shape for i in sorted(state)] == [p.shape for p in trainable]
+
+
+def test_the_mlflow_run_has_params_step_metrics_and_the_best_checkpoint(
+    fitted: dict, rebuilt, mlflow_params: MlflowParams
+) -> None:
+    stage, result = fitted["stage"], fitted["result"]
+    c = client(mlflow_params)
+    run = c.get_run(result.run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["gac.stage"] == stage
+    params = run.data.params
+    assert (params["train.max_steps"], params["train.batch_size"], params["img_size"]) == ("3", "2", "128")
+    assert params["lora.rank"] == str(fitted["section"].lora.rank)
+    assert history(c, result.run_id, "train/loss") == list(range(TRAIN.max_steps))  # every step, once
+    for key in ("val/psnr", "val/ssim", "val/sam_deg", "val/sar_edge", "val/loss"):
+        assert history(c, result.run_id, key) == list(range(TRAIN.max_steps)), key  # val_every_n_steps = 1
+    # best.ckpt is the validation that scored best on the task's monitor, and its score is the run's best_score
+    task_cls = STAGES[stage].task
+    scores = {m.step: m.value for m in c.get_metric_history(result.run_id, task_cls.monitor)}
+    pick = max if task_cls.mode == "max" else min
+    best_step = pick(scores, key=scores.get)
+    assert rebuilt[1]["global_step"] == best_step + 1
+    assert result.best_score == pytest.approx(scores[best_step], rel=1e-6)
+    assert run.data.metrics["best_score"] == pytest.approx(result.best_score)
+    assert run.data.metrics["trainable_share"] == pytest.approx(result.trainable["share"])
+    assert [a.path for a in c.list_artifacts(result.run_id, "checkpoints")] == ["checkpoints/best.ckpt"]
+
+
+def test_the_model_is_registered_as_challenger_with_a_model_card(fitted: dict, mlflow_params: MlflowParams) -> None:
+    from gac.registry import CHALLENGER, MODEL_NAMES
+
+    stage, result = fitted["stage"], fitted["result"]
+    version = client(mlflow_params).get_model_version_by_alias(MODEL_NAMES[stage], CHALLENGER)
+    assert version.run_id == result.run_id and int(version.version) == result.metrics["registered_version"]
+    assert MODEL_NAMES[stage] in version.description and "random init" in version.description
+    assert version.tags["stage"] == stage and version.tags["gac.data"] == "synthetic"
+
+
+def test_the_registry_model_predicts_what_the_best_checkpoint_does(
+    fitted: dict, rebuilt, catalog: Path, opt_v1: Path, mlflow_params: MlflowParams
+) -> None:
+    import mlflow
+
+    from gac.registry import CHALLENGER, MODEL_NAMES
+
+    stage = fitted["stage"]
+    task, _ = rebuilt
+    x = tiles(catalog, opt_v1, "validation")
+    mlflow.set_tracking_uri(mlflow_params.tracking_uri)
+    served = mlflow.pyfunc.load_model(f"models:/{MODEL_NAMES[stage]}@{CHALLENGER}").predict(x)
+    with torch.inference_mode():
+        expected = apply(stage, task.model, torch.from_numpy(x["s1"]), torch.from_numpy(x["opt"])).numpy()
+    assert served.shape == expected.shape == (2, 12, 120, 120)
+    np.testing.assert_allclose(served, expected, atol=1e-5, rtol=0)
+    assert np.abs(expected - x["opt"]).max() > 1e-4  # training moved the model away from the identity it starts as
+
+
+def test_stage3_lora_is_on_cross_attention_only_by_default(tmp_path: Path) -> None:
+    """The flag defaults on and wins over ``stage3.lora.target_modules``; ``--no-…`` hands the choice to params."""
+    from gac.cli import build_parser
+    from gac.commands.stage3 import section_for
+
+    self_attention = r".*decoder\.\d+\.attn\.(qkv|proj)"
+    cfg = Params(stage3=Stage3Params(lora=Stage3Params().lora.model_copy(update={"target_modules": self_attention})))
+    parser = build_parser()
+    default = parser.parse_args(["stage3"])
+    assert default.lora_cross_attention_only is True
+    assert section_for(cfg, default).lora.target_modules == Stage3Params().lora.target_modules
+    assert "cross_attn" in Stage3Params().lora.target_modules
+    opted_out = parser.parse_args(["stage3", "--no-lora-cross-attention-only", "--lora-rank", "4"])
+    section = section_for(cfg, opted_out)
+    assert (section.lora.target_modules, section.lora.rank) == (self_attention, 4)
+
+
+# -- processes: the CLI, kill and resume, DDP -----------------------------------------------------------------------
+def write_params(tmp: Path, catalog: Path, opt_v1: Path, empty_mlflow_db: Path) -> Path:
+    """A params file whose MLflow store, artifacts and stage outputs all live in ``tmp`` (small training settings)."""
+    train = TRAIN.model_copy(update={"max_steps": 4})
+    params = Params(
+        data=DataParams(source="synthetic"),
+        mlflow=mlflow_store(tmp, empty_mlflow_db),
+        catalog=CatalogParams(out=str(catalog)),
+        stage1=Stage1Params(out=str(opt_v1)),
+        stage2=Stage2Params(img_size=128, train=train, out=str(tmp / "stage2")),
+        stage3=Stage3Params(img_size=128, train=train, out=str(tmp / "stage3")),
+    )
+    path = tmp / "params.yaml"
+    path.write_text(yaml.safe_dump(params.model_dump(mode="json"), sort_keys=False))
+    return path
+
+
+def stage2_cli(tmp: Path, catalog: Path, opt_v1: Path, empty_mlflow_db: Path, *flags: str) -> list[str]:
+    return [
+        sys.executable, "-m", "gac", "--params", str(write_params(tmp, catalog, opt_v1, empty_mlflow_db)), "stage2",
+        "--data-dir", str(catalog), "--stage1-dir", str(opt_v1), "--output-dir", str(tmp / "stage2"),
+        "--metrics", str(tmp / "stage2.json"), "--no-cache", "--no-register", *flags,
+    ]  # fmt: skip
+
+
+def global_step(ckpt: Path) -> int | None:
+    """``global_step`` of a checkpoint, or ``None`` while it is not there (Lightning replaces it atomically)."""
+    try:
+        return int(torch.load(ckpt, map_location="cpu", weights_only=True)["global_step"])
+    except (FileNotFoundError, RuntimeError, EOFError):
+        return None
+
+
+def kill_after_step(cmd: list[str], ckpt: Path, step: int, log: Path, timeout: float = 600) -> None:
+    """Start ``cmd`` and SIGKILL it once ``ckpt`` holds at least ``step`` optimizer steps."""
+    with log.open("w") as f:
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=ENV, cwd=log.parent)
+    deadline = time.monotonic() + timeout
+    try:
+        while (global_step(ckpt) or 0) < step:
+            if proc.poll() is not None:
+                pytest.fail(f"gac stage2 ended (rc {proc.returncode}) before it was killed:\n{log.read_text()[-3000:]}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"no checkpoint of step {step} in time:\n{log.read_text()[-3000:]}")
+            time.sleep(0.2)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+
+
+@pytest.fixture(scope="module")
+def resumed(catalog: Path, opt_v1: Path, empty_mlflow_db: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """``gac stage2 --max-steps 6`` SIGKILLed after its second step, then the same command again to completion."""
+    from mlflow import MlflowClient
+
+    tmp = tmp_path_factory.mktemp("resume")
+    cmd = stage2_cli(tmp, catalog, opt_v1, empty_mlflow_db, "--max-steps", "6", "--save-every", "1", "--val-every", "1")
+    ckpt, run_file = tmp / "stage2" / "checkpoints" / "last.ckpt", tmp / "stage2" / "mlflow_run_id"
+    kill_after_step(cmd, ckpt, 2, tmp / "killed.log")
+    killed_at, run_id = global_step(ckpt), run_file.read_text()
+    mlflow_client = MlflowClient(f"sqlite:///{tmp}/mlflow.db")
+    logged_before = history(mlflow_client, run_id, "train/loss")
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=ENV, cwd=tmp)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return {
+        "tmp": tmp,
+        "killed_at": killed_at,
+        "run_id": run_id,
+        "logged_before": logged_before,
+        "client": mlflow_client,
+    }
+
+
+@pytest.mark.slow
+def test_a_killed_fit_resumes_in_the_same_run_without_repeating_steps(resumed: dict) -> None:
+    tmp, run_id, c = resumed["tmp"], resumed["run_id"], resumed["client"]
+    assert 2 <= resumed["killed_at"] < 6, "the kill must land mid-training"
+    # before the kill: the steps up to the checkpoint (the last one may be lost if the kill fell between the two)
+    assert resumed["logged_before"] in (list(range(resumed["killed_at"])), list(range(resumed["killed_at"] - 1)))
+    assert global_step(tmp / "stage2" / "checkpoints" / "last.ckpt") == 6
+    assert (tmp / "stage2" / "mlflow_run_id").read_text() == run_id  # the resumed fit logged into the same run
+    runs = c.search_runs([c.get_experiment_by_name("gac").experiment_id])
+    assert [r.info.run_id for r in runs] == [run_id] and runs[0].info.status == "FINISHED"
+    for key in ("train/loss", "train/loss_l1"):  # each step once: the kill step is followed by the next, not redone
+        assert history(c, run_id, key) == list(range(6)), key
+    assert c.get_run(run_id).data.params["train.max_steps"] == "6"
+    # metrics.csv (DVC's plots) keeps the killed fit's rows too, each step once
+    rows = pd.read_csv(tmp / "stage2" / "logs" / "metrics.csv")
+    assert sorted(rows.loc[rows["train/loss"].notna(), "step"]) == list(range(6))
+    # A validation the kill interrupted is not redone (last.ckpt is written before it): at most one step is missing.
+    val_steps = sorted(rows.loc[rows["val/psnr"].notna(), "step"])
+    assert val_steps == history(c, run_id, "val/psnr") and len(set(val_steps)) == len(val_steps) >= 5
+
+
+@pytest.mark.slow
+def test_the_cli_writes_the_metrics_summary(resumed: dict) -> None:
+    summary = json.loads((resumed["tmp"] / "stage2.json").read_text())
+    assert summary["global_step"] == 6
+    assert np.isfinite(summary["best_score"]) and summary["best_score"] >= summary["val/psnr"] - 1e-6  # max PSNR
+    assert 0 < summary["trainable_share"] < 0.2 and summary["trainable_params"] > 0
+    assert "seconds_per_tile" not in summary  # --no-cache: no opt_v2 was written
+    assert not (resumed["tmp"] / "stage2" / "opt_v2").exists()
+
+
+@pytest.mark.slow
+def test_ddp_ranks_train_on_disjoint_tiles_and_rank_zero_checkpoints_once(
+    catalog: Path, opt_v1: Path, empty_mlflow_db: Path, tmp_path: Path
+) -> None:
+    from mlflow import MlflowClient
+
+    from gac.training.task import SEEN_TILES_ENV
+
+    cmd = stage2_cli(
+        tmp_path, catalog, opt_v1, empty_mlflow_db, "--max-steps", "2", "--max-tiles", "4",
+        "--devices", "2", "--strategy", "ddp", "--accelerator", "cpu",
+    )  # fmt: skip
+    env = ENV | {SEEN_TILES_ENV: str(tmp_path / "seen")}
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    seen: dict[int, dict[int, set[str]]] = {}  # rank → epoch → tiles
+    for rank in (0, 1):
+        seen[rank] = defaultdict(set)
+        for line in (tmp_path / "seen" / f"rank{rank}.txt").read_text().splitlines():
+            epoch, _, patch_id = line.split("\t")
+            seen[rank][int(epoch)].add(patch_id)
+    cat = ShardStore(catalog).index
+    train_ids = set(cat.loc[cat["split"] == "train", "patch_id"].head(4))
+    assert sorted(seen[0]) == sorted(seen[1]) == [0, 1]  # 4 tiles, 2 ranks, batch 2: one step per epoch
+    for epoch in (0, 1):
+        assert len(seen[0][epoch]) == len(seen[1][epoch]) == 2
+        assert not seen[0][epoch] & seen[1][epoch], f"epoch {epoch}: both ranks trained on the same tile"
+        assert seen[0][epoch] | seen[1][epoch] == train_ids
+    checkpoints = tmp_path / "stage2" / "checkpoints"
+    assert sorted(p.name for p in checkpoints.glob("*.ckpt")) == ["best.ckpt", "last.ckpt"]
+    assert global_step(checkpoints / "last.ckpt") == 2
+    assert json.loads((tmp_path / "stage2.json").read_text())["global_step"] == 2
+    c = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    runs = c.search_runs([c.get_experiment_by_name("gac").experiment_id])
+    assert len(runs) == 1 and history(c, runs[0].info.run_id, "train/loss") == [0, 1]  # rank 0 alone logs
