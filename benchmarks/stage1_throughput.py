@@ -1,0 +1,213 @@
+"""Benchmark: Stage 1's batched generation vs a naive per-tile loop, side by side in one run, with FLOP/s.
+
+Why: Stage 1 runs TerraMind once per tile of the catalog (200k tiles for BigEarthNet v2), so its throughput is the
+stage's cost. The batched path (:func:`gac.stage1.generate` on ``--batch-size`` tiles, what ``gac stage1`` runs) is
+compared with the naive loop (the same call on one tile at a time) over the same model, tiles and per-call seeds:
+
+* tiles/s of both and their ratio;
+* achieved FLOP/s of the batched path: FLOPs per tile counted by ``torch.utils.flop_counter.FlopCounterMode`` over
+  one batched call (matmuls, convolutions, attention) times the batched tiles/s, as a share of this machine's matmul
+  peak measured in the same run (a large ``torch.matmul``, fp32 and bf16, best of several reps);
+* where the time goes: the TerraMind sampler (token generation) vs the tokenizer's diffusion decoder.
+
+Both paths run alternately, best of ``--repeats`` each, so that load from other processes hits both alike. On a CPU
+the diffusion decoder's convolutions are compute-bound even for one tile, so the batched path's gain is bounded by how
+far the naive loop already is from the matmul peak; on a GPU one 128 px tile leaves most of the device idle.
+
+Usage::
+
+    python benchmarks/stage1_throughput.py                       # 8 synthetic tiles, 2 steps, 128 px, batch 4
+    python benchmarks/stage1_throughput.py --tiles 16 --batch-size 8 --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+
+def synthetic_s1(n_tiles: int, seed: int) -> np.ndarray:
+    """S1 dB of ``n_tiles`` synthetic tiles, through the real catalog stage (so the input is what Stage 1 reads)."""
+    from gac.config import CatalogParams
+    from gac.data.catalog import build
+    from gac.data.synthetic import generate
+    from gac.store import ShardStore
+
+    with tempfile.TemporaryDirectory(prefix="gac-bench-") as tmp:
+        generate(Path(tmp, "raw"), n_tiles, seed=seed)
+        build(CatalogParams(out=str(Path(tmp, "catalog")), workers=0), Path(tmp, "raw"), progress=False)
+        return ShardStore(Path(tmp, "catalog")).read("s1")
+
+
+def sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_peak(device, dtype, max_n: int = 2048, reps: int = 5) -> tuple[float, int]:
+    """Best FLOP/s of a square matmul in ``dtype`` (the machine's practical dense peak) and the size it used.
+
+    The size doubles from 512 up to ``max_n`` while one product takes under 0.2 s, so a dtype without hardware
+    support (bf16 on a CPU without AVX512-BF16/AMX runs at well under 1 GFLOP/s) costs seconds, not minutes.
+    """
+    import torch
+
+    n = 512
+    while True:
+        a = torch.randn(n, n, device=device).to(dtype)
+        b = torch.randn(n, n, device=device).to(dtype)
+        first = timed(functools.partial(torch.matmul, a, b), device)  # also the warm-up (library, kernel choice)
+        if n >= max_n or first > 0.2:
+            break
+        n *= 2
+    best = min(timed(functools.partial(torch.matmul, a, b), device) for _ in range(reps))
+    return 2 * n**3 / best, n
+
+
+def timed(fn: Callable[[], object], device) -> float:
+    sync(device)
+    start = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - start
+
+
+def split_time(model, fn: Callable[[], object], device) -> dict[str, float]:
+    """Wall time of the sampler and of the diffusion decoder inside one call of ``fn`` (wrapped, then restored)."""
+    spent = {"sampler": 0.0, "decoder": 0.0}
+
+    def wrap(obj, name: str, key: str):
+        original = getattr(obj, name)
+
+        def wrapper(*args, **kwargs):
+            sync(device)
+            start = time.perf_counter()
+            out = original(*args, **kwargs)
+            sync(device)
+            spent[key] += time.perf_counter() - start
+            return out
+
+        setattr(obj, name, wrapper)
+        return original
+
+    sampler = wrap(model.sampler, "generate", "sampler")
+    decoders = {k: wrap(tok, "decode_tokens", "decoder") for k, tok in model.tokenizer.items()}
+    try:
+        spent["total"] = timed(fn, device)
+    finally:
+        model.sampler.generate = sampler
+        for k, original in decoders.items():
+            model.tokenizer[k].decode_tokens = original
+    return spent
+
+
+def run(args: argparse.Namespace) -> dict:
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from gac import stage1
+    from gac.config import Stage1Params
+    from gac.models.terramind import build_generator
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    p = Stage1Params(variant=args.variant, timesteps=args.timesteps, img_size=args.img_size, batch_size=args.batch_size)
+    device = stage1.resolve_device(args.device)
+    peak32, n32 = matmul_peak(device, torch.float32, reps=10)
+    peak16, n16 = matmul_peak(device, torch.bfloat16, reps=3)
+    s1 = torch.from_numpy(synthetic_s1(args.tiles, args.seed))
+    start = time.perf_counter()
+    torch.manual_seed(args.seed)
+    model = build_generator(p).to(device)
+    build_s = time.perf_counter() - start
+    if args.channels_last:  # the convolutions live in the tokenizer's diffusion decoder (a UNet)
+        model.tokenizer.to(memory_format=torch.channels_last)
+
+    def batched() -> None:
+        for b, i in enumerate(range(0, len(s1), p.batch_size)):
+            stage1.seed_batch(args.seed, "bench", b)
+            stage1.generate(model, s1[i : i + p.batch_size], p, device)
+
+    def naive() -> None:
+        for i in range(len(s1)):
+            stage1.seed_batch(args.seed, "bench", i)
+            stage1.generate(model, s1[i : i + 1], p, device)
+
+    # Warm-up at both shapes (oneDNN/cuDNN pick and cache kernels per shape on the first call), then the two paths
+    # alternately, best of --repeats each, so that load from other processes hits both alike.
+    stage1.generate(model, s1[: p.batch_size], p, device)
+    stage1.generate(model, s1[:1], p, device)
+    passes: dict[str, list[dict[str, float]]] = {"batched": [], "naive": []}
+    for _ in range(args.repeats):
+        passes["batched"].append(split_time(model, batched, device))
+        passes["naive"].append(split_time(model, naive, device))
+    best = {path: min(runs, key=lambda r: r["total"]) for path, runs in passes.items()}
+
+    with FlopCounterMode(display=False) as counter:
+        stage1.generate(model, s1[: p.batch_size], p, device)
+    flops_per_tile = counter.get_total_flops() / p.batch_size
+    batched_tps = len(s1) / best["batched"]["total"]
+    return {
+        "p": p,
+        "device": device,
+        "threads": torch.get_num_threads(),
+        "build_s": build_s,
+        "batched_tps": batched_tps,
+        "naive_tps": len(s1) / best["naive"]["total"],
+        "flops_per_tile": flops_per_tile,
+        "achieved": flops_per_tile * batched_tps,
+        "parts": best,
+        "peak32": peak32,
+        "peak16": peak16,
+        "n32": n32,
+        "n16": n16,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tiles", type=int, default=8, help="synthetic tiles (default %(default)s)")
+    parser.add_argument("--timesteps", type=int, default=2, help="diffusion steps (default %(default)s)")
+    parser.add_argument("--img-size", type=int, default=128, help="model input size (default %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=4, help="tiles per batched call (default %(default)s)")
+    parser.add_argument("--variant", default="terramind_v1_tiny_generate", help="default %(default)s")
+    parser.add_argument("--device", default="cpu", help="cpu | cuda | auto (default %(default)s)")
+    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
+    parser.add_argument("--channels-last", action="store_true", help="NHWC convolution weights (both paths)")
+    parser.add_argument("--repeats", type=int, default=2, help="timed passes per path, best kept (%(default)s)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+
+    r = run(args)
+    p, giga = r["p"], 1e9
+    layout = "channels_last" if args.channels_last else "NCHW"
+    print(f"{p.variant}, random init, {p.img_size} px, {p.timesteps} diffusion steps, {args.tiles} synthetic tiles, "
+          f"device {r['device']}, {r['threads']} threads, {layout}; model built in {r['build_s']:.1f} s")  # fmt: skip
+    print(f"{'path':<28}{'tiles/s':>10}{'s/tile':>10}")
+    print(f"{'batched (batch ' + str(p.batch_size) + ')':<28}{r['batched_tps']:>10.3f}{1 / r['batched_tps']:>10.2f}")
+    print(f"{'naive per-tile loop':<28}{r['naive_tps']:>10.3f}{1 / r['naive_tps']:>10.2f}")
+    ratio = r["batched_tps"] / r["naive_tps"]
+    print(f"batched / naive: {ratio:.2f}x (target >= 2x: {'met' if ratio >= 2 else 'NOT met'})")
+    print(f"FLOPs (FlopCounterMode, one batch of {p.batch_size}): {r['flops_per_tile'] / giga:.1f} GFLOP per tile")
+    share = 100 * r["achieved"] / r["peak32"]
+    print(f"batched path achieves {r['achieved'] / giga:.1f} GFLOP/s = {share:.0f} % of the fp32 matmul peak "
+          f"{r['peak32'] / giga:.1f} GFLOP/s ({r['n32']}^2); bf16 matmul peak {r['peak16'] / giga:.1f} GFLOP/s "
+          f"({r['n16']}^2)")  # fmt: skip
+    for path, parts in r["parts"].items():
+        decoder = 100 * parts["decoder"] / parts["total"]
+        print(f"time split, {path}: TerraMind sampler {parts['sampler'] / args.tiles:.2f} s/tile, diffusion decoder "
+              f"{parts['decoder'] / args.tiles:.2f} s/tile ({decoder:.0f} % of the time)")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
