@@ -156,6 +156,12 @@ def psnr(pred: Tensor, target: Tensor) -> Tensor:
     return value.clamp(max=PSNR_MAX_DB)
 
 
+def _ssim_window() -> dict:
+    """The window and constants every SSIM-family metric here shares (torchmetrics keyword names)."""
+    return {"gaussian_kernel": True, "sigma": SSIM_SIGMA, "kernel_size": SSIM_KERNEL, "data_range": DATA_RANGE,
+            "k1": SSIM_K1, "k2": SSIM_K2}  # fmt: skip
+
+
 def ssim_map(pred: Tensor, target: Tensor) -> Tensor:
     """Full SSIM map from torchmetrics (Gaussian window 11, σ 1.5, K1 0.01, K2 0.03, ``data_range = 1``).
 
@@ -174,13 +180,8 @@ def ssim_map(pred: Tensor, target: Tensor) -> Tensor:
     _, full = structural_similarity_index_measure(
         pred,
         target,
-        gaussian_kernel=True,
-        sigma=SSIM_SIGMA,
-        kernel_size=SSIM_KERNEL,
         reduction="none",
-        data_range=DATA_RANGE,
-        k1=SSIM_K1,
-        k2=SSIM_K2,
+        **_ssim_window(),
         return_full_image=True,
     )
     return full
@@ -226,13 +227,8 @@ def ms_ssim(pred: Tensor, target: Tensor) -> Tensor:
     return multiscale_structural_similarity_index_measure(
         pred,
         target,
-        gaussian_kernel=True,
-        sigma=SSIM_SIGMA,
-        kernel_size=SSIM_KERNEL,
         reduction="none",
-        data_range=DATA_RANGE,
-        k1=SSIM_K1,
-        k2=SSIM_K2,
+        **_ssim_window(),
         betas=MS_SSIM_BETAS,
         normalize="relu",
     )
