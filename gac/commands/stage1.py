@@ -50,7 +50,7 @@ def run(args: argparse.Namespace) -> None:
     }
     write_json(args.metrics, summary)
     origin = tracking.weights_origin(p.pretrained, p.ckpt_path)
-    seconds = report.seconds / report.generated if report.generated else None
+    seconds = report.work_seconds / report.generated if report.generated else None
     if seconds is not None:  # a run that generated nothing keeps the timing of the run that did
         write_provenance(
             p.out,
