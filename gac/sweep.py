@@ -253,15 +253,19 @@ def _register(cfg: Params, best) -> str | None:
     import mlflow
 
     from gac import registry
+    from gac.promote import tag_evaluation
     from gac.training.export import load_model
 
     model_dir = best.user_attrs["model_dir"]
     _, section, _ = load_model(model_dir)
+    values = dict(zip(OBJECTIVES, best.values, strict=True))
     mlflow.set_tracking_uri(cfg.mlflow.tracking_uri)
     with mlflow.start_run(run_id=best.user_attrs["run_id"]):
-        return registry.log_and_register(
-            model_dir,
-            section,
-            dict(zip(OBJECTIVES, best.values, strict=True)),
-            tags={"gac.data": cfg.data.source, "optuna.trial": str(best.number)},
+        version = registry.log_and_register(
+            model_dir, section, values, tags={"gac.data": cfg.data.source, "optuna.trial": str(best.number)}
         )
+    # The trial was scored on the validation split: record that as its evaluation so `gac promote` can judge it now
+    # (a later `gac evaluate` of a pipeline built from it replaces these with test-split numbers).
+    context = {"split": "validation", "data_source": cfg.data.source, "source": f"optuna trial {best.number}"}
+    tag_evaluation(mlflow.MlflowClient(), registry.MODEL_NAMES[cfg.sweep.stage], version, values, context)
+    return version

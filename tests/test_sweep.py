@@ -101,6 +101,9 @@ def test_sweep_pareto_mlflow_and_registration(tmp_path, stores):
     assert all("lora_rank" in r.data.params and "lr" in r.data.params for r in children)
     alias = client.get_model_version_by_alias("gac-stage2", "challenger")
     assert alias.tags["optuna.trial"] in {"0", "1"}
+    best = trials[int(alias.tags["optuna.trial"])]
+    assert float(alias.tags["eval.psnr"]) == pytest.approx(best.values[0])  # promote can judge it
+    assert alias.tags["eval.split"] == "validation"
 
 
 def test_kill_and_continue(tmp_path, stores):
