@@ -267,6 +267,25 @@ def test_a_tile_with_nan_sar_is_recorded_and_the_others_are_generated(
     assert list(ShardStore(out).rejected()["patch_id"]) == [bad]
 
 
+@pytest.mark.parametrize("precision", ["bf16", "16"])
+def test_a_precision_without_native_support_is_refused_before_any_tile(
+    precision: str, catalog: Path, p: Stage1Params, tmp_path: Path
+) -> None:
+    """CPU bf16 without AVX512-BF16/AMX is emulated (~150x slower than fp32) and fp16 autocast is for CUDA: one line.
+
+    Where this CPU does have native bf16 the run must go through in bf16 instead (both branches assert behaviour).
+    """
+    cpu = torch.device("cpu")
+    q = p.model_copy(update={"out": str(tmp_path / "opt_v1"), "max_tiles": 1, "precision": precision, "device": "cpu"})
+    if precision == "bf16" and stage1.native_bf16(cpu):
+        assert stage1.run(q, str(catalog), progress=False).generated == 1
+        return
+    with pytest.raises(GacError, match=rf"^stage1\.precision: '{precision}' on cpu has no native support") as err:
+        stage1.run(q, str(catalog), progress=False)
+    assert "\n" not in str(err.value)
+    assert not (tmp_path / "opt_v1").exists()  # refused before the cache (or a model) was touched
+
+
 # -- weights from a local checkpoint --------------------------------------------------------------------------------
 def test_ckpt_path_loads_exactly_those_weights(weights: tuple[Path, torch.nn.Module], p: Stage1Params) -> None:
     """The saved weights come back exactly (the woken layers are zero in any fresh init: only loading sets them)."""

@@ -175,8 +175,13 @@ def test_two_workers_share_one_postgres_study(tmp_path, stores, postgres):
     """Two worker processes on one PostgreSQL study: exactly the budget, distinct numbers, both contributed."""
     params = _params(tmp_path, stores, postgres, n_trials=4)
     workers = [
-        subprocess.Popen(_sweep_cmd(params, "--no-register"), env={**ENV, "GAC_WORKER": str(i)},
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+        subprocess.Popen(
+            _sweep_cmd(params, "--no-register"),
+            env={**ENV, "GAC_WORKER": str(i)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )  # fmt: skip
         for i in range(2)
     ]
     outputs = [w.communicate(timeout=1500)[0] for w in workers]
