@@ -46,6 +46,7 @@ from gac.atomic import atomic_path, write_text
 from gac.config import Params
 from gac.data.layout import S2_BANDS
 from gac.errors import GacError
+from gac.provenance import read_provenance
 from gac.store import ShardStore
 
 #: Ablation row → the stage whose cache it reads (``None``: computed here).
@@ -54,7 +55,6 @@ ROWS: dict[str, str | None] = {"stage1": "stage1", "stage1+2": "stage2", "full":
 LABELS: dict[str, str] = {"stage1": "opt_v1", "stage2": "opt_v2", "stage3": "opt_v3"}
 #: Index columns the per-group tables are made over.
 GROUPS: tuple[str, ...] = ("country", "season")
-PROVENANCE_FILE = "provenance.json"
 #: Metric keys of :func:`gac.metrics.per_tile` in table order (``lpips`` is added when configured).
 METRICS: tuple[str, ...] = ("psnr", "ssim", "ms_ssim", "sam_deg", "mae", "rmse", "ndvi_err", "sar_edge")
 RGB = tuple(S2_BANDS.index(b) for b in ("B04", "B03", "B02"))
@@ -87,21 +87,6 @@ class Cache:
         if (name is None or version is None) and uri.startswith("models:/") and uri.count("/") == 2:
             name, version = uri.removeprefix("models:/").split("/")  # models:/<name>/<version>
         return (str(name), str(version)) if name and version else None
-
-
-def read_provenance(root: str | Path, stage: str) -> dict[str, Any]:
-    """A cache's ``provenance.json``; a cache without one is still evaluated, with its origin marked unknown."""
-    path = Path(root) / PROVENANCE_FILE
-    if not path.is_file():
-        return {"stage": stage, "weights_origin": f"unknown (no {PROVENANCE_FILE})", "seconds_per_tile": None,
-                "model_uri": None, "registered_model": None, "version": None}  # fmt: skip
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise GacError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}); rerun the {stage} stage") from None
-    if not isinstance(data, dict):
-        raise GacError(f"{path}: expected a JSON object with weights_origin, seconds_per_tile, model_uri, ...")
-    return data
 
 
 def cache_roots(cfg: Params) -> dict[str, Path]:

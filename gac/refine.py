@@ -14,12 +14,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from gac.atomic import atomic_path, write_text
+from gac.atomic import atomic_path
+from gac.provenance import PROVENANCE
 from gac.store import ShardStore
 from gac.training.data import reflectance
 from gac.training.export import apply
-
-PROVENANCE = "provenance.json"
 
 
 def write_cache(
@@ -67,8 +66,3 @@ def write_cache(
         }
         (tmp / PROVENANCE).write_text(json.dumps(info, indent=2, sort_keys=True))
     return info
-
-
-def write_provenance(out: str | Path, info: dict[str, Any]) -> None:
-    """Write a cache's ``provenance.json`` (Stage 1 writes its own cache incrementally, so it calls this after)."""
-    write_text(Path(out) / PROVENANCE, json.dumps(info, indent=2, sort_keys=True))

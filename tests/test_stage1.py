@@ -366,6 +366,20 @@ def test_a_killed_run_resumes_to_the_uninterrupted_cache(resumed: dict, referenc
 
 
 @pytest.mark.slow
+def test_a_rerun_that_generates_nothing_reports_the_speed_of_the_run_that_did(
+    resumed: dict, p: Stage1Params, catalog: Path, tmp_path: Path
+) -> None:
+    """``dvc metrics show`` must not read 0 tiles/s after a repro that found the cache complete."""
+    rerun_metrics = tmp_path / "rerun.json"  # and an MLflow store of its own (the run test counts the first one's)
+    args = cli(write_params(tmp_path, resumed["out"], cli_params(p)), catalog, resumed["out"], rerun_metrics)
+    done = subprocess.run([sys.executable, "-m", "gac", *args], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    before, after = (json.loads(f.read_text()) for f in (resumed["metrics"], rerun_metrics))
+    assert after["generated_this_run"] == 0 and before["generated_this_run"] > 0
+    assert after["tiles_per_s"] == before["tiles_per_s"] > 0
+
+
+@pytest.mark.slow
 def test_cli_prints_the_summary_line(resumed: dict) -> None:
     lines = resumed["stdout"].splitlines()
     assert f"Processed {N_TILES}/{N_TILES} tiles, Errors 0, Output dir {resumed['out']}" in lines

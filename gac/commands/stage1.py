@@ -22,7 +22,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> None:
     from gac import config, stage1, tracking
-    from gac.refine import write_provenance
+    from gac.provenance import read_provenance, write_provenance
 
     cfg = params(args)
     p = config.override(
@@ -40,28 +40,22 @@ def run(args: argparse.Namespace) -> None:
     for err in report.errors:
         print(f"error {err['patch_id']}: {err['reason']}")
     print(report.summary_line())
+    origin = tracking.weights_origin(p.pretrained, p.ckpt_path)
+    if report.generated:
+        seconds = report.work_seconds / report.generated
+        info = {"stage": "stage1", "weights_origin": origin, "variant": p.variant, "seconds_per_tile": seconds}
+        write_provenance(p.out, info | {"data_source": cfg.data.source})
+    else:  # a run that generated nothing (all shards done) reports the speed of the run that did
+        seconds = read_provenance(p.out, "stage1").get("seconds_per_tile")
     summary = {
         "processed": report.processed,
         "total": report.total,
         "errors": len(report.errors),
         "generated_this_run": report.generated,
-        "tiles_per_s": round(report.tiles_per_s, 4),
+        "tiles_per_s": round(1 / seconds, 4) if seconds else 0.0,
         "seconds": round(report.seconds, 2),
     }
     write_json(args.metrics, summary)
-    origin = tracking.weights_origin(p.pretrained, p.ckpt_path)
-    seconds = report.work_seconds / report.generated if report.generated else None
-    if seconds is not None:  # a run that generated nothing keeps the timing of the run that did
-        write_provenance(
-            p.out,
-            {
-                "stage": "stage1",
-                "weights_origin": origin,
-                "variant": p.variant,
-                "seconds_per_tile": seconds,
-                "data_source": cfg.data.source,
-            },
-        )
     with tracking.start_run(cfg.mlflow, "stage1", tags={"gac.stage": "stage1", "gac.data": cfg.data.source}):
         import mlflow
 

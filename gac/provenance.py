@@ -1,0 +1,36 @@
+"""A cache's ``provenance.json``: which stage and weights made it, and how fast (what evaluation reports).
+
+Stage 1 writes its cache shard by shard and adds this file after; the refine stages write it inside their atomic
+cache folder. Reading never fails on a missing file: a cache without one is still evaluated, marked unknown.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from gac.atomic import write_text
+from gac.errors import GacError
+
+PROVENANCE = "provenance.json"
+
+
+def write_provenance(out: str | Path, info: dict[str, Any]) -> None:
+    """Write a cache's ``provenance.json`` (Stage 1 writes its own cache incrementally, so it calls this after)."""
+    write_text(Path(out) / PROVENANCE, json.dumps(info, indent=2, sort_keys=True))
+
+
+def read_provenance(root: str | Path, stage: str) -> dict[str, Any]:
+    """A cache's ``provenance.json``; a cache without one is still evaluated, with its origin marked unknown."""
+    path = Path(root) / PROVENANCE
+    if not path.is_file():
+        return {"stage": stage, "weights_origin": f"unknown (no {PROVENANCE})", "seconds_per_tile": None,
+                "model_uri": None, "registered_model": None, "version": None}  # fmt: skip
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise GacError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}); rerun the {stage} stage") from None
+    if not isinstance(data, dict):
+        raise GacError(f"{path}: expected a JSON object with weights_origin, seconds_per_tile, model_uri, ...")
+    return data
