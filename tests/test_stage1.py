@@ -234,6 +234,23 @@ def test_same_seed_gives_identical_bytes_and_a_rerun_generates_nothing(
     assert (two_tiles / "shards" / "00000" / "opt.npy").read_bytes() == first
 
 
+def test_dataloader_workers_prefetching_shards_give_the_same_cache(
+    catalog: Path, p: Stage1Params, model, tmp_path: Path
+) -> None:
+    """With ``num_workers: 2`` the batches of two shards (two batches each) arrive interleaved from two reader
+    processes; each shard must still be assembled from its own batches, in order: the in-process cache, byte for byte.
+    """
+    single = p.model_copy(update={"batch_size": 1})
+    caches = {}
+    for workers in (0, 2):
+        out = tmp_path / f"workers{workers}"
+        q = single.model_copy(update={"out": str(out), "num_workers": workers})
+        report = stage1.run(q, str(catalog), model=model, progress=False)
+        assert (report.processed, report.generated, report.errors) == (N_TILES, N_TILES, [])
+        caches[workers] = out
+    assert_same_cache(caches[2], caches[0])
+
+
 def test_changing_timesteps_rebuilds_the_cache(two_tiles: Path, catalog: Path, p, model, tmp_path: Path) -> None:
     """A cache made with other settings is not resumed (that would mix two generations): it is rebuilt."""
     out = tmp_path / "opt_v1"
