@@ -251,8 +251,12 @@ def run(
         model.to(device)
     pending: dict[str, dict] = {n: {"rows": r, "left": -(-len(r) // p.batch_size), "parts": {}} for n, r in mine}
     batches = _Batches(catalog_root, mine, p.batch_size)
-    loader = torch.utils.data.DataLoader(
-        batches, batch_size=None, num_workers=p.num_workers, prefetch_factor=2 if p.num_workers else None
+    loader = torch.utils.data.DataLoader(  # pinned host memory lets the non_blocking copy in generate() overlap
+        batches,
+        batch_size=None,
+        num_workers=p.num_workers,
+        prefetch_factor=2 if p.num_workers else None,
+        pin_memory=device.type == "cuda",
     )
     bar = tqdm(total=sum(len(r) for _, r in mine), unit="tile", desc=f"stage1[{rank}]", disable=not progress)
     work_start = time.perf_counter()
