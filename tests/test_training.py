@@ -215,6 +215,25 @@ def test_the_registry_model_predicts_what_the_best_checkpoint_does(
     assert np.abs(expected - x["opt"]).max() > 1e-4  # training moved the model away from the identity it starts as
 
 
+def test_a_fit_with_nothing_left_to_train_scores_the_best_weights_again(
+    catalog: Path, opt_v1: Path, empty_mlflow_db: Path, tmp_path: Path
+) -> None:
+    """``dvc repro`` reruns a stage when its code changed; finding training complete, it must still report val/*."""
+    from gac.training.fit import fit
+
+    store = mlflow_store(tmp_path, empty_mlflow_db)
+    section = SECTIONS["stage2"].model_copy(update={"out": str(tmp_path / "stage2")})
+    first = fit("stage2", section, store, str(catalog), str(opt_v1), register=False)
+    again = fit("stage2", section, store, str(catalog), str(opt_v1), register=False)
+    assert first is not None and again is not None
+    assert (again.global_step, again.run_id) == (first.global_step, first.run_id)  # resumed, in the same run
+    assert history(client(store), first.run_id, "train/loss") == list(range(TRAIN.max_steps))  # nothing retrained
+    monitor = STAGES["stage2"].task.monitor
+    assert again.metrics.keys() >= {"val/psnr", "val/ssim", "val/sam_deg", "val/sar_edge", monitor}
+    # the best checkpoint's score, recomputed: what the first fit's tracker recorded for it
+    assert again.best_score == again.metrics[monitor] == pytest.approx(first.best_score, rel=1e-5, abs=1e-6)
+
+
 def test_stage3_lora_is_on_cross_attention_only_by_default(tmp_path: Path) -> None:
     """The flag defaults on and wins over ``stage3.lora.target_modules``; ``--no-…`` hands the choice to params."""
     from gac.cli import build_parser

@@ -32,6 +32,7 @@ class FitResult:
     last_checkpoint: str
     best_score: float
     global_step: int
+    #: ``val/*`` of the fit's last validation, or of the best weights scored again when nothing was left to train.
     metrics: dict[str, float]
     run_id: str | None
     model_dir: str
@@ -148,16 +149,26 @@ def fit(
         if not resume:  # MLflow params are immutable: a resumed run keeps the ones it started with
             mlf.log_hyperparams(_flat(section.model_dump()))
     trainer.fit(task, datamodule=data, ckpt_path=str(last_ckpt) if resume else None)
+    best_path = best_cb.best_model_path or str(last_ckpt)
+    state = torch.load(best_path, map_location="cpu", weights_only=True)
+    task.load_state_dict(state["state_dict"])
+    # A fit that found its training already complete (dvc repro after a change to the code, not to the settings)
+    # validated nothing: score the best weights now, with today's metric code, instead of reporting stale scores.
+    rescored = not any(k.startswith("val/") for k in trainer.callback_metrics)
+    if rescored:
+        trainer.validate(task, datamodule=data, verbose=False)
     if not trainer.is_global_zero:
         return None
     if earlier is not None:
         _restore_earlier_rows(csv_file, earlier)
-    best_path = best_cb.best_model_path or str(last_ckpt)
-    state = torch.load(best_path, map_location="cpu", weights_only=True)
-    task.load_state_dict(state["state_dict"])
     trainable = spec.report(task.model)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
-    best_score = float(best_cb.best_model_score) if best_cb.best_model_score is not None else float("nan")
+    if rescored and spec.task.monitor in metrics:
+        best_score = metrics[spec.task.monitor]
+    elif best_cb.best_model_score is not None:
+        best_score = float(best_cb.best_model_score)
+    else:
+        best_score = float("nan")
     model_dir = save_model(stage, section, task.model, out / "model")
     result = FitResult(
         stage=stage,
