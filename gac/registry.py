@@ -13,6 +13,8 @@ import numpy as np
 MODEL_NAMES = {"stage2": "gac-stage2", "stage3": "gac-stage3"}
 CHALLENGER = "challenger"
 CHAMPION = "champion"
+#: Model-version tag: sha256 of what a registry model is made of (its model code and the files of its folder).
+CONTENT_TAG = "content_sha256"
 
 
 def pip_requirements() -> list[str]:
@@ -21,6 +23,21 @@ def pip_requirements() -> list[str]:
 
     names = ["torch", "terratorch", "peft", "bitsandbytes", "safetensors", "numpy", "mlflow"]
     return [f"{n}=={version(n)}" for n in names] + ["gac"]
+
+
+def content_digest(model_dir: str | Path) -> str:
+    """sha256 of the registry model's code and every file of ``model_dir`` (names and bytes), in a fixed order.
+
+    Why: a stage rerun that leaves the model as it was must not pile up identical versions in the registry.
+    """
+    import hashlib
+
+    from gac import registry_model
+
+    h = hashlib.sha256(Path(registry_model.__file__).read_bytes())
+    for path in sorted(p for p in Path(model_dir).rglob("*") if p.is_file()):
+        h.update(path.relative_to(model_dir).as_posix().encode() + b"\0" + path.read_bytes())
+    return h.hexdigest()
 
 
 def example_input(n: int = 1) -> dict[str, np.ndarray]:
@@ -51,19 +68,25 @@ def log_and_register(
     with torch.inference_mode():
         y = apply(stage, model, torch.from_numpy(x["s1"]), torch.from_numpy(x["opt"])).numpy()
     name = MODEL_NAMES[stage]
-    info = mlflow.pyfunc.log_model(
-        name="model",
-        python_model=Path(registry_model.__file__),
-        artifacts={"model": model_dir},
-        signature=infer_signature(x, y),
-        input_example=example_input(1),
-        pip_requirements=pip_requirements(),
-        registered_model_name=name if register else None,
-    )
-    if not register:
-        return None
+    digest = content_digest(model_dir)
     client = mlflow.MlflowClient()
-    version = str(info.registered_model_version)
+    same = client.search_model_versions(f"name = '{name}' and tags.{CONTENT_TAG} = '{digest}'") if register else []
+    if same:  # this very model is registered already (dvc repro after a code change that left it as it was)
+        newest = max(same, key=lambda v: int(v.version))
+        version, run_id = str(newest.version), newest.run_id
+    else:
+        info = mlflow.pyfunc.log_model(
+            name="model",
+            python_model=Path(registry_model.__file__),
+            artifacts={"model": model_dir},
+            signature=infer_signature(x, y),
+            input_example=example_input(1),
+            pip_requirements=pip_requirements(),
+            registered_model_name=name if register else None,
+        )
+        if not register:
+            return None
+        version, run_id = str(info.registered_model_version), mlflow.active_run().info.run_id
     client.set_registered_model_alias(name, CHALLENGER, version)
     origin = tracking.weights_origin(getattr(section, "pretrained", False), getattr(section, "ckpt_path", None))
     card = model_card(
@@ -71,7 +94,7 @@ def log_and_register(
             "name": name,
             "version": version,
             "stage": stage,
-            "run_id": mlflow.active_run().info.run_id,
+            "run_id": run_id,
             "weights_origin": origin,
             "data": (tags or {}).get("gac.data", "unknown"),
             "params": section.model_dump(),
@@ -81,6 +104,6 @@ def log_and_register(
         }
     )
     describe_version(client, name, version, card)
-    for key, value in {"weights_origin": origin, "stage": stage, **(tags or {})}.items():
+    for key, value in {"weights_origin": origin, "stage": stage, CONTENT_TAG: digest, **(tags or {})}.items():
         client.set_model_version_tag(name, version, key, str(value))
     return version

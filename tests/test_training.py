@@ -215,6 +215,36 @@ def test_the_registry_model_predicts_what_the_best_checkpoint_does(
     assert np.abs(expected - x["opt"]).max() > 1e-4  # training moved the model away from the identity it starts as
 
 
+def test_registering_the_same_model_again_reuses_its_version(
+    fitted: dict, empty_mlflow_db: Path, tmp_path: Path
+) -> None:
+    """A stage rerun that leaves the model as it was moves ``@challenger`` back to it instead of adding a copy."""
+    import mlflow
+    from safetensors.torch import load_file, save_file
+
+    from gac import tracking
+    from gac.registry import CHALLENGER, MODEL_NAMES, log_and_register
+
+    result, section = fitted["result"], fitted["section"]
+    changed = tmp_path / "changed"  # the same model with one weight nudged
+    shutil.copytree(result.model_dir, changed)
+    weights = load_file(changed / "weights.safetensors")
+    key = next(iter(weights))
+    weights[key] = weights[key] + 1e-3
+    save_file(weights, changed / "weights.safetensors")
+    store = mlflow_store(tmp_path, empty_mlflow_db)
+    tracking.setup(store)  # the experiment's artifacts in tmp_path too, not in the working directory
+    versions = []
+    for model_dir in (result.model_dir, result.model_dir, changed, result.model_dir):
+        with mlflow.start_run():
+            versions.append(log_and_register(str(model_dir), section, result.metrics))
+    assert versions == ["1", "1", "2", "1"]
+    c = client(store)
+    name = MODEL_NAMES[fitted["stage"]]
+    assert len(c.search_model_versions(f"name = '{name}'")) == 2
+    assert str(c.get_model_version_by_alias(name, CHALLENGER).version) == "1"
+
+
 def test_a_fit_with_nothing_left_to_train_scores_the_best_weights_again(
     catalog: Path, opt_v1: Path, empty_mlflow_db: Path, tmp_path: Path
 ) -> None:
