@@ -11,8 +11,8 @@ Rows of the ablation (each scored against the catalog's real Sentinel-2 tile wit
 
 All rows are scored on the same tiles: the split's tiles present in *every* cache (a stage may reject a tile; how
 many each cache lacks is reported). A row's value of a metric is the mean of its per-tile values; the same means are
-given per ``country`` and per ``season``. ``seconds_per_tile`` comes from each cache's ``provenance.json`` (written by
-the stage that made it); the baseline's is measured here.
+given per ``country`` and per ``season``. ``seconds_per_tile`` comes from each cache's timing file (written beside it
+by the stage that made it, see :mod:`gac.provenance`); the baseline's is measured here.
 
 Outputs (``out_dir``, default ``evaluate.out``, replaced as a whole):
 

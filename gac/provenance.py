@@ -1,7 +1,10 @@
-"""A cache's ``provenance.json``: which stage and weights made it, and how fast (what evaluation reports).
+"""A cache's ``provenance.json`` (which stage and weights made it) and its timing (how fast), as evaluation reports.
 
 Stage 1 writes its cache shard by shard and adds this file after; the refine stages write it inside their atomic
 cache folder. Reading never fails on a missing file: a cache without one is still evaluated, marked unknown.
+
+Timings live *beside* the cache (``<cache>.timing.json``), not in it: a cache is a DVC output, and seconds that differ
+run to run would give identical tiles a new hash, so every stage downstream would rerun for nothing.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from gac.atomic import write_text
 from gac.errors import GacError
 
 PROVENANCE = "provenance.json"
+TIMING_SUFFIX = ".timing.json"
 
 
 def write_provenance(out: str | Path, info: dict[str, Any]) -> None:
@@ -33,4 +37,25 @@ def read_provenance(root: str | Path, stage: str) -> dict[str, Any]:
         raise GacError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}); rerun the {stage} stage") from None
     if not isinstance(data, dict):
         raise GacError(f"{path}: expected a JSON object with weights_origin, seconds_per_tile, model_uri, ...")
-    return data
+    return data | read_timing(root)
+
+
+def timing_path(root: str | Path) -> Path:
+    """Where the timing of the cache at ``root`` lives: a sibling file, outside the DVC-tracked folder."""
+    root = Path(root)
+    return root.with_name(root.name + TIMING_SUFFIX)
+
+
+def write_timing(root: str | Path, info: dict[str, float]) -> None:
+    """Record how fast the cache at ``root`` was made (``seconds_per_tile``, ...)."""
+    write_text(timing_path(root), json.dumps(info, indent=2, sort_keys=True))
+
+
+def read_timing(root: str | Path) -> dict[str, Any]:
+    """The timing of the cache at ``root``; empty when it was never recorded here (e.g. a cache from ``dvc pull``)."""
+    path = timing_path(root)
+    try:
+        data = json.loads(path.read_text()) if path.is_file() else {}
+    except json.JSONDecodeError:
+        return {}  # timing is informative only: a damaged file must not stop an evaluation
+    return data if isinstance(data, dict) else {}

@@ -1,7 +1,7 @@
 """Apply a trained stage to every tile of the previous cache: opt_v1 → opt_v2 (Stage 2), opt_v2 → opt_v3 (Stage 3).
 
 The output is a :class:`~gac.store.ShardStore` like opt_v1 (key ``opt``, uint16 DN, the same index metadata), plus
-``provenance.json`` (stage, weights origin, registry model, seconds per tile) that evaluation reports.
+``provenance.json`` (stage, weights origin, registry model) inside and its timing beside it, which evaluation reports.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from gac.atomic import atomic_path
-from gac.provenance import PROVENANCE
+from gac.provenance import PROVENANCE, write_timing
 from gac.store import ShardStore
 from gac.training.data import reflectance
 from gac.training.export import apply
@@ -32,7 +32,10 @@ def write_cache(
     provenance: dict[str, Any] | None = None,
     device: str = "cpu",
 ) -> dict[str, Any]:
-    """Refine every tile of ``source_root`` and write the next cache to ``out`` (rebuilt whole, atomically)."""
+    """Refine every tile of ``source_root`` and write the next cache to ``out`` (rebuilt whole, atomically).
+
+    Returns the provenance written into the cache plus the timing written beside it (see :mod:`gac.provenance`).
+    """
     from tqdm import tqdm
 
     catalog, source = ShardStore(catalog_root), ShardStore(source_root)
@@ -57,12 +60,8 @@ def write_cache(
                 f"{s0 // shard_size:05d}", rows.drop(columns=["shard", "row"]), {"opt": np.concatenate(outs)}
             )
         store.finalize()
-        info = {
-            "stage": stage,
-            "tiles": len(index),
-            "seconds_per_tile": seconds / max(len(index), 1),
-            "wall_seconds": time.perf_counter() - start,
-            **(provenance or {}),
-        }
+        info = {"stage": stage, "tiles": len(index), **(provenance or {})}
         (tmp / PROVENANCE).write_text(json.dumps(info, indent=2, sort_keys=True))
-    return info
+    timing = {"seconds_per_tile": seconds / max(len(index), 1), "wall_seconds": time.perf_counter() - start}
+    write_timing(out, timing)
+    return info | timing

@@ -215,6 +215,26 @@ def test_the_registry_model_predicts_what_the_best_checkpoint_does(
     assert np.abs(expected - x["opt"]).max() > 1e-4  # training moved the model away from the identity it starts as
 
 
+def test_rewriting_a_cache_with_the_same_model_gives_the_same_bytes(
+    fitted: dict, catalog: Path, opt_v1: Path, tmp_path: Path
+) -> None:
+    """A cache is a DVC output: the same tiles must hash the same, or every stage downstream reruns for nothing."""
+    from gac.provenance import read_provenance, timing_path
+    from gac.refine import write_cache
+    from gac.training.export import load_model
+
+    stage, _, model = load_model(fitted["result"].model_dir)
+    out = tmp_path / "cache"
+    snapshots, timings = [], []
+    for _ in range(2):
+        info = write_cache(stage, model, str(catalog), str(opt_v1), out, provenance={"model_dir": "m"})
+        snapshots.append({f.relative_to(out).as_posix(): f.read_bytes() for f in out.rglob("*") if f.is_file()})
+        timings.append(info["seconds_per_tile"])
+    assert snapshots[0] == snapshots[1] and "provenance.json" in snapshots[0]
+    assert timing_path(out).is_file() and not timing_path(out).is_relative_to(out)
+    assert read_provenance(out, stage)["seconds_per_tile"] == timings[-1] > 0  # evaluation still sees the timing
+
+
 def test_registering_the_same_model_again_reuses_its_version(
     fitted: dict, empty_mlflow_db: Path, tmp_path: Path
 ) -> None:

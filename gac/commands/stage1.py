@@ -22,7 +22,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> None:
     from gac import config, stage1, tracking
-    from gac.provenance import read_provenance, write_provenance
+    from gac.provenance import read_timing, write_provenance, write_timing
 
     cfg = params(args)
     p = config.override(
@@ -43,10 +43,11 @@ def run(args: argparse.Namespace) -> None:
     origin = tracking.weights_origin(p.pretrained, p.ckpt_path)
     if report.generated:
         seconds = report.work_seconds / report.generated
-        info = {"stage": "stage1", "weights_origin": origin, "variant": p.variant, "seconds_per_tile": seconds}
-        write_provenance(p.out, info | {"data_source": cfg.data.source})
+        info = {"stage": "stage1", "weights_origin": origin, "variant": p.variant, "data_source": cfg.data.source}
+        write_provenance(p.out, info)
+        write_timing(p.out, {"seconds_per_tile": seconds})
     else:  # a run that generated nothing (all shards done) reports the speed of the run that did
-        seconds = read_provenance(p.out, "stage1").get("seconds_per_tile")
+        seconds = read_timing(p.out).get("seconds_per_tile")
     summary = {
         "processed": report.processed,
         "total": report.total,
