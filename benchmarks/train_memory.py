@@ -36,7 +36,8 @@ def measure(backbone: str, batch: int, img_size: int, steps: int, device: str, l
     from gac.models.prithvi import build_refiner, trainable_report
 
     torch.manual_seed(0)
-    model = build_refiner(Stage2Params(backbone=backbone, img_size=img_size, load_in_8bit=int8)).to(device)
+    p = Stage2Params(backbone=backbone, img_size=img_size, load_in_8bit=int8)
+    model = build_refiner(p, device=device).to(device)  # int8 is quantised on the device itself
     if not lora:  # full fine-tuning of the same network, for comparison
         for name, p in model.named_parameters():
             p.requires_grad_(p.is_floating_point() and "lora_" not in name)

@@ -57,7 +57,10 @@ class Stage1Params(Section):
 
     variant: str = "terramind_v1_tiny_generate"
     pretrained: bool = False
+    #: The released ``TerraMind_v1_<size>.pt`` (or a state dict of GAC's whole generator).
     ckpt_path: str | None = None
+    #: The released ``TerraMind_Tokenizer_S2L2A.pt`` (needed beside a released ``ckpt_path`` without the hub).
+    tokenizer_ckpt_path: str | None = None
     timesteps: int = Field(default=2, gt=0)
     img_size: int = Field(default=128, gt=0, multiple_of=16)
     batch_size: int = Field(default=4, gt=0)

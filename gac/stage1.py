@@ -130,11 +130,16 @@ def to_dn(opt: np.ndarray) -> np.ndarray:
 
 def fingerprint(p: Stage1Params, catalog_ids: list[str]) -> dict:
     """Everything that determines opt_v1; a cache written under another fingerprint is not resumed."""
+    def file_sha(path: str) -> str:
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest() if Path(path).is_file() else "?"
+
     weights = "random"
     if p.ckpt_path:
-        weights = hashlib.sha256(Path(p.ckpt_path).read_bytes()).hexdigest() if Path(p.ckpt_path).is_file() else "?"
+        weights = file_sha(p.ckpt_path)
     elif p.pretrained:
         weights = "hub"
+    if p.tokenizer_ckpt_path:
+        weights += f"+tokenizer:{file_sha(p.tokenizer_ckpt_path)}"
     keys = ("variant", "timesteps", "img_size", "seed", "shard_size", "batch_size", "precision")
     ident = {k: getattr(p, k) for k in keys} | {"weights": weights}
     ident["tiles"] = hashlib.sha256("\n".join(catalog_ids).encode()).hexdigest()

@@ -7,11 +7,17 @@ rows::
     <root>/shards/<shard>/index.parquet   patch_id and per-tile metadata, one row per tile
     <root>/shards/<shard>/<key>.npy       e.g. s2 (N, 12, 120, 120) uint16, s1 (N, 2, 120, 120) float32, opt (...)
     <root>/shards/<shard>/rejected.parquet  tiles of this shard that failed, with a reason (optional)
+    <root>/shards/<shard>/digest.sha256   sha256 of the shard's files, computed once when it is written
     <root>/index.parquet                  all shards' rows with ``shard`` and ``row`` columns (written by finalize)
 
 A shard appears by one atomic folder rename, so a killed writer leaves either a whole shard or none: resuming is
 "write the shards that are not there yet", and two processes writing different shards never collide. Readers memory-map
 the arrays, so opening a store costs one parquet read and loading a batch costs the bytes of that batch.
+
+A store's identity is its *content*: :meth:`ShardStore.content_digest` combines the per-shard digests written with
+each shard, so it costs one small read per shard (not a pass over every byte) and does not depend on the folder the
+store lives in. Training fingerprints use it to tell "the same inputs" from "new inputs" (see
+:mod:`gac.training.fit`).
 """
 
 from __future__ import annotations
@@ -29,6 +35,20 @@ from gac.errors import GacError
 SHARDS = "shards"
 INDEX = "index.parquet"
 REJECTED = "rejected.parquet"
+DIGEST = "digest.sha256"
+
+
+def folder_digest(folder: Path) -> str:
+    """sha256 over the names and bytes of a shard's files (its own digest file excluded), in name order."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for path in sorted(p for p in folder.iterdir() if p.is_file() and p.name != DIGEST):
+        h.update(path.name.encode() + b"\0")
+        with path.open("rb") as f:
+            while chunk := f.read(1 << 22):
+                h.update(chunk)
+    return h.hexdigest()
 
 
 class ShardStore:
@@ -56,6 +76,7 @@ class ShardStore:
             index.reset_index(drop=True).to_parquet(tmp / INDEX, index=False)
             if rejected is not None and len(rejected):
                 rejected.reset_index(drop=True).to_parquet(tmp / REJECTED, index=False)
+            (tmp / DIGEST).write_text(folder_digest(tmp))
         self.__dict__.pop("_shard_index", None)
 
     def finalize(self) -> pd.DataFrame:
@@ -91,6 +112,24 @@ class ShardStore:
         if not frames:
             return pd.DataFrame({"patch_id": pd.Series(dtype=str), "shard": [], "row": []})
         return pd.concat(frames, ignore_index=True)
+
+    def content_digest(self) -> str:
+        """sha256 of the store's content: every complete shard's name and digest, in name order.
+
+        Shards written before digests existed are hashed from their files here (and not written back: readers never
+        write).
+        """
+        import hashlib
+
+        names = self.shard_names()
+        if not names:
+            raise GacError(f"{self.root}: not a GAC store or an empty one (expected {SHARDS}/<shard>/ folders)")
+        h = hashlib.sha256()
+        for name in names:
+            folder = self.root / SHARDS / name
+            digest = (folder / DIGEST).read_text().strip() if (folder / DIGEST).is_file() else folder_digest(folder)
+            h.update(f"{name}:{digest}\n".encode())
+        return h.hexdigest()
 
     @functools.cached_property
     def index(self) -> pd.DataFrame:

@@ -61,15 +61,46 @@ def git_commit() -> str:
         return "unknown"
 
 
+#: What a run was made in when no ``dvc exp run`` made it (``dvc repro`` or a direct ``gac`` command).
+WORKSPACE = "workspace"
+
+
+def dvc_experiment() -> str:
+    """The DVC experiment this process runs in (``dvc exp run`` sets ``DVC_EXP_NAME``), else ``workspace``."""
+    return os.environ.get("DVC_EXP_NAME") or WORKSPACE
+
+
+def run_name(stage: str) -> str:
+    """A run name a person can tell apart in the MLflow UI: stage, DVC experiment and git revision.
+
+    e.g. ``stage2 · exp bushy-ruin @ 6f4a854`` under ``dvc exp run``, ``stage2 · workspace @ 6f4a854`` otherwise.
+    """
+    exp = dvc_experiment()
+    where = WORKSPACE if exp == WORKSPACE else f"exp {exp}"
+    return f"{stage} · {where} @ {git_commit()[:7]}"
+
+
+def run_tags(stage: str) -> dict[str, str]:
+    """Tags every GAC run carries: stage, git commit, DVC stage, DVC experiment (and its baseline revision)."""
+    tags = {
+        "gac.stage": stage,
+        "gac.git_commit": git_commit(),
+        "gac.dvc_stage": os.environ.get("DVC_STAGE", stage),
+        "gac.dvc_experiment": dvc_experiment(),
+    }
+    if os.environ.get("DVC_EXP_BASELINE_REV"):
+        tags["gac.dvc_baseline_rev"] = os.environ["DVC_EXP_BASELINE_REV"]
+    return tags
+
+
 @contextlib.contextmanager
-def start_run(params: MlflowParams, run_name: str, tags: dict[str, Any] | None = None, **kwargs: Any) -> Iterator:
-    """Start (or nest) an MLflow run on the project store, tagged with the git commit and the DVC stage."""
+def start_run(params: MlflowParams, stage: str, tags: dict[str, Any] | None = None, **kwargs: Any) -> Iterator:
+    """Start (or nest) an MLflow run on the project store, named and tagged by :func:`run_name`/:func:`run_tags`."""
     import mlflow
 
     setup(params)
-    all_tags = {"gac.git_commit": git_commit(), "gac.dvc_stage": os.environ.get("DVC_STAGE", run_name)}
-    all_tags.update({k: str(v) for k, v in (tags or {}).items()})
-    with mlflow.start_run(run_name=run_name, tags=all_tags, **kwargs) as run:
+    all_tags = run_tags(stage) | {k: str(v) for k, v in (tags or {}).items()}
+    with mlflow.start_run(run_name=run_name(stage), tags=all_tags, **kwargs) as run:
         yield run
 
 

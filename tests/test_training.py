@@ -118,7 +118,7 @@ def fitted(request, catalog: Path, opt_v1: Path, mlflow_params: MlflowParams) ->
 def rebuilt(fitted: dict):
     """The task rebuilt from the best checkpoint alone (its hyper-parameters name the section), in eval mode."""
     ckpt = torch.load(fitted["result"].best_checkpoint, map_location="cpu", weights_only=True)
-    task = STAGES[fitted["stage"]].task(ckpt["hyper_parameters"]["section"])
+    task = STAGES[fitted["stage"]].task(ckpt["hyper_parameters"]["section"]).build()
     task.load_state_dict(ckpt["state_dict"])
     return task.eval(), ckpt
 
@@ -358,9 +358,9 @@ def resumed(catalog: Path, opt_v1: Path, empty_mlflow_db: Path, tmp_path_factory
 
     tmp = tmp_path_factory.mktemp("resume")
     cmd = stage2_cli(tmp, catalog, opt_v1, empty_mlflow_db, "--max-steps", "6", "--save-every", "1", "--val-every", "1")
-    ckpt, run_file = tmp / "stage2" / "checkpoints" / "last.ckpt", tmp / "stage2" / "mlflow_run_id"
+    ckpt, run_file = tmp / "stage2" / "checkpoints" / "last.ckpt", tmp / "stage2" / "checkpoints" / "mlflow_run.json"
     kill_after_step(cmd, ckpt, 2, tmp / "killed.log")
-    killed_at, run_id = global_step(ckpt), run_file.read_text()
+    killed_at, run_id = global_step(ckpt), json.loads(run_file.read_text())["run_id"]
     mlflow_client = MlflowClient(f"sqlite:///{tmp}/mlflow.db")
     logged_before = history(mlflow_client, run_id, "train/loss")
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=ENV, cwd=tmp)
@@ -381,7 +381,8 @@ def test_a_killed_fit_resumes_in_the_same_run_without_repeating_steps(resumed: d
     # before the kill: the steps up to the checkpoint (the last one may be lost if the kill fell between the two)
     assert resumed["logged_before"] in (list(range(resumed["killed_at"])), list(range(resumed["killed_at"] - 1)))
     assert global_step(tmp / "stage2" / "checkpoints" / "last.ckpt") == 6
-    assert (tmp / "stage2" / "mlflow_run_id").read_text() == run_id  # the resumed fit logged into the same run
+    run_file = tmp / "stage2" / "checkpoints" / "mlflow_run.json"
+    assert json.loads(run_file.read_text())["run_id"] == run_id  # the resumed fit logged into the same run
     runs = c.search_runs([c.get_experiment_by_name("gac").experiment_id])
     assert [r.info.run_id for r in runs] == [run_id] and runs[0].info.status == "FINISHED"
     for key in ("train/loss", "train/loss_l1"):  # each step once: the kill step is followed by the next, not redone

@@ -48,7 +48,7 @@ from torch import nn
 from gac import geometry
 from gac.config import Stage3Params
 from gac.errors import GacError
-from gac.models.checkpoints import load_state_dict
+from gac.models.checkpoints import load_published
 
 #: BigEarthNet tiles are 120×120 px.
 TILE = 120
@@ -104,7 +104,9 @@ def build_encdec(p: Stage3Params) -> nn.Module:
     Encoder embeddings: raw-pixel S1GRD and S2L2A; decoder embeddings: tokenised S2L2A and S1GRD (their position and
     modality embeddings make the queries). ``pretrained: true`` loads the hub weights through TerraTorch (shape
     mismatches such as 224 px position tables are skipped: GAC's sin-cos tables are rebuilt for ``img_size``);
-    ``ckpt_path`` loads a local state dict of exactly this module, strictly; neither gives random init.
+    ``ckpt_path`` loads the released ``TerraMind_v1_<size>.pt`` (or a state dict of this module) through TerraTorch's
+    ``checkpoint_filter_fn``, demanding every weight but the position tables from the file; neither gives random
+    init.
     """
     from terratorch.models.backbones.terramind.model import terramind_register
     from terratorch.models.backbones.terramind.model.modality_info import MODALITY_INFO
@@ -126,8 +128,8 @@ def build_encdec(p: Stage3Params) -> nn.Module:
         modality_info=MODALITY_INFO,
         **hp,
     )
-    if p.ckpt_path:
-        load_state_dict(model, p.ckpt_path, key="stage3.ckpt_path")
+    if p.ckpt_path:  # the released TerraMind_v1_<size>.pt (more modalities, 224 px tables) or this module's own state
+        load_published(model, p.ckpt_path, "stage3.ckpt_path", terramind_register.checkpoint_filter_fn)
     return model
 
 
@@ -300,7 +302,7 @@ def grounder_state(model: Grounder) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
 
 
-def load_grounder(p: Stage3Params, state: dict[str, torch.Tensor]) -> Grounder:
+def load_grounder(p: Stage3Params, state: dict[str, torch.Tensor], device: str | torch.device = "cpu") -> Grounder:
     """Rebuild the grounder ``p`` describes and load ``state`` (from :func:`grounder_state`) strictly.
 
     The base weights come from ``state``, so nothing is downloaded or read from ``p.ckpt_path``.
@@ -312,4 +314,4 @@ def load_grounder(p: Stage3Params, state: dict[str, torch.Tensor]) -> Grounder:
             f"stage3 state does not match the grounder ({len(result.missing_keys)} missing keys, e.g. "
             f"{result.missing_keys[:2]}; {len(result.unexpected_keys)} unexpected, e.g. {result.unexpected_keys[:2]})"
         )
-    return model
+    return model.to(device)

@@ -43,15 +43,23 @@ full resolution), which are fused with the standardised input by a 3×3 conv and
 zero-initialised 1×1 conv. The residual is predicted in standardised units and scaled back by the band std.
 The output is not clamped (training losses see the raw values; writers clip to the DN range).
 
-**Weights.** ``pretrained: true`` lets TerraTorch download the Prithvi hub weights (not reachable here; it also maps
-the six pretrained bands into the 12-band patch embedding). ``ckpt_path`` builds with ``pretrained=False`` and loads a
-local state dict of the *backbone* (GAC's 12-band layout, e.g. ``build_backbone(p).state_dict()``) strictly with
-:func:`gac.models.checkpoints.load_state_dict`. Neither gives random init. Weights load before quantisation and LoRA.
+**Weights.** ``pretrained: true`` lets TerraTorch download the Prithvi hub weights (or read a pre-filled hub cache
+with ``HF_HUB_OFFLINE=1``; TerraTorch maps the six pretrained bands into the 12-band patch embedding). ``ckpt_path``
+builds with ``pretrained=False`` and loads a local file: the released Prithvi-EO-2.0 MAE checkpoint
+(``Prithvi_EO_V2_<size>.pt``, ``encoder.*``/``decoder.*`` keys, 6 HLS bands) through TerraTorch's
+``checkpoint_filter_fn_vit`` — the decoder is dropped, the six bands are mapped, the six new bands keep their fresh
+init — or a state dict of GAC's 12-band backbone (e.g. ``build_backbone(p).state_dict()``), loaded strictly. Either
+way every backbone weight must come from the file (:mod:`gac.models.checkpoints`). Neither gives random init.
+Weights load before quantisation and LoRA.
 
 **int8.** ``load_in_8bit: true`` replaces every ``nn.Linear`` of the backbone by a bitsandbytes ``Linear8bitLt``
-(``has_fp16_weights=False``, outlier threshold 6.0) whose weight is quantised on ``Int8Params.to(device)`` (row-wise
-int8 + fp32 scales ``SCB``; this works on CPU in bitsandbytes 0.50). peft then wraps the attention layers with its
-bnb-aware LoRA layer (it needs ``is_loaded_in_8bit`` on the module it injects into). The adapters stay fp32.
+(``has_fp16_weights=False``, outlier threshold 6.0) whose weight is quantised by ``Int8Params.to(device)`` (row-wise
+int8 + fp32 scales ``SCB``; this works on CPU in bitsandbytes 0.50) *on the device the model will run on*:
+bitsandbytes quantises only when a weight leaves the CPU, and a module ``.to()`` of already quantised weights moves
+the int8 data but not the ``SCB`` scales. So callers pass ``device`` (the training task passes the trainer's root
+device from Lightning's ``configure_model``), and nothing moves the quantised weights afterwards. peft then wraps
+the attention layers with its bnb-aware LoRA layer (it needs ``is_loaded_in_8bit`` on the module it injects into).
+The adapters stay fp32.
 
 **Saving.** :func:`refiner_state` is the model's state dict as plain tensors (int8 weights and their ``SCB`` scales
 as they are, so a reload is bit-exact); :func:`load_refiner` rebuilds from ``params`` without downloading and loads it
@@ -70,7 +78,7 @@ from torch import Tensor, nn
 from gac.config import Stage2Params
 from gac.errors import GacError
 from gac.geometry import crop_from, pad_to
-from gac.models.checkpoints import load_state_dict
+from gac.models.checkpoints import load_published, load_state_dict, read_state_dict
 
 #: BigEarthNet v2 S2 band order (Stage 1's output and the catalog's ``s2``) and the band name Prithvi is given.
 S2_BANDS = ("B01", "B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B09", "B11", "B12")
@@ -147,8 +155,27 @@ def build_backbone(p: Stage2Params) -> nn.Module:
     if p.img_size % patch:
         raise GacError(f"stage2.img_size: {p.img_size} is not a multiple of {name}'s patch size {patch}")
     if p.ckpt_path:
-        load_state_dict(backbone, p.ckpt_path, key="stage2.ckpt_path")
+        _load_checkpoint(backbone, p, name)
     return backbone
+
+
+def _load_checkpoint(backbone: nn.Module, p: Stage2Params, variant: str) -> None:
+    """``stage2.ckpt_path``: the released MAE checkpoint (``encoder.*`` keys) or GAC's 12-band backbone state dict."""
+    from terratorch.models.backbones.prithvi_vit import checkpoint_filter_fn_vit, prithvi_cfgs
+
+    keys = read_state_dict(p.ckpt_path, "stage2.ckpt_path").keys()
+    if not any(k.startswith(("encoder.", "decoder.")) for k in keys):
+        load_state_dict(backbone, p.ckpt_path, key="stage2.ckpt_path")
+        return
+    pretrained_bands = prithvi_cfgs[variant]["bands"]
+    load_published(
+        backbone,
+        p.ckpt_path,
+        "stage2.ckpt_path",
+        lambda state, model: checkpoint_filter_fn_vit(state, model, pretrained_bands, model.model_bands),
+        source_key=lambda k: f"encoder.{k}",
+        remapped=("patch_embed.proj.weight",),
+    )
 
 
 class _DropCastNotice(logging.Filter):
@@ -158,8 +185,12 @@ class _DropCastNotice(logging.Filter):
         return not record.getMessage().startswith("MatMul8bitLt: inputs will be cast")
 
 
-def quantize_linears(module: nn.Module) -> int:
-    """Replace every ``nn.Linear`` under ``module`` by a frozen int8 bitsandbytes ``Linear8bitLt``; return the count."""
+def quantize_linears(module: nn.Module, device: str | torch.device = "cpu") -> int:
+    """Replace every ``nn.Linear`` under ``module`` by a frozen int8 ``Linear8bitLt`` quantised on ``device``.
+
+    Returns the count. The new layers (weights, scales and bias) live on ``device``; see the module docstring for why
+    quantisation must happen where the model runs.
+    """
     import bitsandbytes as bnb
 
     matmul_log = logging.getLogger("bitsandbytes.autograd._functions")
@@ -171,10 +202,10 @@ def quantize_linears(module: nn.Module) -> int:
         layer = bnb.nn.Linear8bitLt(
             linear.in_features, linear.out_features, linear.bias is not None, has_fp16_weights=False, threshold=6.0
         )
-        layer.weight = bnb.nn.Int8Params(linear.weight.data.clone(), requires_grad=False, has_fp16_weights=False)
-        layer.weight = layer.weight.to(linear.weight.device)  # Int8Params quantises here: data → int8, scales → SCB
+        weight = linear.weight.data.detach().cpu().clone()  # Int8Params quantises only on a move away from the CPU
+        layer.weight = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False).to(device)
         if linear.bias is not None:
-            layer.bias = nn.Parameter(linear.bias.data.clone(), requires_grad=False)
+            layer.bias = nn.Parameter(linear.bias.data.clone().to(device), requires_grad=False)
         parent_name, _, child = name.rpartition(".")
         setattr(module.get_submodule(parent_name) if parent_name else module, child, layer)
     module.is_loaded_in_8bit = True  # peft reads this to pick its bnb 8-bit LoRA layer
@@ -241,11 +272,14 @@ class Refiner(nn.Module):
         return x + residual * self.std
 
 
-def build_refiner(p: Stage2Params) -> Refiner:
-    """Backbone with weights → (int8 base) → LoRA on ``p.lora.target_modules`` → frozen base + zero-init head."""
+def build_refiner(p: Stage2Params, device: str | torch.device = "cpu") -> Refiner:
+    """Backbone with weights → (int8 base, quantised on ``device``) → LoRA → frozen base + zero-init head.
+
+    Only the int8 layers are placed on ``device`` here; the rest moves with the module as usual.
+    """
     backbone = build_backbone(p)
     if p.load_in_8bit:
-        quantize_linears(backbone)
+        quantize_linears(backbone, device)
     add_lora(backbone, p)
     mean, std = band_statistics(p)
     return Refiner(backbone, p.img_size, mean, std)
@@ -264,12 +298,16 @@ def refiner_state(model: Refiner) -> dict[str, Tensor]:
     return {k: v.detach().as_subclass(Tensor).clone() for k, v in model.state_dict().items()}
 
 
-def load_refiner(p: Stage2Params, state: dict[str, Tensor]) -> Refiner:
-    """Rebuild the refiner ``p`` describes (no download, no ``ckpt_path``) and load ``state`` strictly; eval mode."""
-    model = build_refiner(p.model_copy(update={"pretrained": False, "ckpt_path": None}))
+def load_refiner(p: Stage2Params, state: dict[str, Tensor], device: str | torch.device = "cpu") -> Refiner:
+    """Rebuild the refiner ``p`` describes (no download, no ``ckpt_path``) and load ``state`` strictly; eval mode.
+
+    A *fresh* model is built for every load: bitsandbytes refuses to load int8 weights into a ``Linear8bitLt`` that
+    has already run (its scales live on in the layer's matmul state).
+    """
+    model = build_refiner(p.model_copy(update={"pretrained": False, "ckpt_path": None}), device)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:  # missing/unexpected keys or shapes: another variant, rank, band set or 8-bit setting
         detail = "; ".join(line.strip() for line in str(e).splitlines()[1:3])
         raise GacError(f"stage2 checkpoint does not match the stage2 params ({detail[:300]})") from None
-    return model.eval()
+    return model.to(device).eval()

@@ -43,8 +43,8 @@ class StageSpec:
     def state(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
         return self._fn(self.state_fn)(model)
 
-    def load(self, section: Any, state: dict[str, torch.Tensor]) -> torch.nn.Module:
-        return self._fn(self.load_fn)(section, state)
+    def load(self, section: Any, state: dict[str, torch.Tensor], device: str | torch.device = "cpu") -> torch.nn.Module:
+        return self._fn(self.load_fn)(section, state, device)
 
     def report(self, model: torch.nn.Module) -> dict:
         return self._fn("trainable_report")(model)
@@ -72,8 +72,8 @@ def save_model(stage: str, section: Any, model: torch.nn.Module, folder: str | P
     return Path(folder)
 
 
-def load_model(folder: str | Path) -> tuple[str, Any, torch.nn.Module]:
-    """Rebuild ``(stage, section, model)`` from a model folder (tensors only: nothing is unpickled)."""
+def load_model(folder: str | Path, device: str | torch.device = "cpu") -> tuple[str, Any, torch.nn.Module]:
+    """Rebuild ``(stage, section, model)`` on ``device`` from a model folder (tensors only: nothing is unpickled)."""
     from safetensors.torch import load_file
 
     folder = Path(folder)
@@ -82,7 +82,7 @@ def load_model(folder: str | Path) -> tuple[str, Any, torch.nn.Module]:
     meta = json.loads((folder / PARAMS).read_text())
     spec = STAGES[meta["stage"]]
     section = spec.params.model_validate(meta["section"])
-    model = spec.load(section, load_file(folder / WEIGHTS))
+    model = spec.load(section, load_file(folder / WEIGHTS), device)
     return meta["stage"], section, model.eval()
 
 

@@ -1,9 +1,28 @@
 """Fit a stage with Lightning, keep its best and last checkpoints, and log and register it in MLflow.
 
-One call of :func:`fit` is one MLflow run: params, per-step losses, validation metrics, the best checkpoint and the
-exported model (see :mod:`gac.registry_model`) registered as a new version of ``gac-stage2``/``gac-stage3`` with the
-alias ``challenger``. A rerun with the same folder resumes from ``checkpoints/last.ckpt``: Lightning restores the
-step counter, optimiser, scheduler and the data loader's epoch, so nothing is repeated.
+One call of :func:`fit` trains (or continues) one model: params, per-step losses, validation metrics, the best
+checkpoint and the exported model (see :mod:`gac.registry_model`) registered as a new version of
+``gac-stage2``/``gac-stage3`` with the alias ``challenger``.
+
+**When a training continues and when it starts again** (the one place this rule lives). ``checkpoints/fit.json``
+records the training's *identity*:
+
+* the content digests of what it consumes — the catalog and the previous stage's cache
+  (:meth:`gac.store.ShardStore.content_digest`; never their paths, so a new opt_v2 at the same path is new input);
+* every param of the stage section that can change the model (architecture, weights, LoRA, loss weights, lr and
+  schedule, batch size, precision, devices, validation cadence, early stopping, seed, ``max_tiles``).
+
+If the identity matches, the fit **continues** from ``checkpoints/last.ckpt`` (Lightning restores the step, optimiser,
+scheduler and data-loader epoch, so nothing is repeated). Params that cannot change what was trained so far —
+:data:`CONTINUABLE`: ``out``, ``train.num_workers``, ``train.save_every_n_steps`` and a *larger* ``train.epochs`` or
+``train.max_steps`` — continue too (more epochs extend a finished training). A *smaller* budget than the checkpoint
+was trained for, or any other change, **starts a new training**: the old checkpoints are removed and a new MLflow run
+begins.
+
+**MLflow runs.** A continued training logs into the run that started it when it runs in the same DVC experiment (a
+killed ``dvc repro`` resumed); in another experiment (``dvc exp run -S stage3.train.epochs=…``) it gets a run of its
+own, tagged ``gac.resumed_from_run``. Every run is named and tagged with its stage, DVC experiment and git revision
+(:func:`gac.tracking.run_name`).
 """
 
 from __future__ import annotations
@@ -16,11 +35,14 @@ from pathlib import Path
 
 import torch
 
-from gac.atomic import atomic_path
+from gac.atomic import atomic_path, write_text
 from gac.config import MlflowParams, Stage2Params, Stage3Params
 from gac.training.export import STAGES, save_model
 
 CHECKPOINTS = "checkpoints"
+#: Section fields (dotted) that cannot change what has been trained so far: changing them continues the training.
+#: ``train.epochs``/``train.max_steps`` continue only when they grow (see :func:`_continues`).
+CONTINUABLE = ("out", "train.num_workers", "train.save_every_n_steps", "train.epochs", "train.max_steps")
 
 
 @dataclass
@@ -51,6 +73,7 @@ def _trainer(section: Stage2Params | Stage3Params, out: Path, task_cls, logger, 
         save_last=True,
         every_n_train_steps=t.save_every_n_steps,
         auto_insert_metric_name=False,
+        enable_version_counter=False,  # one last.ckpt, overwritten: a resumed fit must not leave last-v1.ckpt behind
     )
     best = ModelCheckpoint(
         dirpath=out / CHECKPOINTS,
@@ -113,25 +136,30 @@ def fit(
     L.seed_everything(section.train.seed, workers=True, verbose=False)
     tracking.setup(mlflow_params)
     last_ckpt = out / CHECKPOINTS / "last.ckpt"
-    run_file = out / "mlflow_run_id"
+    run_file = out / CHECKPOINTS / "mlflow_run.json"
     settings = out / CHECKPOINTS / "fit.json"
-    wanted = json.dumps({"stage": stage, "section": section.model_dump(), "source": source_root}, sort_keys=True)
-    resume = last_ckpt.is_file() and settings.is_file() and settings.read_text() == wanted
+    wanted = identity(stage, section, catalog_root, source_root)
+    resume = last_ckpt.is_file() and _continues(_read_json(settings), wanted)
     if not resume and (out / CHECKPOINTS).exists() and int(os.environ.get("LOCAL_RANK", 0)) == 0:
         import shutil
 
-        shutil.rmtree(out / CHECKPOINTS)  # checkpoints of other settings cannot be resumed
-    if run_id is None:  # resume logs into the run that started the training
-        run_id = run_file.read_text().strip() if resume and run_file.is_file() else None
-    all_tags = {"gac.stage": stage, "gac.git_commit": tracking.git_commit(), **(tags or {})}
+        shutil.rmtree(out / CHECKPOINTS)  # another training: its checkpoints cannot be continued
+    earlier_run = _read_json(run_file) if resume else {}
+    experiment = tracking.dvc_experiment()
+    if run_id is None and earlier_run.get("experiment") == experiment:  # the same experiment resumes its own run
+        run_id = earlier_run.get("run_id")
+    all_tags = tracking.run_tags(stage) | (tags or {})
+    if resume and earlier_run.get("run_id") and earlier_run.get("run_id") != run_id:
+        all_tags["gac.resumed_from_run"] = earlier_run["run_id"]
     mlf = MLFlowLogger(
         experiment_name=mlflow_params.experiment,
         tracking_uri=mlflow_params.tracking_uri,
-        run_name=stage,
+        run_name=tracking.run_name(stage),
         tags=all_tags,
         run_id=run_id,
         log_model=False,
     )
+    new_run = run_id is None
     csv_file = out / "logs" / "metrics.csv"
     # Lightning's CSVLogger deletes metrics.csv when it starts: a resumed fit puts back the rows of the earlier steps
     # (flushed every step, so a killed fit leaves all of its rows on disk).
@@ -144,13 +172,16 @@ def fit(
     trainer, best_cb, _ = _trainer(section, out, spec.task, [mlf, csv], extra_callbacks)
     if trainer.is_global_zero:
         (out / CHECKPOINTS).mkdir(parents=True, exist_ok=True)
-        settings.write_text(wanted)
-        run_file.write_text(mlf.run_id)
-        if not resume:  # MLflow params are immutable: a resumed run keeps the ones it started with
+        write_text(settings, json.dumps(wanted, indent=2, sort_keys=True))
+        write_text(run_file, json.dumps({"run_id": mlf.run_id, "experiment": experiment}))
+        if new_run:  # MLflow params are immutable: a resumed run keeps the ones it started with
             mlf.log_hyperparams(_flat(section.model_dump()))
     trainer.fit(task, datamodule=data, ckpt_path=str(last_ckpt) if resume else None)
     best_path = best_cb.best_model_path or str(last_ckpt)
     state = torch.load(best_path, map_location="cpu", weights_only=True)
+    # The best weights go into a freshly built model on the training device: bitsandbytes refuses int8 weights in
+    # layers that have already run, and cannot move quantised ones (see gac.models.prithvi, "int8").
+    task = spec.task(section.model_dump()).build(trainer.strategy.root_device)
     task.load_state_dict(state["state_dict"])
     # A fit that found its training already complete (dvc repro after a change to the code, not to the settings)
     # validated nothing: score the best weights now, with today's metric code, instead of reporting stale scores.
@@ -183,6 +214,43 @@ def fit(
     )
     _log_result(result, mlflow_params, section, register, tags or {})
     return result
+
+
+def identity(stage: str, section: Stage2Params | Stage3Params, catalog_root: str, source_root: str) -> dict:
+    """What a training *is*: its inputs' content and the params that change the model (see the module docstring)."""
+    from gac.store import ShardStore
+
+    params = _flat(section.model_dump())
+    return {
+        "stage": stage,
+        "inputs": {
+            "catalog": ShardStore(catalog_root).content_digest(),
+            "source": ShardStore(source_root).content_digest(),
+        },
+        "model": {k: v for k, v in params.items() if k not in CONTINUABLE},
+        "budget": {"epochs": params["train.epochs"], "max_steps": params["train.max_steps"]},
+    }
+
+
+def _continues(earlier: dict, wanted: dict) -> bool:
+    """Whether a training recorded as ``earlier`` can be continued as ``wanted`` (same identity, budget not cut)."""
+    if not earlier or any(earlier.get(k) != wanted[k] for k in ("stage", "inputs", "model")):
+        return False
+
+    def steps(v: int) -> float:
+        return float("inf") if v is None or v < 0 else v
+
+    before, now = earlier.get("budget", {}), wanted["budget"]
+    return now["epochs"] >= before.get("epochs", 0) and steps(now["max_steps"]) >= steps(before.get("max_steps"))
+
+
+def _read_json(path: Path) -> dict:
+    """A small JSON record, or ``{}`` when it is missing or unreadable (then nothing is resumed from it)."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def _restore_earlier_rows(csv_file: Path, earlier: str) -> None:

@@ -16,11 +16,11 @@ class Stage2Task(RefineTask):
     monitor = "val/psnr"
     mode = "max"
 
-    def configure_models(self) -> None:
+    def configure_models(self, device: torch.device) -> None:
         from gac.models.prithvi import build_refiner
 
         self.params = Stage2Params.model_validate(self.section)
-        self.model = build_refiner(self.params)
+        self.model = build_refiner(self.params, device=device)
         self.lpips = None
         if self.params.lpips_weight > 0:  # fails with one clear line when no local LPIPS weights are configured
             self.lpips = metrics.lpips_metric(self.params.lpips_weights_path)

@@ -21,7 +21,7 @@ class Stage3Task(RefineTask):
     monitor = "val/sar_edge"
     mode = "min"
 
-    def configure_models(self) -> None:
+    def configure_models(self, device: torch.device) -> None:
         from gac.models.grounding import build_grounder
 
         self.params = Stage3Params.model_validate(self.section)

@@ -1,9 +1,14 @@
 """The Lightning task both trained stages share, in torchgeo's ``BaseTask`` shape.
 
-A stage fills in three hooks — :meth:`RefineTask.configure_models` (the network), :meth:`RefineTask.predict`
-(batch → refined optical) and :meth:`RefineTask.losses` (named loss terms) — and sets ``monitor``/``mode``; the loop,
-validation metrics, optimiser and schedule live here once. Only trainable parameters (LoRA adapters and heads) reach the
-optimiser, so the frozen base costs no optimiser state.
+A stage fills in three hooks — :meth:`RefineTask.configure_models` (the network, built on a given device),
+:meth:`RefineTask.predict` (batch → refined optical) and :meth:`RefineTask.losses` (named loss terms) — and sets
+``monitor``/``mode``; the loop, validation metrics, optimiser and schedule live here once. Only trainable parameters
+(LoRA adapters and heads) reach the optimiser, so the frozen base costs no optimiser state.
+
+The network is built in Lightning's ``configure_model`` hook, not in ``__init__``: by then the trainer knows the device
+it runs on, and an int8 base (bitsandbytes) must be quantised *on* that device — bitsandbytes cannot move already
+quantised weights (their ``SCB`` scales stay behind). Outside a trainer, :meth:`RefineTask.build` builds it on a
+device of the caller's choosing (e.g. to load a checkpoint into a fresh model).
 
 Debugging/audit aid: with ``GAC_SEEN_TILES_DIR`` set, every training step appends one ``<epoch>\t<step>\t<patch_id>``
 line per tile to ``<dir>/rank<global_rank>.txt``, so which tiles each (DDP) rank trained on, and when, can be checked
@@ -37,11 +42,23 @@ class RefineTask(L.LightningModule):
         self.save_hyperparameters({"section": section})
         self.section = section
         self.train_cfg = section["train"]
-        self.configure_models()
+        self.model: torch.nn.Module | None = None
+
+    def configure_model(self) -> None:
+        """Lightning hook: build the network on the device the trainer runs on (once)."""
+        if self.model is None:
+            device = self._trainer.strategy.root_device if self._trainer is not None else torch.device("cpu")
+            self.build(device)
+
+    def build(self, device: str | torch.device = "cpu") -> RefineTask:
+        """Build the network on ``device`` now (a no-op if it is built); returns ``self``."""
+        if self.model is None:
+            self.configure_models(torch.device(device))
+        return self
 
     # -- hooks -------------------------------------------------------------------------------------------------------
-    def configure_models(self) -> None:
-        """Build ``self.model``."""
+    def configure_models(self, device: torch.device) -> None:
+        """Build ``self.model``; parameters that must be created on the target device (int8) go to ``device``."""
         raise NotImplementedError
 
     def predict(self, batch: dict) -> torch.Tensor:
