@@ -3,6 +3,9 @@
 Models come from the MLflow registry (``models:/gac-stage2@champion``; loaded as code + safetensors, see
 :mod:`gac.registry_model`) or from local model folders (``artifacts/stage2/model``). Every stage writes its usual
 cache under the output folder, so a run can be inspected, evaluated or exported tile by tile.
+
+Every model source is checked before any stage runs (:func:`check_sources`): a missing alias, version, registered
+model or folder is one line that says what exists instead — not a traceback after minutes of Stage 1.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from pathlib import Path
 import torch
 
 from gac.config import Params
+from gac.errors import GacError
 
 
 def load_stage(source: str) -> tuple[str, torch.nn.Module]:
@@ -28,6 +32,63 @@ def load_stage(source: str) -> tuple[str, torch.nn.Module]:
     return stage, model
 
 
+def check_sources(sources: dict[str, str]) -> None:
+    """Fail fast, in one line, if a model source (``{stage: models:/… URI or folder}``) cannot be loaded as that stage.
+
+    ``models:/<name>@<alias>`` needs the alias (the error names the aliases that exist), ``models:/<name>/<version>``
+    the version; a folder must be a GAC model folder of the right stage.
+    """
+    for stage, source in sources.items():
+        option = f"--{stage}-checkpoint"
+        if source.startswith("models:/"):
+            _check_registry_uri(option, source)
+        elif not source.startswith("runs:/"):
+            _check_folder(option, stage, Path(source))
+
+
+def _check_registry_uri(option: str, uri: str) -> None:
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    ref = uri.removeprefix("models:/")
+    name, alias, version = ref, None, None
+    if "@" in ref:
+        name, alias = ref.split("@", 1)
+    elif "/" in ref:
+        name, version = ref.rsplit("/", 1)
+    client = mlflow.MlflowClient()
+    try:
+        model = client.get_registered_model(name)
+    except MlflowException:
+        names = sorted(m.name for m in client.search_registered_models())
+        raise GacError(
+            f"{option}: {uri}: no registered model {name!r} in {mlflow.get_tracking_uri()} (registered: "
+            f"{', '.join(names) or 'none'}; run dvc repro or pass a model folder)"
+        ) from None
+    aliases = {a: str(v) for a, v in (model.aliases or {}).items()}
+    if alias is not None and alias not in aliases:
+        have = ", ".join(f"{name}@{a} (v{v})" for a, v in sorted(aliases.items())) or "none"
+        hint = "; gac promote moves @champion when a challenger meets the targets" if alias == "champion" else ""
+        raise GacError(f"{option}: {uri}: {name} has no @{alias} (aliases that exist: {have}{hint})")
+    if version is not None:
+        try:
+            client.get_model_version(name, version)
+        except MlflowException:
+            raise GacError(f"{option}: {uri}: {name} has no version {version!r}") from None
+
+
+def _check_folder(option: str, stage: str, folder: Path) -> None:
+    import json
+
+    from gac.training.export import PARAMS, WEIGHTS
+
+    if not (folder / WEIGHTS).is_file() or not (folder / PARAMS).is_file():
+        raise GacError(f"{option}: {folder}: not a models:/ URI or a GAC model folder (expected {WEIGHTS}, {PARAMS})")
+    made_by = json.loads((folder / PARAMS).read_text()).get("stage")
+    if made_by != stage:
+        raise GacError(f"{option}: {folder}: a {made_by} model, expected a {stage} model")
+
+
 def run(cfg: Params, data: str, out: str | Path, stage2: str, stage3: str, visualize: int = 0) -> dict:
     """Run every stage on ``data`` (a BigEarthNet v2 root or a catalog folder) into ``out``; return the caches."""
     from gac import config, stage1
@@ -35,6 +96,7 @@ def run(cfg: Params, data: str, out: str | Path, stage2: str, stage3: str, visua
     from gac.refine import write_cache
     from gac.store import ShardStore
 
+    check_sources({"stage2": stage2, "stage3": stage3})
     out = Path(out)
     if (Path(data) / "metadata.parquet").is_file():  # a raw BigEarthNet v2 root: build its catalog first
         section = config.override(cfg.catalog, out=str(out / "catalog"))

@@ -51,7 +51,8 @@ def released_terramind(variant: str = "terramind_v1_tiny") -> dict[str, torch.Te
     hp = registry_hyperparameters(variant)
     sizes = {"img_size": 224, "dim": hp["dim"]}
     enc, _ = build_modality_embeddings(MODALITY_INFO, ["S2L2A", "S1GRD", "S1RTC", "DEM"], **sizes)
-    dec, _ = build_output_modality_embeddings(MODALITY_INFO, ["S2L2A", "S1GRD", "S1RTC", "DEM", "LULC", "NDVI"], **sizes)
+    queries = ["S2L2A", "S1GRD", "S1RTC", "DEM", "LULC", "NDVI"]
+    dec, _ = build_output_modality_embeddings(MODALITY_INFO, queries, **sizes)
     torch.manual_seed(11)
     model = terramind_register.build_terrammind_encdec(
         encoder_embeddings=enc, decoder_embeddings=dec, modality_info=MODALITY_INFO, **hp
