@@ -445,3 +445,80 @@ def test_ddp_ranks_train_on_disjoint_tiles_and_rank_zero_checkpoints_once(
     c = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     runs = c.search_runs([c.get_experiment_by_name("gac").experiment_id])
     assert len(runs) == 1 and history(c, runs[0].info.run_id, "train/loss") == [0, 1]  # rank 0 alone logs
+
+
+# -- what continues, what starts again (gac.training.fit's rule) ----------------------------------------------------
+def test_a_training_continues_only_with_the_same_inputs_and_model_settings(
+    catalog: Path, opt_v1: Path, empty_mlflow_db: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """More steps (and settings that cannot change the model) continue; new input *content* at the same path,
+    another lr or a smaller budget start again; another DVC experiment continues in a run of its own."""
+    from gac.training.fit import fit
+
+    store = mlflow_store(tmp_path, empty_mlflow_db)
+    c = client(store)
+    source = tmp_path / "opt_v1"  # a copy the test may change in place: the path stays, the content changes
+    shutil.copytree(opt_v1, source)
+    base = SECTIONS["stage2"].model_copy(update={"out": str(tmp_path / "stage2")})
+
+    def run(max_steps: int, **train):
+        section = base.model_copy(update={"train": base.train.model_copy(update={"max_steps": max_steps, **train})})
+        result = fit("stage2", section, store, str(catalog), str(source), register=False)
+        assert result is not None
+        return result
+
+    first = run(2)
+    more = run(4, num_workers=1, save_every_n_steps=2)  # continues: same run, steps 2-3 added, nothing repeated
+    assert (more.run_id, more.global_step) == (first.run_id, 4)
+    assert history(c, first.run_id, "train/loss") == [0, 1, 2, 3]
+    ckpts = sorted(p.name for p in (tmp_path / "stage2" / "checkpoints").glob("*.ckpt"))
+    assert ckpts == ["best.ckpt", "last.ckpt"]  # no last-v1.ckpt beside the resumed one
+
+    other_lr = run(4, lr=2e-3)  # another model setting: a new training in a new run
+    assert other_lr.run_id != first.run_id and history(c, other_lr.run_id, "train/loss") == [0, 1, 2, 3]
+
+    shard = ShardStore(source)
+    rows = shard.index.drop(columns=["shard", "row"])
+    shard.write_shard("00000", rows, {"opt": shard.read("opt") // 2})  # same path, new content
+    new_input = run(4, lr=2e-3)
+    assert new_input.run_id != other_lr.run_id and history(c, new_input.run_id, "train/loss") == [0, 1, 2, 3]
+
+    fewer = run(2, lr=2e-3)  # trained for 4 steps cannot be reported as a 2-step training: it starts again
+    assert fewer.run_id != new_input.run_id and fewer.global_step == 2
+
+    monkeypatch.setenv("DVC_EXP_NAME", "exp-longer")  # `dvc exp run -S stage2.train.max_steps=4` continues...
+    longer = run(4, lr=2e-3)
+    assert longer.global_step == 4 and longer.run_id != fewer.run_id  # ...in a run of this experiment
+    tags = c.get_run(longer.run_id).data.tags
+    assert tags["gac.dvc_experiment"] == "exp-longer" and tags["gac.resumed_from_run"] == fewer.run_id
+    assert "exp exp-longer" in c.get_run(longer.run_id).info.run_name
+    assert history(c, longer.run_id, "train/loss") == [2, 3]  # the continued steps only, none repeated
+
+
+@pytest.mark.slow
+def test_stage2_load_in_8bit_trains_registers_writes_opt_v2_and_its_registered_model_predicts(
+    catalog: Path, opt_v1: Path, empty_mlflow_db: Path, tmp_path: Path
+) -> None:
+    """``gac stage2 --load-in-8bit`` end to end: the best checkpoint goes into a fresh int8 model (bitsandbytes
+    refuses it in the trained one), the model is registered, opt_v2 is written, the registry model predicts."""
+    import mlflow
+
+    from gac.registry import example_input
+
+    params = write_params(tmp_path, catalog, opt_v1, empty_mlflow_db)
+    cmd = [
+        sys.executable, "-m", "gac", "--params", str(params), "stage2", "--load-in-8bit", "--max-steps", "2",
+        "--metrics", str(tmp_path / "stage2.json"),
+    ]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=ENV, cwd=tmp_path)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    summary = json.loads((tmp_path / "stage2.json").read_text())
+    assert summary["global_step"] == 2 and summary["registered_version"] == 1
+    assert len(ShardStore(tmp_path / "stage2" / "opt_v2").index) == len(ShardStore(opt_v1).index)
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    model = mlflow.pyfunc.load_model("models:/gac-stage2@challenger")
+    wrapped = model.unwrap_python_model().model
+    assert any(type(m).__name__ == "Linear8bitLt" and m.weight.dtype == torch.int8 for m in wrapped.modules())
+    x = example_input(1)
+    y = model.predict(x)
+    assert y.shape == (1, 12, 120, 120) and np.isfinite(y).all()

@@ -39,7 +39,8 @@ class RefineTask(L.LightningModule):
 
     def __init__(self, section: dict[str, Any]) -> None:
         super().__init__()
-        self.save_hyperparameters({"section": section})
+        # logger=False: the fit logs the section once, flat (MLflow params are immutable: a continued run keeps them)
+        self.save_hyperparameters({"section": section}, logger=False)
         self.section = section
         self.train_cfg = section["train"]
         self.model: torch.nn.Module | None = None

@@ -1,0 +1,106 @@
+"""``dvc exp run`` on the project's own pipeline: an experiment retrains what its change reaches, in MLflow runs of
+its own, and continues a training its change cannot invalidate.
+
+A real git + DVC repository in a temporary folder holds the project's ``dvc.yaml``, ``pipelines/`` and ``gac/`` with
+small settings (synthetic tiles, 1 diffusion step, two-tile trainings) and its own MLflow store.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+GIT_ENV = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+TRAIN = {"epochs": 2, "batch_size": 2, "max_tiles": 2, "val_every_n_steps": 1, "save_every_n_steps": 1, "patience": 5}
+
+
+def run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = os.environ | GIT_ENV | {"PATH": f"{BIN}:{os.environ['PATH']}", "GAC_PROGRESS": "0"}
+    done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, check=False, timeout=1800)
+    assert done.returncode == 0, f"{cmd}:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    return done
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory: pytest.TempPathFactory, synthetic_root: Path) -> Path:
+    """The project as a fresh git + DVC repo after ``dvc repro`` (data tracked by ``data.dvc``, a first commit)."""
+    tmp = tmp_path_factory.mktemp("experiments")
+    repo = tmp / "repo"
+    repo.mkdir()
+    for name in ("dvc.yaml", "pipelines", "gac", ".dvcignore"):
+        src = ROOT / name
+        (shutil.copytree if src.is_dir() else shutil.copy)(
+            src, repo / name, **({"ignore": shutil.ignore_patterns("__pycache__")} if src.is_dir() else {})
+        )
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["data"]["source"] = "synthetic"
+    params["mlflow"] = {"tracking_uri": f"sqlite:///{tmp}/mlflow.db", "artifact_location": str(tmp / "mlartifacts")}
+    params["catalog"]["workers"] = 0
+    params["stage1"].update(timesteps=1, batch_size=4)
+    for stage in ("stage2", "stage3"):
+        params[stage]["train"].update(TRAIN)
+    params["evaluate"] = {"n_visualize": 1}
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    shutil.copytree(synthetic_root, repo / "data")
+    run(["git", "init", "-q"], repo)
+    run(["dvc", "init", "-q"], repo)
+    run(["dvc", "add", "-q", "data"], repo)
+    run(["git", "add", "-A"], repo)
+    run(["git", "commit", "-qm", "project"], repo)
+    run(["dvc", "repro"], repo)
+    run(["git", "add", "-A"], repo)
+    run(["git", "commit", "-qm", "dvc repro"], repo)
+    return repo
+
+
+def runs(repo: Path, stage: str, experiment: str) -> list:
+    """MLflow runs of ``stage`` made in DVC experiment ``experiment``."""
+    from mlflow import MlflowClient
+
+    store = yaml.safe_load((repo / "params.yaml").read_text())["mlflow"]["tracking_uri"]
+    c = MlflowClient(store)
+    ids = [e.experiment_id for e in c.search_experiments()]
+    query = f"tags.`gac.stage` = '{stage}' and tags.`gac.dvc_experiment` = '{experiment}'"
+    return c.search_runs(ids, query)
+
+
+def steps(repo: Path, run_id: str) -> list[int]:
+    from mlflow import MlflowClient
+
+    store = yaml.safe_load((repo / "params.yaml").read_text())["mlflow"]["tracking_uri"]
+    return sorted(m.step for m in MlflowClient(store).get_metric_history(run_id, "train/loss"))
+
+
+@pytest.mark.slow
+def test_an_experiment_retrains_what_it_changes_and_continues_what_it_extends(repo: Path) -> None:
+    (base2,), (base3,) = runs(repo, "stage2", "workspace"), runs(repo, "stage3", "workspace")
+
+    run(["dvc", "exp", "run", "-n", "other-lr", "-S", "stage2.train.lr=0.002"], repo)
+    (lr2,), (lr3,) = runs(repo, "stage2", "other-lr"), runs(repo, "stage3", "other-lr")
+    # Stage 2 *and* Stage 3 (whose input opt_v2 changed) trained again from step 0, each in a new run
+    for new, old in ((lr2, base2), (lr3, base3)):
+        assert new.info.run_id != old.info.run_id
+        assert steps(repo, new.info.run_id)[0] == 0 and len(steps(repo, new.info.run_id)) >= 2
+        assert "gac.resumed_from_run" not in new.data.tags
+        assert "exp other-lr" in new.info.run_name and new.data.tags["gac.git_commit"] != "unknown"
+    assert lr2.data.params["train.lr"] == "0.002"
+    assert not list((repo / "artifacts").glob("stage*/checkpoints/last-v*.ckpt"))
+
+    epochs = TRAIN["epochs"] + 1
+    run(["dvc", "exp", "run", "-n", "more-epochs", "-S", f"stage3.train.epochs={epochs}"], repo)
+    assert runs(repo, "stage2", "more-epochs") == []  # nothing upstream changed
+    (more3,) = runs(repo, "stage3", "more-epochs")
+    assert more3.data.tags["gac.resumed_from_run"] == lr3.info.run_id  # continued, not restarted
+    continued = steps(repo, more3.info.run_id)
+    assert continued and continued[0] == steps(repo, lr3.info.run_id)[-1] + 1
+    assert not list((repo / "artifacts").glob("stage*/checkpoints/last-v*.ckpt"))
+    shown = run(["dvc", "exp", "show", "--csv"], repo).stdout
+    assert "other-lr" in shown and "more-epochs" in shown
