@@ -106,6 +106,17 @@ class TrainParams(Section):
     seed: int = 0
 
 
+class CacheParams(Section):
+    """How a trained stage writes its cache (:mod:`gac.refine`, through :mod:`gac.engine`): where and in what units of
+    work. None of it changes the model, so none of it restarts a training (see :mod:`gac.training.fit`)."""
+
+    device: str = "auto"
+    precision: Literal["32", "bf16", "16"] = "32"
+    batch_size: int = Field(default=8, gt=0)
+    shard_size: int = Field(default=256, gt=0)
+    num_workers: int = Field(default=0, ge=0)
+
+
 class Stage2Params(Section):
     """Stage 2: Prithvi-EO + LoRA (+ int8 base) refines opt_v1 → opt_v2."""
 
@@ -120,6 +131,7 @@ class Stage2Params(Section):
     lpips_weight: float = Field(default=0.0, ge=0)
     lpips_weights_path: str | None = None
     train: TrainParams = TrainParams()
+    cache: CacheParams = CacheParams()
     out: str = "artifacts/stage2"
 
 
@@ -135,6 +147,7 @@ class Stage3Params(Section):
     sar_edge_weight: float = Field(default=0.5, ge=0)
     cycle_weight: float = Field(default=0.5, ge=0)
     train: TrainParams = TrainParams()
+    cache: CacheParams = CacheParams()
     out: str = "artifacts/stage3"
 
 

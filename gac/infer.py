@@ -112,7 +112,8 @@ def run(cfg: Params, data: str, out: str | Path, stage2: str, stage3: str, visua
     for name, uri in (("opt_v2", stage2), ("opt_v3", stage3)):
         stage, model = load_stage(uri)
         caches[name] = str(out / name)
-        write_cache(stage, model, catalog_root, source, caches[name], provenance={"model": uri})
+        cache = getattr(cfg, stage).cache  # this machine's device, batch and shard sizes for that stage
+        write_cache(stage, model, catalog_root, source, caches[name], cache, provenance={"model": uri})
         source = caches[name]
     if visualize:
         from gac.stage1 import export_geotiff

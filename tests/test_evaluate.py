@@ -176,7 +176,8 @@ def test_geotiff_has_tile_georeference(world):
 def test_mlflow_run_and_model_version_tags(world):
     client, r = world["client"], world["result"]
     experiment = client.get_experiment_by_name("gac-test")
-    (run,) = client.search_runs([experiment.experiment_id], "attributes.run_name = 'evaluate'")
+    (run,) = client.search_runs([experiment.experiment_id], "tags.`gac.stage` = 'evaluate'")
+    assert run.info.run_name.startswith("evaluate · workspace @ ")  # stage, DVC experiment, git revision
     assert run.info.run_id == r["provenance"]["mlflow_run_id"]
     assert run.data.metrics[metric_key("stage1+2", "psnr")] == pytest.approx(r["stage1+2"]["psnr"])
     assert run.data.tags["gac.split"] == "test"

@@ -93,7 +93,7 @@ def test_sweep_pareto_mlflow_and_registration(tmp_path, stores):
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     exp = client.get_experiment_by_name("gac")
     runs = client.search_runs([exp.experiment_id])
-    parents = [r for r in runs if r.info.run_name == "sweep:test-study"]
+    parents = [r for r in runs if r.info.run_name.startswith("sweep:test-study · workspace @ ")]
     assert len(parents) == 1
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
     assert sorted(r.info.run_name for r in children) == ["0", "1"]

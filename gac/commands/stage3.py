@@ -41,10 +41,11 @@ def run(args: argparse.Namespace) -> None:
     section = section_for(cfg, args)
     source = args.stage2_dir or f"{cfg.stage2.out}/opt_v2"
     if args.stage2_checkpoint:
+        from gac.engine import resolve_device
         from gac.refine import write_cache
         from gac.training.export import load_model
 
-        stage, _, model = load_model(args.stage2_checkpoint)
+        stage, stage2, model = load_model(args.stage2_checkpoint, resolve_device(cfg.stage2.cache.device))
         source = f"{section.out}/opt_v2_from_checkpoint"
         write_cache(
             stage,
@@ -52,6 +53,7 @@ def run(args: argparse.Namespace) -> None:
             args.data_dir or cfg.catalog.out,
             cfg.stage1.out,
             source,
+            stage2.cache,
             provenance={"model_dir": args.stage2_checkpoint},
         )
     run_stage("stage3", args, section, source, args.opt_v3_dir or f"{section.out}/opt_v3")

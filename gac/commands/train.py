@@ -26,6 +26,11 @@ def add_training_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--accelerator", help="cpu | gpu | auto")
     p.add_argument("--no-register", action="store_true", help="do not register the model in MLflow")
     p.add_argument("--no-cache", action="store_true", help="do not write the next stage's cache")
+    p.add_argument(
+        "--cache-only",
+        action="store_true",
+        help="no training: write the next cache with <output-dir>/model (resumable; split across torchrun ranks)",
+    )
     p.add_argument("--metrics", help="summary JSON for dvc metrics (default: metrics/<stage>.json)")
 
 
@@ -56,7 +61,9 @@ def section_with_overrides(section, args: argparse.Namespace, **extra):
 
 def run_stage(stage: str, args: argparse.Namespace, section, source_root: str, next_cache: str) -> None:
     """Train, register, write the next cache and the DVC metrics of one stage."""
-    from gac import tracking
+    from pathlib import Path
+
+    from gac import engine, tracking
     from gac.commands import params, write_json
     from gac.refine import write_cache
     from gac.training.export import load_model
@@ -64,6 +71,15 @@ def run_stage(stage: str, args: argparse.Namespace, section, source_root: str, n
 
     cfg = params(args)
     catalog_root = args.data_dir or cfg.catalog.out
+    device = engine.resolve_device(section.cache.device)
+    if args.cache_only:
+        model_dir = Path(section.out) / "model"
+        _, _, model = load_model(model_dir, device)
+        info = write_cache(stage, model, catalog_root, source_root, next_cache, section.cache,
+                           provenance={"model_dir": str(model_dir), "data_source": cfg.data.source})  # fmt: skip
+        if engine.dist()[0] == 0:
+            print(f"{stage}: wrote {next_cache} ({info['tiles']} tiles, {info['errors']} errors) with {model_dir}")
+        return
     result = fit(
         stage,
         section,
@@ -83,7 +99,7 @@ def run_stage(stage: str, args: argparse.Namespace, section, source_root: str, n
         "trainable_share": result.trainable["share"],
     }
     if not args.no_cache:
-        _, _, model = load_model(result.model_dir)
+        _, _, model = load_model(result.model_dir, device)
         version = result.metrics.get("registered_version")
         from gac.registry import MODEL_NAMES
 
@@ -93,6 +109,7 @@ def run_stage(stage: str, args: argparse.Namespace, section, source_root: str, n
             catalog_root,
             source_root,
             next_cache,
+            section.cache,
             provenance={
                 "weights_origin": tracking.weights_origin(section.pretrained, section.ckpt_path),
                 "registered_model": MODEL_NAMES[stage] if not args.no_register else None,
@@ -100,6 +117,7 @@ def run_stage(stage: str, args: argparse.Namespace, section, source_root: str, n
                 "model_dir": result.model_dir,
                 "data_source": cfg.data.source,
             },
+            distributed=False,  # the other DDP ranks have ended: rank 0 writes every shard
         )
         summary["seconds_per_tile"] = info["seconds_per_tile"]
     write_json(args.metrics or f"metrics/{stage}.json", summary)

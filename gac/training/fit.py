@@ -15,9 +15,9 @@ records the training's *identity*:
 If the identity matches, the fit **continues** from ``checkpoints/last.ckpt`` (Lightning restores the step, optimiser,
 scheduler and data-loader epoch, so nothing is repeated). Params that cannot change what was trained so far —
 :data:`CONTINUABLE`: ``out``, ``train.num_workers``, ``train.save_every_n_steps`` and a *larger* ``train.epochs`` or
-``train.max_steps`` — continue too (more epochs extend a finished training). A *smaller* budget than the checkpoint
-was trained for, or any other change, **starts a new training**: the old checkpoints are removed and a new MLflow run
-begins.
+``train.max_steps`` — and the ``cache`` section (how the next cache is written) continue too (more epochs extend a
+finished training). A *smaller* budget than the checkpoint was trained for, or any other change, **starts a new
+training**: the old checkpoints are removed and a new MLflow run begins.
 
 **MLflow runs.** A continued training logs into the run that started it when it runs in the same DVC experiment (a
 killed ``dvc repro`` resumed); in another experiment (``dvc exp run -S stage3.train.epochs=…``) it gets a run of its
@@ -227,7 +227,7 @@ def identity(stage: str, section: Stage2Params | Stage3Params, catalog_root: str
             "catalog": ShardStore(catalog_root).content_digest(),
             "source": ShardStore(source_root).content_digest(),
         },
-        "model": {k: v for k, v in params.items() if k not in CONTINUABLE},
+        "model": {k: v for k, v in params.items() if k not in CONTINUABLE and not k.startswith("cache.")},
         "budget": {"epochs": params["train.epochs"], "max_steps": params["train.max_steps"]},
     }
 
