@@ -158,5 +158,6 @@ def test_cli_prints_logs_and_writes_json(tmp_path, client, register, capsys):
     assert decisions[NAME]["promoted"] and decisions[NAME]["champion_after"] == v
     assert not decisions["gac-stage3"]["promoted"]
     runs = client.search_runs([client.get_experiment_by_name("gac").experiment_id])
-    assert [r.info.run_name.split(" · ")[0] for r in runs] == ["promote"] and runs[0].data.metrics[f"{NAME}.promoted"] == 1.0
+    assert [r.info.run_name.split(" · ")[0] for r in runs] == ["promote"]
+    assert runs[0].data.metrics[f"{NAME}.promoted"] == 1.0
     assert main(["--params", str(tmp_path / "params.yaml"), "promote", "--version", "1"]) == 2  # needs one --model
