@@ -11,11 +11,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from gac.errors import GacError
 
 PARAMS_FILE = "params.yaml"
+
+#: BigEarthNet v2 tiles are 120 x 120 px: no model input may be smaller.
+TILE_PX = 120
 
 Precision = Literal["32", "16-mixed", "bf16-mixed", "32-true", "bf16-true", "16-true"]
 
@@ -24,6 +27,18 @@ class Section(BaseModel):
     """Base of every section: unknown keys are errors (a typo must not silently fall back to a default)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _batches_fit_shards(section: Section) -> None:
+    """A batch never spans two shards: a larger batch size would silently be capped at the shard size."""
+    if section.batch_size > section.shard_size:
+        raise ValueError(f"batch_size {section.batch_size} > shard_size {section.shard_size} (a batch never spans "
+                         "shards: it would silently be capped; raise shard_size)")  # fmt: skip
+
+
+def _fits_the_tile(img_size: int) -> None:
+    if img_size < TILE_PX:
+        raise ValueError(f"img_size {img_size} < the {TILE_PX} px tile (expected >= {TILE_PX})")
 
 
 class DataParams(Section):
@@ -72,6 +87,15 @@ class Stage1Params(Section):
     num_workers: int = Field(default=0, ge=0)
     out: str = "artifacts/opt_v1"
 
+    @model_validator(mode="after")
+    def _model_can_take_it(self) -> Stage1Params:
+        _batches_fit_shards(self)
+        _fits_the_tile(self.img_size)
+        if self.img_size % 32:
+            raise ValueError(f"img_size {self.img_size} is not a multiple of 32 (TerraMind's S2L2A tokenizer needs "
+                             "it: 128, 160, 192, 224, 256)")  # fmt: skip
+        return self
+
 
 class LoraParams(Section):
     """LoRA adapters (peft): rank, scaling, dropout and which modules (regex or names) get them."""
@@ -92,9 +116,12 @@ class TrainParams(Section):
     lr: float = Field(default=1e-3, gt=0)
     weight_decay: float = Field(default=0.0, ge=0)
     warmup_steps: int = Field(default=0, ge=0)
-    val_every_n_steps: int = Field(default=10, gt=0)
-    save_every_n_steps: int = Field(default=10, gt=0)
+    #: Validate every N training batches (int), or every fraction of an epoch (float in (0, 1]: 0.25 = 4x per epoch).
+    val_every_n_steps: int | float = Field(default=10, gt=0)
+    #: Write last.ckpt every N optimizer steps (int), or every fraction of an epoch (float in (0, 1]).
+    save_every_n_steps: int | float = Field(default=10, gt=0)
     early_stopping: bool = True
+    #: Validations without improvement before early stopping (so patience x the validation cadence is its reach).
     patience: int = Field(default=5, gt=0)
     precision: Precision = "32"
     accelerator: str = "auto"
@@ -104,6 +131,14 @@ class TrainParams(Section):
     num_workers: int = Field(default=0, ge=0)
     max_tiles: int | None = Field(default=None, gt=0)
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _fractions_of_an_epoch(self) -> TrainParams:
+        for key in ("val_every_n_steps", "save_every_n_steps"):
+            value = getattr(self, key)
+            if isinstance(value, float) and not value <= 1.0:
+                raise ValueError(f"{key} {value}: a float is a fraction of an epoch, expected (0, 1] (or an int)")
+        return self
 
 
 class CacheParams(Section):
@@ -115,6 +150,11 @@ class CacheParams(Section):
     batch_size: int = Field(default=8, gt=0)
     shard_size: int = Field(default=256, gt=0)
     num_workers: int = Field(default=0, ge=0)
+
+    @model_validator(mode="after")
+    def _batches_fit(self) -> CacheParams:
+        _batches_fit_shards(self)
+        return self
 
 
 class Stage2Params(Section):
@@ -134,6 +174,11 @@ class Stage2Params(Section):
     cache: CacheParams = CacheParams()
     out: str = "artifacts/stage2"
 
+    @model_validator(mode="after")
+    def _model_can_take_it(self) -> Stage2Params:
+        _fits_the_tile(self.img_size)
+        return self
+
 
 class Stage3Params(Section):
     """Stage 3: TerraMind encoder-decoder, LoRA on decoder cross-attention, grounds opt_v2 in the SAR → opt_v3."""
@@ -149,6 +194,11 @@ class Stage3Params(Section):
     train: TrainParams = TrainParams()
     cache: CacheParams = CacheParams()
     out: str = "artifacts/stage3"
+
+    @model_validator(mode="after")
+    def _model_can_take_it(self) -> Stage3Params:
+        _fits_the_tile(self.img_size)
+        return self
 
 
 class TargetParams(Section):
@@ -225,6 +275,9 @@ def _one_line(error: ValidationError, source: str) -> str:
     """Turn pydantic's first error into ``<file>: <dotted.key>: <what was expected> (got <value>)``."""
     err = error.errors()[0]
     key = ".".join(str(p) for p in err["loc"]) or "<top level>"
+    if err["type"] == "value_error":  # a rule across fields of a section: its message names them
+        where = f"{source}: {key}: " if err["loc"] else f"{source}: "
+        return where + str(err["msg"]).removeprefix("Value error, ")
     if err["type"] == "extra_forbidden":
         return f"{source}: unknown key '{key}' (expected one of the documented keys; see README)"
     return f"{source}: {key}: {err['msg']} (got {err.get('input')!r})"

@@ -23,6 +23,7 @@ store lives in. Training fingerprints use it to tell "the same inputs" from "new
 from __future__ import annotations
 
 import functools
+from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -36,6 +37,8 @@ SHARDS = "shards"
 INDEX = "index.parquet"
 REJECTED = "rejected.parquet"
 DIGEST = "digest.sha256"
+#: Memory maps (= open files) a store object keeps at most; see :meth:`ShardStore.array`.
+OPEN_MAPS = 32
 
 
 def folder_digest(folder: Path) -> str:
@@ -148,13 +151,24 @@ class ShardStore:
         ]
         return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["patch_id", "reason"])
 
-    @functools.cache  # noqa: B019 - one store object per stage run; the mmaps are meant to live.
     def array(self, shard: str, key: str) -> np.ndarray:
-        """Memory-mapped array ``key`` of ``shard``."""
+        """Memory-mapped array ``key`` of ``shard``, from a small LRU of open maps.
+
+        Each memory map holds a file descriptor; keeping every one open would run out of files at BigEarthNet scale
+        (tens of thousands of shards), so at most :data:`OPEN_MAPS` maps stay open per store object. A shuffled reader
+        reopens a map now and then (an ``open`` + ``mmap``, microseconds), which costs far less than it reads.
+        """
+        maps = self.__dict__.setdefault("_maps", OrderedDict())
+        if (shard, key) in maps:
+            maps.move_to_end((shard, key))
+            return maps[(shard, key)]
         path = self.root / SHARDS / shard / f"{key}.npy"
         if not path.is_file():
             raise GacError(f"{path}: missing array {key!r} (expected one of the keys the writing stage stores)")
-        return np.load(path, mmap_mode="r")
+        maps[(shard, key)] = array = np.load(path, mmap_mode="r")
+        if len(maps) > OPEN_MAPS:
+            maps.popitem(last=False)
+        return array
 
     def __len__(self) -> int:
         return len(self.index)

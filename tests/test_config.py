@@ -107,3 +107,54 @@ def test_sections_are_frozen():
     params = config.Params()
     with pytest.raises(pydantic.ValidationError):
         params.catalog.max_tiles = 3
+
+
+# -- the real-world configuration and the cross-field rules ----------------------------------------------------------
+REAL = REPO / "configs" / "bigearthnet-gpu.yaml"
+
+
+def test_the_real_world_configuration_loads_and_scales_with_the_epoch():
+    """``configs/bigearthnet-gpu.yaml`` passes every rule, and its cadences are fractions of an epoch (not steps
+    tuned for 21 tiles): validation 4x per epoch, last.ckpt every 5 %, early stopping after 2 epochs."""
+    real = config.load(REAL)
+    assert real.data.source == "bigearthnet" and real.stage1.pretrained and real.stage2.load_in_8bit
+    assert real.stage1.batch_size <= real.stage1.shard_size and real.stage1.img_size == 224
+    for section in (real.stage2, real.stage3):
+        t = section.train
+        assert isinstance(t.val_every_n_steps, float) and isinstance(t.save_every_n_steps, float)
+        assert t.patience * t.val_every_n_steps >= 1.0  # early stopping reaches at least one epoch back
+        assert section.cache.batch_size <= section.cache.shard_size
+        assert t.precision == "bf16-mixed" and section.cache.precision == "bf16"
+    assert 549_488 / real.stage1.shard_size < 5000  # shards, not tens of thousands of them
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        ("stage1: {batch_size: 32, shard_size: 16}", "stage1: batch_size 32 > shard_size 16"),
+        ("stage2: {cache: {batch_size: 64, shard_size: 32}}", "stage2.cache: batch_size 64 > shard_size 32"),
+        ("stage1: {img_size: 96}", "stage1: img_size 96 < the 120 px tile"),
+        ("stage3: {img_size: 112}", "stage3: img_size 112 < the 120 px tile"),
+        ("stage1: {img_size: 144}", "stage1: img_size 144 is not a multiple of 32"),
+        ("stage2: {train: {val_every_n_steps: 2.5}}", "stage2.train: val_every_n_steps 2.5: a float is a fraction"),
+    ],
+)
+def test_an_unsafe_combination_is_refused_in_one_line(tmp_path, change: str, expected: str):
+    assert expected in _error(tmp_path, change)
+
+
+def test_a_fraction_of_an_epoch_sets_lightnings_cadences(tmp_path):
+    """``val_every_n_steps: 0.5`` validates twice per epoch; ``save_every_n_steps: 0.25`` of 8 steps is every 2."""
+    from gac.training.fit import _trainer
+    from gac.training.stage2 import Stage2Task
+
+    train = config.TrainParams(val_every_n_steps=0.5, save_every_n_steps=0.25, accelerator="cpu")
+    trainer, _, last = _trainer(config.Stage2Params(train=train), tmp_path, Stage2Task, False, steps_per_epoch=8)
+    assert (trainer.val_check_interval, trainer.check_val_every_n_epoch) == (0.5, 1)
+    assert last._every_n_train_steps == 2
+
+
+def test_a_command_line_flag_is_held_to_the_same_rules():
+    """``gac stage1 --batch-size 64`` with shards of 16 is refused like the same value in params.yaml."""
+    with pytest.raises(GacError, match=r"^command line: batch_size 64 > shard_size 16 \(a batch never spans"):
+        config.override(config.Stage1Params(), batch_size=64)

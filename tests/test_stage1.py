@@ -182,8 +182,8 @@ def cli(params: Path, catalog: Path, out: Path, metrics: Path) -> list[str]:
 
 
 def cli_params(p: Stage1Params) -> Stage1Params:
-    """What the params file says: ``p`` but with the default timesteps/batch size (which the CLI flags override)."""
-    return p.model_copy(update={"timesteps": Stage1Params().timesteps, "batch_size": Stage1Params().batch_size})
+    """What the params file says: ``p`` but with other timesteps/batch size (which the CLI flags override)."""
+    return p.model_copy(update={"timesteps": Stage1Params().timesteps, "batch_size": 1})
 
 
 # -- alignment -----------------------------------------------------------------------------------------------------

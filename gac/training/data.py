@@ -23,7 +23,7 @@ def rows_of(catalog: ShardStore, source: ShardStore, split: str | None, max_tile
     index = catalog.index
     if split is not None:
         index = index[index["split"] == split]
-    ids = [p for p in index["patch_id"] if p in set(source.index["patch_id"])]
+    ids = index.loc[index["patch_id"].isin(source.index["patch_id"]), "patch_id"].tolist()  # one hash join: O(N)
     if max_tiles is not None:
         ids = ids[:max_tiles]
     return pd.DataFrame({"patch_id": ids})

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,17 +62,23 @@ class FitResult:
     trainable: dict
 
 
-def _trainer(section: Stage2Params | Stage3Params, out: Path, task_cls, logger, extra_callbacks=()):
+def _trainer(section: Stage2Params | Stage3Params, out: Path, task_cls, logger, extra_callbacks=(), steps_per_epoch=1):
+    """The Lightning trainer of a stage; float cadences are fractions of an epoch of ``steps_per_epoch`` steps."""
+    import math
+
     import lightning as L
     from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 
     t = section.train
+    save_every = t.save_every_n_steps
+    if isinstance(save_every, float):
+        save_every = max(1, math.ceil(save_every * steps_per_epoch))
     last = ModelCheckpoint(
         dirpath=out / CHECKPOINTS,
         filename="step{step}",
         save_top_k=0,
         save_last=True,
-        every_n_train_steps=t.save_every_n_steps,
+        every_n_train_steps=save_every,
         auto_insert_metric_name=False,
         enable_version_counter=False,  # one last.ckpt, overwritten: a resumed fit must not leave last-v1.ckpt behind
     )
@@ -96,8 +103,8 @@ def _trainer(section: Stage2Params | Stage3Params, out: Path, task_cls, logger, 
         devices=t.devices,
         num_nodes=t.num_nodes,
         strategy=t.strategy,
-        val_check_interval=t.val_every_n_steps,
-        check_val_every_n_epoch=None,
+        val_check_interval=t.val_every_n_steps,  # int: batches; float: fraction of an epoch (Lightning's meaning)
+        check_val_every_n_epoch=1 if isinstance(t.val_every_n_steps, float) else None,
         log_every_n_steps=1,
         callbacks=callbacks,
         logger=logger,
@@ -169,7 +176,11 @@ def fit(
     data = PairDataModule(
         catalog_root, source_root, section.train.batch_size, section.train.num_workers, section.train.max_tiles
     )
-    trainer, best_cb, _ = _trainer(section, out, spec.task, [mlf, csv], extra_callbacks)
+    data.setup("fit")  # the epoch's length, for cadences given as fractions of it
+    t = section.train
+    world = (t.devices if isinstance(t.devices, int) else 1) * t.num_nodes
+    steps_per_epoch = math.ceil(len(data.train_ids) / (t.batch_size * world) / t.grad_accum_steps)
+    trainer, best_cb, _ = _trainer(section, out, spec.task, [mlf, csv], extra_callbacks, steps_per_epoch)
     if trainer.is_global_zero:
         (out / CHECKPOINTS).mkdir(parents=True, exist_ok=True)
         write_text(settings, json.dumps(wanted, indent=2, sort_keys=True))

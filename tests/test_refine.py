@@ -1,0 +1,202 @@
+"""Stage 2/3 cache writing (:mod:`gac.refine` through :mod:`gac.engine`): resumable, split across ``torchrun`` ranks,
+and bounded in open files however many shards the stores have.
+
+The model is a real Stage 3 grounder (TerraMind tiny, random init) whose zero-initialised pixel head is given small
+random weights, so opt_v3 depends on every input pixel (an untrained grounder would copy opt_v2, and a shifted or mixed
+cache could not be told from a correct one). Everything runs with one intra-op thread, in process and in the
+subprocesses, so caches compare byte for byte.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+from gac.config import CacheParams, CatalogParams, DataParams, MlflowParams, Params, Stage2Params, Stage3Params
+from gac.config import TrainParams as Train
+from gac.store import ShardStore
+
+ONE_THREAD = os.environ | {"OMP_NUM_THREADS": "1", "GAC_PROGRESS": "0"}
+CACHE = CacheParams(device="cpu", batch_size=2, shard_size=2)
+S3 = Stage3Params(img_size=128, cache=CACHE)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def inputs(synthetic_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A catalog of 8 tiles, an opt_v1-like source (the S2 darkened), and a Stage 3 model folder whose output moves."""
+    from gac.data.catalog import build
+    from gac.models.grounding import build_grounder
+    from gac.training.export import save_model
+
+    tmp = tmp_path_factory.mktemp("refine")
+    catalog = tmp / "catalog"
+    build(CatalogParams(out=str(catalog), max_tiles=8, workers=0), synthetic_root, progress=False)
+    cat = ShardStore(catalog)
+    source = ShardStore(tmp / "opt_v1")
+    source.write_shard("00000", cat.index.drop(columns=["shard", "row"]), {"opt": cat.read("s2") // 2 + 100})
+    source.finalize()
+    torch.manual_seed(5)
+    model = build_grounder(S3)
+    with torch.no_grad():
+        torch.nn.init.normal_(model.pixel_head.weight, std=0.05)
+    save_model("stage3", S3, model, tmp / "stage3" / "model")
+    return {"tmp": tmp, "catalog": catalog, "source": source.root, "model": tmp / "stage3" / "model"}
+
+
+@pytest.fixture(scope="module")
+def reference(inputs: dict[str, Path]) -> Path:
+    """opt_v3 written in process, uninterrupted: what every other way of writing it must equal."""
+    from gac.refine import write_cache
+    from gac.training.export import load_model
+
+    stage, _, model = load_model(inputs["model"])
+    out = inputs["tmp"] / "reference"
+    info = write_cache(stage, model, str(inputs["catalog"]), str(inputs["source"]), out, CACHE, progress=False)
+    assert (info["tiles"], info["errors"]) == (8, 0)
+    assert len(ShardStore(out).shard_names()) == 4
+    return out
+
+
+def assert_same_cache(root: Path, expected: Path) -> None:
+    a, b = ShardStore(root), ShardStore(expected)
+    assert list(a.index["patch_id"]) == list(b.index["patch_id"])
+    assert a.index["patch_id"].is_unique
+    np.testing.assert_array_equal(a.read("opt"), b.read("opt"))
+    assert not list(root.rglob(".tmp-*"))
+
+
+def test_the_cache_moves_with_its_input_and_a_rerun_computes_nothing(inputs: dict[str, Path], reference: Path):
+    from gac.refine import write_cache
+    from gac.training.export import load_model
+
+    opt_v3, opt_v2 = ShardStore(reference).read("opt"), ShardStore(inputs["source"]).read("opt")
+    assert not np.array_equal(opt_v3, opt_v2)  # the perturbed head changes every tile...
+    assert np.abs(opt_v3.astype(int) - opt_v2).mean() < 2000  # ...as a residual on its input
+    mtimes = {p: p.stat().st_mtime_ns for p in reference.rglob("opt.npy")}
+    stage, _, model = load_model(inputs["model"])
+    again = write_cache(stage, model, str(inputs["catalog"]), str(inputs["source"]), reference, CACHE)
+    assert again["generated_this_run"] == 0 and again["seconds_per_tile"] > 0  # the first run's timing
+    assert mtimes == {p: p.stat().st_mtime_ns for p in reference.rglob("opt.npy")}
+
+
+def cache_cli(tmp: Path, inputs: dict[str, Path], out: Path) -> list[str]:
+    """``gac stage3 --cache-only``: opt_v3 from the model folder, no training."""
+    params = Params(
+        data=DataParams(source="synthetic"),
+        mlflow=MlflowParams(tracking_uri=f"sqlite:///{tmp}/mlflow.db", artifact_location=str(tmp / "art")),
+        stage3=S3.model_copy(update={"out": str(inputs["model"].parent)}),
+    )
+    (tmp / "params.yaml").write_text(yaml.safe_dump(params.model_dump(mode="json"), sort_keys=False))
+    return [
+        "-m", "gac", "--params", str(tmp / "params.yaml"), "stage3", "--cache-only", "--data-dir",
+        str(inputs["catalog"]), "--stage2-dir", str(inputs["source"]), "--opt-v3-dir", str(out),
+    ]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_a_killed_cache_writer_resumes_to_the_uninterrupted_cache(inputs, reference: Path, tmp_path: Path) -> None:
+    out = tmp_path / "opt_v3"
+    args = cache_cli(tmp_path, inputs, out)
+    with (tmp_path / "killed.log").open("w") as log:
+        proc = subprocess.Popen([sys.executable, *args], stdout=log, stderr=log, env=ONE_THREAD)
+    deadline = time.monotonic() + 600
+    try:
+        while not (out / "shards" / "00000").is_dir():
+            assert proc.poll() is None, (tmp_path / "killed.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "no shard appeared in time"
+            time.sleep(0.02)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    survived = {p.parent.name: p.stat().st_mtime_ns for p in (out / "shards").glob("[!.]*/opt.npy")}
+    assert 0 < len(survived) < 4, "the kill must land between shards"
+    (out / "shards" / ".tmp-00003-killed").mkdir(exist_ok=True)  # what a kill mid-write leaves
+    done = subprocess.run([sys.executable, *args], capture_output=True, text=True, env=ONE_THREAD, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert_same_cache(out, reference)
+    for name, mtime in survived.items():  # finished shards were kept, not redone
+        assert (out / "shards" / name / "opt.npy").stat().st_mtime_ns == mtime
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_write_the_single_process_cache(inputs, reference: Path, tmp_path: Path) -> None:
+    out = tmp_path / "opt_v3"
+    torchrun = Path(sys.executable).with_name("torchrun")
+    args = cache_cli(tmp_path, inputs, out)[1:]  # torchrun -m gac …
+    cmd = [str(torchrun), "--standalone", "--nproc-per-node", "2", *args]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=ONE_THREAD, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    assert_same_cache(out, reference)
+    assert sum("stage3: wrote" in line for line in done.stdout.splitlines()) == 1  # rank 0 reports
+
+
+# -- bounded open files ----------------------------------------------------------------------------------------------
+N_WIDE = 320  # tiles, one per shard, in every store: more shards than the 256 files a process may open
+
+
+@pytest.fixture(scope="module")
+def wide(inputs: dict[str, Path]) -> dict[str, Path]:
+    """A catalog and an opt_v1 of :data:`N_WIDE` one-tile shards (the catalog's tiles repeated under new ids)."""
+    cat = ShardStore(inputs["catalog"])
+    rows = cat.index.drop(columns=["shard", "row"])
+    s1, s2 = cat.read("s1"), cat.read("s2")
+    catalog, source = ShardStore(inputs["tmp"] / "wide_catalog"), ShardStore(inputs["tmp"] / "wide_opt_v1")
+    splits = ["train"] * 160 + ["validation"] * 150 + ["test"] * (N_WIDE - 310)
+    for i in range(N_WIDE):
+        row = rows.iloc[[i % len(rows)]].assign(patch_id=f"wide_{i:04d}", split=splits[i])
+        catalog.write_shard(f"{i:05d}", row, {"s1": s1[[i % len(rows)]], "s2": s2[[i % len(rows)]]})
+        source.write_shard(f"{i:05d}", row, {"opt": s2[[i % len(rows)]] // 2 + 100})
+    catalog.finalize()
+    source.finalize()
+    return {"catalog": catalog.root, "source": source.root}
+
+
+def limit_open_files() -> None:
+    resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))
+
+
+@pytest.mark.slow
+def test_training_and_cache_writing_stay_under_256_open_files(inputs, wide, tmp_path: Path, empty_mlflow_db) -> None:
+    """Stage 2 trains (a validation over 150 one-tile shards) and Stage 3 writes opt_v3 over 320 shards in processes
+    that may open at most 256 files (``RLIMIT_NOFILE``): every memory map held open would need ~800."""
+    shutil.copy(empty_mlflow_db, tmp_path / "mlflow.db")
+    train = Train(batch_size=2, max_steps=2, val_every_n_steps=2, save_every_n_steps=2, accelerator="cpu")
+    params = Params(
+        mlflow=MlflowParams(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db", artifact_location=str(tmp_path / "art")),
+        stage2=Stage2Params(img_size=128, train=train, out=str(tmp_path / "stage2"), cache=CACHE),
+        stage3=S3.model_copy(update={"out": str(inputs["model"].parent)}),
+    )
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params.model_dump(mode="json"), sort_keys=False))
+    common = [sys.executable, "-m", "gac", "--params", str(tmp_path / "params.yaml")]
+    stage2 = [*common, "stage2", "--data-dir", str(wide["catalog"]), "--stage1-dir", str(wide["source"]),
+              "--no-register", "--no-cache", "--metrics", str(tmp_path / "stage2.json")]  # fmt: skip
+    stage3 = [*common, "stage3", "--cache-only", "--data-dir", str(wide["catalog"]), "--stage2-dir",
+              str(wide["source"]), "--opt-v3-dir", str(tmp_path / "opt_v3")]  # fmt: skip
+    for cmd in (stage2, stage3):
+        done = subprocess.run(
+            cmd, capture_output=True, text=True, env=ONE_THREAD, timeout=900, preexec_fn=limit_open_files
+        )
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    assert len(ShardStore(tmp_path / "opt_v3").shard_names()) == N_WIDE // CACHE.shard_size
+    assert len(ShardStore(tmp_path / "opt_v3").index) == N_WIDE
+    assert pd.read_json(tmp_path / "stage2.json", typ="series")["global_step"] == 2
