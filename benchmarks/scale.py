@@ -233,6 +233,11 @@ def measure(name: str, work: Path, n: int, index_only: bool = False) -> tuple[fl
         return pool.submit(_measured, name, str(work), n, index_only).result()
 
 
+def folder_bytes(folder: Path) -> int:
+    """Bytes of every file under ``folder`` (what it costs on disk, indexes and digests included)."""
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
 def geotiff_rate(work: Path) -> float:
     """Tiles per second per core of the catalog's GeoTIFF reader (14 files per tile, 20/60 m bands resampled)."""
     from gac.data import catalog
@@ -261,11 +266,16 @@ def main() -> int:
         catalog.build(CatalogParams(out=str(work / "seed_catalog"), workers=0), work / "seed", progress=False)
         rate = geotiff_rate(work)
         results: dict[str, dict[int, tuple[float, float, int]]] = {}
+        disk: dict[str, float] = {}
         for n in (small, large):
             write_stores(work / f"n{n}", n, work / "seed_catalog")
             for name in STEPS:
                 results.setdefault(name, {})[n] = measure(name, work, n)
+            disk = {store: folder_bytes(work / f"n{n}" / store) / n for store in ("catalog", "opt_v1")}
             shutil.rmtree(work / f"n{n}")
+        for store, per_tile in disk.items():
+            gb = per_tile * REAL / 1e9
+            print(f"disk: {store:8s} {per_tile / 1024:7.1f} KiB/tile -> {gb:6.1f} GB at {REAL:,} tiles")
         for name in INDEX_ONLY:
             results[name][args.index_size] = measure(name, work, args.index_size, index_only=True)
         return report(results, small, large, args.index_size, rate)

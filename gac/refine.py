@@ -100,5 +100,5 @@ def write_cache(
     if report.generated:
         write_timing(out, timing)
     else:  # a rerun that found the cache complete reports the timing of the run that made it
-        timing = read_timing(out) or timing
+        timing = (read_timing(out) or timing) | {"generated_this_run": 0}
     return info | timing
