@@ -38,7 +38,7 @@ INDEX = "index.parquet"
 REJECTED = "rejected.parquet"
 DIGEST = "digest.sha256"
 #: Memory maps (= open files) a store object keeps at most; see :meth:`ShardStore.array`.
-OPEN_MAPS = 32
+OPEN_MAPS = 16
 
 
 def folder_digest(folder: Path) -> str:

@@ -51,7 +51,7 @@ class PairDataset(Dataset):
         (cs, cr), (ss, sr) = self._cat[i], self._src[i]
         return {
             "patch_id": self.patch_ids[i],
-            "s1": torch.from_numpy(np.asarray(catalog.array(cs, "s1")[int(cr)], dtype=np.float32)),
+            "s1": torch.from_numpy(np.array(catalog.array(cs, "s1")[int(cr)], dtype=np.float32)),  # a writable copy
             "source": reflectance(source.array(ss, "opt")[int(sr)]),
             "target": reflectance(catalog.array(cs, "s2")[int(cr)]),
         }
