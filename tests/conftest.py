@@ -45,3 +45,18 @@ def empty_mlflow_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
     MlflowClient(tracking_uri=f"sqlite:///{tmp}", registry_uri=f"sqlite:///{tmp}").search_registered_models()
     tmp.rename(path)
     return path
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module's in-process runs, like its subprocesses (``OMP_NUM_THREADS=1``).
+
+    CPU kernels sum in an order that depends on the thread count (~0.05 % of the DN move by ±1), so caches written in
+    process and by ``gac``/``torchrun`` subprocesses compare byte for byte only at the same count.
+    """
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

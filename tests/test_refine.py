@@ -33,12 +33,7 @@ CACHE = CacheParams(device="cpu", batch_size=2, shard_size=2)
 S3 = Stage3Params(img_size=128, cache=CACHE)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

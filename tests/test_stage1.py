@@ -47,13 +47,7 @@ ONE_THREAD = os.environ | {"OMP_NUM_THREADS": "1"}
 
 
 # -- fixtures ------------------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """In-process generation with one thread, like the subprocesses (see :data:`ONE_THREAD`)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # in-process runs like the subprocesses (see ONE_THREAD)
 
 
 @pytest.fixture(scope="module")
