@@ -94,6 +94,28 @@ def test_the_cache_moves_with_its_input_and_a_rerun_computes_nothing(inputs: dic
     assert mtimes == {p: p.stat().st_mtime_ns for p in reference.rglob("opt.npy")}
 
 
+def test_other_weights_or_other_input_content_rebuild_the_cache(inputs: dict[str, Path], reference: Path, tmp_path):
+    """The fingerprint holds the weights' and the inputs' content: neither a changed model nor a changed opt_v2 at
+    the same path can leave stale shards behind."""
+    from gac.refine import write_cache
+    from gac.training.export import load_model
+
+    out = tmp_path / "opt_v3"
+    shutil.copytree(reference, out)
+    stage, _, model = load_model(inputs["model"])
+    with torch.no_grad():
+        model.pixel_head.bias.add_(0.01)  # other weights
+    other = write_cache(stage, model, str(inputs["catalog"]), str(inputs["source"]), out, CACHE, progress=False)
+    assert other["generated_this_run"] == 8
+    assert not np.array_equal(ShardStore(out).read("opt"), ShardStore(reference).read("opt"))
+    source = tmp_path / "opt_v2"
+    shutil.copytree(inputs["source"], source)
+    store = ShardStore(source)
+    store.write_shard("00000", store.index.drop(columns=["shard", "row"]), {"opt": store.read("opt") + 1})
+    again = write_cache(stage, model, str(inputs["catalog"]), str(source), out, CACHE, progress=False)
+    assert again["generated_this_run"] == 8  # same model, same path, new content: rebuilt
+
+
 def cache_cli(tmp: Path, inputs: dict[str, Path], out: Path) -> list[str]:
     """``gac stage3 --cache-only``: opt_v3 from the model folder, no training."""
     params = Params(
