@@ -243,3 +243,25 @@ def test_the_readmes_disk_table_is_what_the_stores_take(inputs: dict[str, Path],
         kib, gb = float(match[1]), float(match[2])
         assert kib == pytest.approx(measured, rel=0.01)
         assert gb == pytest.approx(kib * 1024 * 549_488 / 1e9, rel=0.005)
+
+
+def test_stage2_cache_only_writes_opt_v2_with_the_saved_model(inputs: dict[str, Path], tmp_path: Path) -> None:
+    """``gac stage2 --cache-only``: no training, opt_v2 from ``<stage2.out>/model`` (identity at init: a copy)."""
+    from gac.models.prithvi import build_refiner
+    from gac.training.export import save_model
+
+    s2 = Stage2Params(img_size=128, cache=CACHE, out=str(tmp_path / "stage2"))
+    save_model("stage2", s2, build_refiner(s2), tmp_path / "stage2" / "model")
+    params = Params(
+        mlflow=MlflowParams(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db", artifact_location=str(tmp_path / "art")),
+        stage2=s2,
+    )
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params.model_dump(mode="json"), sort_keys=False))
+    cmd = [sys.executable, "-m", "gac", "--params", str(tmp_path / "params.yaml"), "stage2", "--cache-only",
+           "--data-dir", str(inputs["catalog"]), "--stage1-dir", str(inputs["source"])]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, env=ONE_THREAD, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"stage2: wrote {tmp_path / 'stage2' / 'opt_v2'} (8 tiles, 0 errors)" in done.stdout
+    assert not (tmp_path / "stage2" / "checkpoints").exists() and not (tmp_path / "mlflow.db").exists()  # no training
+    written = ShardStore(tmp_path / "stage2" / "opt_v2").read("opt")
+    np.testing.assert_array_equal(written, ShardStore(inputs["source"]).read("opt"))  # untrained refiner = identity
