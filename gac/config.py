@@ -47,6 +47,9 @@ class DataParams(Section):
     root: str = "data"
     #: ``sample`` (embedded real reBEN tiles), ``synthetic`` (seeded generator) or ``bigearthnet`` (the real dataset).
     source: Literal["sample", "synthetic", "bigearthnet"] = "sample"
+    #: reBEN quality flags whose tiles are neither trained on nor scored (``[]`` keeps every tile): a cloudy or snowy
+    #: Sentinel-2 target is not the surface the SAR saw, so learning or scoring against it rewards the wrong answer.
+    exclude: list[Literal["cloud_or_shadow", "seasonal_snow"]] = ["cloud_or_shadow", "seasonal_snow"]
 
 
 class MlflowParams(Section):

@@ -7,7 +7,19 @@ Rows of the ablation (each scored against the catalog's real Sentinel-2 tile wit
 ``stage1+2``    opt_v2, after the Prithvi-EO + LoRA refinement (``<stage2.out>/opt_v2``)
 ``full``        opt_v3, after the TerraMind cross-attention grounding (``<stage3.out>/opt_v3``)
 ``baseline``    the per-pixel ridge regression of :mod:`gac.baseline`, fitted here on the catalog's train split
+``truth``       the real Sentinel-2 tile scored against itself: what a perfect model gets (every target must be met
+                here, or the target is unreachable by definition)
 ==============  =============================================================
+
+``block_periodicity`` (:func:`gac.metrics.block_periodicity`, lower is better, natural images < 0) is scored on what
+each row *adds to its input*: ``opt_v2 − opt_v1`` for ``stage1+2``, ``opt_v3 − opt_v2`` for ``full`` — a decoder that
+paints 16 px token blocks scores near +1 there — and on the image itself for the rows without an image input
+(``stage1``, ``baseline``, ``truth``: the truth's value is the reference of a real image).
+
+Tiles whose target is flagged cloudy or snowy (``data.exclude``) are not scored; how many each flag removed is
+reported (``provenance.excluded``). ``leakage`` compares Stage 2's gain over opt_v1 on the train tiles it was fitted on
+with its gain on the scored split (Stage 3 trains on opt_v2 of train tiles, which are better than what unseen tiles get;
+see the README "Method").
 
 All rows are scored on the same tiles: the split's tiles present in *every* cache (a stage may reject a tile; how
 many each cache lacks is reported). A row's value of a metric is the mean of its per-tile values; the same means are
@@ -17,11 +29,12 @@ by the stage that made it, see :mod:`gac.provenance`); the baseline's is measure
 Outputs (``out_dir``, default ``evaluate.out``, replaced as a whole):
 
 * ``plots/ablation.csv`` (rows × metrics, for ``dvc plots``), ``plots/groups.csv``, ``plots/per_tile.csv``;
-* ``figures/<patch_id>_compare.png``: SAR VV, opt_v1, opt_v2, opt_v3, truth (true colour B04/B03/B02, one stretch
-  for the whole row: the truth's 2–98 % percentiles) and the error ``|opt_v3 − truth|``;
+* ``figures/<patch_id>_compare.png``: σ⁰ VV and VH (fixed dB windows), opt_v1, opt_v2, opt_v3 titled with their
+  per-tile PSNR, SSIM, SAM and SAR-edge scores, the truth (true colour B04/B03/B02, one stretch for the whole row:
+  the truth's 2–98 % percentiles) and the error ``|opt_v3 − truth|`` (mean over the 12 bands, reflectance);
 * ``figures/<patch_id>_grounding.png``: ``|opt_v3 − opt_v2|`` with the SAR's Sobel edges as contours (where Stage 3
   changed the image, and whether that is where the radar sees boundaries); ``figures/<patch_id>_attention.png`` when
-  an attention-map hook is given;
+  an attention-map hook is given. Every figure states its composite, stretch, units and bands (:mod:`gac.figures`);
 * ``geotiff/<patch_id>_opt_v3.tif`` with the tile's CRS and transform; ``baseline.npz`` (the fitted baseline);
 
 plus the metrics JSON (``dvc metrics show``), one MLflow run with everything, and ``eval.<metric>`` tags plus an
@@ -34,7 +47,7 @@ import json
 import math
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,21 +57,26 @@ import pandas as pd
 
 from gac.atomic import atomic_path, write_text
 from gac.config import Params
-from gac.data.layout import S2_BANDS
+from gac.data.catalog import flagged, keep_unflagged
 from gac.errors import GacError
+from gac.figures import save_attention, save_comparison, save_grounding
 from gac.provenance import read_provenance
 from gac.store import ShardStore
 
 #: Ablation row → the stage whose cache it reads (``None``: computed here).
-ROWS: dict[str, str | None] = {"stage1": "stage1", "stage1+2": "stage2", "full": "stage3", "baseline": None}
+ROWS: dict[str, str | None] = {
+    "stage1": "stage1", "stage1+2": "stage2", "full": "stage3", "baseline": None, "truth": None,
+}  # fmt: skip
+#: The row whose output each stage row refines: its block periodicity is scored on the difference.
+INPUT_ROW: dict[str, str] = {"stage1+2": "stage1", "full": "stage1+2"}
 #: Cache name of each stage's output, for labels.
 LABELS: dict[str, str] = {"stage1": "opt_v1", "stage2": "opt_v2", "stage3": "opt_v3"}
 #: Index columns the per-group tables are made over.
 GROUPS: tuple[str, ...] = ("country", "season")
 #: Metric keys of :func:`gac.metrics.per_tile` in table order (``lpips`` is added when configured).
-METRICS: tuple[str, ...] = ("psnr", "ssim", "ms_ssim", "sam_deg", "mae", "rmse", "ndvi_err", "sar_edge")
-RGB = tuple(S2_BANDS.index(b) for b in ("B04", "B03", "B02"))
-DN_SCALE = 10000.0
+METRICS: tuple[str, ...] = (
+    "psnr", "ssim", "ms_ssim", "sam_deg", "mae", "rmse", "ndvi_err", "sar_edge", "block_periodicity",
+)  # fmt: skip
 
 AttentionMaps = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
@@ -107,18 +125,25 @@ def open_caches(cfg: Params) -> dict[str, Cache]:
     return caches
 
 
-def common_tiles(catalog: ShardStore, caches: dict[str, Cache], split: str) -> tuple[pd.DataFrame, dict[str, int]]:
-    """Catalog rows of ``split`` present in every cache, sorted by patch id, and how many each cache lacks."""
+def common_tiles(
+    catalog: ShardStore, caches: dict[str, Cache], split: str, exclude: Sequence[str] = ()
+) -> tuple[pd.DataFrame, dict[str, int], dict[str, int]]:
+    """Unflagged catalog rows of ``split`` present in every cache, sorted by patch id; what each cache lacks and
+    how many tiles each ``exclude`` flag removed."""
     index = catalog.index
     rows = index[index["split"] == split].sort_values("patch_id").reset_index(drop=True)
     if rows.empty:
         raise GacError(f"{catalog.root}: no '{split}' tiles in the catalog (check evaluate.split and catalog.splits)")
+    excluded = {flag: int(mask.sum()) for flag, mask in flagged(rows, exclude).items()}
+    rows = keep_unflagged(rows, exclude).reset_index(drop=True)
+    if rows.empty:
+        raise GacError(f"every '{split}' tile is flagged {excluded}: nothing to score (see data.exclude)")
     present = {stage: rows["patch_id"].isin(set(c.store.index["patch_id"])) for stage, c in caches.items()}
     missing = {LABELS[stage]: int((~mask).sum()) for stage, mask in present.items()}
     keep = np.logical_and.reduce(list(present.values()))
     if not keep.any():
         raise GacError(f"none of the {len(rows)} '{split}' tiles is in every cache (missing: {missing}); rerun stages")
-    return rows[keep].reset_index(drop=True), missing
+    return rows[keep].reset_index(drop=True), missing, excluded
 
 
 # ------------------------------------------------------------------------------------------------ scoring
@@ -149,12 +174,17 @@ def score(
             t0 = time.perf_counter()
             preds["baseline"] = baseline.predict(s1)
             baseline_seconds += time.perf_counter() - t0
-        truth = torch.from_numpy(catalog.read("s2", chunk).astype(np.float32)).to(device)
-        s1_t = torch.from_numpy(s1).to(device)
+        preds["truth"] = catalog.read("s2", chunk)
+        tensors = {row: torch.from_numpy(pred.astype(np.float32)).to(device) for row, pred in preds.items()}
+        truth, s1_t = tensors["truth"], torch.from_numpy(s1).to(device)
         meta = pd.DataFrame({"patch_id": chunk["patch_id"].to_numpy(),
                              **{g: chunk[g].to_numpy() if g in chunk else "unknown" for g in GROUPS}})  # fmt: skip
-        for row, pred in preds.items():
-            values = metrics.per_tile(torch.from_numpy(pred.astype(np.float32)).to(device), truth, s1_t, lpips_fn)
+        for row, pred in tensors.items():
+            values = metrics.per_tile(pred, truth, s1_t, lpips_fn)
+            added = metrics.to_reflectance(pred)
+            if row in INPUT_ROW:
+                added = added - metrics.to_reflectance(tensors[INPUT_ROW[row]])
+            values["block_periodicity"] = metrics.block_periodicity(added).cpu()
             frames.append(meta.assign(row=row, **{k: v.numpy() for k, v in values.items()}))
     per_tile = pd.concat(frames, ignore_index=True)
     return per_tile, baseline_seconds / len(rows)
@@ -213,96 +243,6 @@ def _finite(data: Any) -> Any:
 # ------------------------------------------------------------------------------------------------ pictures
 
 
-def _rgb(dn: np.ndarray) -> np.ndarray:
-    """True colour (H, W, 3) reflectance from 12-band DN."""
-    return np.moveaxis(dn[list(RGB)].astype(np.float32) / DN_SCALE, 0, -1)
-
-
-def sar_edges(s1_db: np.ndarray) -> np.ndarray:
-    """Sobel magnitude (H, W) of the 5×5-smoothed mean of VV and VH, as in :func:`gac.metrics.sar_edge_agreement`."""
-    from scipy import ndimage
-
-    from gac.baseline import box_mean
-
-    smooth = box_mean(s1_db.astype(np.float64).mean(axis=0))
-    return np.hypot(ndimage.sobel(smooth, axis=0, mode="mirror"), ndimage.sobel(smooth, axis=1, mode="mirror"))
-
-
-def _edge_contours(ax, edges: np.ndarray) -> None:
-    level = float(np.percentile(edges, 90))
-    if level > edges.min():
-        ax.contour(edges, levels=[level], colors="cyan", linewidths=0.6)
-
-
-def _bare(ax, title: str) -> None:
-    ax.set_title(title, fontsize=9)
-    ax.set_xticks([])
-    ax.set_yticks([])
-
-
-def save_comparison(path: Path, s1_db: np.ndarray, opts: dict[str, np.ndarray], truth: np.ndarray, title: str) -> None:
-    """SAR VV, each optical prediction and the truth, and ``|last − truth|``.
-
-    Every true-colour panel gets the same linear stretch, the truth's 2–98 % percentiles (one pair for the three
-    bands, so colours keep their balance): a prediction that is too bright or too dark then looks it, instead of
-    being rescaled into looking right; and noisy predictions do not flatten the contrast of the whole row.
-    """
-    from matplotlib.figure import Figure
-
-    rgbs = {**{k: _rgb(v) for k, v in opts.items()}, "truth (S2 L2A)": _rgb(truth)}
-    lo, hi = np.percentile(rgbs["truth (S2 L2A)"], [2, 98])
-    hi = hi if hi > lo else lo + 1e-6
-    error = np.abs(list(opts.values())[-1].astype(np.float32) - truth.astype(np.float32)).mean(axis=0) / DN_SCALE
-    fig = Figure(figsize=(3.0 * (len(rgbs) + 2), 3.4))
-    axes = fig.subplots(1, len(rgbs) + 2)
-    axes[0].imshow(s1_db[0], cmap="gray")
-    _bare(axes[0], "SAR VV (dB)")
-    for ax, (name, rgb) in zip(axes[1:], rgbs.items(), strict=False):
-        ax.imshow(np.clip((rgb - lo) / (hi - lo), 0, 1))
-        _bare(ax, name)
-    im = axes[-1].imshow(error, cmap="inferno", vmin=0)
-    fig.colorbar(im, ax=axes[-1], fraction=0.046, pad=0.04)
-    _bare(axes[-1], f"|{list(opts)[-1].split()[0]} − truth| (refl.)")
-    fig.suptitle(title, fontsize=9)
-    fig.savefig(path, dpi=100, bbox_inches="tight")
-
-
-def save_grounding(path: Path, s1_db: np.ndarray, before: np.ndarray, after: np.ndarray, title: str) -> None:
-    """Where Stage 3 changed the image, ``|opt_v3 − opt_v2|`` (mean over bands), against the SAR's edges."""
-    from matplotlib.figure import Figure
-
-    change = np.abs(after.astype(np.float32) - before.astype(np.float32)).mean(axis=0) / DN_SCALE
-    edges = sar_edges(s1_db)
-    fig = Figure(figsize=(7.5, 3.6))
-    axes = fig.subplots(1, 2)
-    axes[0].imshow(s1_db[0], cmap="gray")
-    _edge_contours(axes[0], edges)
-    _bare(axes[0], "SAR VV (dB) + SAR edges")
-    im = axes[1].imshow(change, cmap="magma", vmin=0)
-    _edge_contours(axes[1], edges)
-    fig.colorbar(im, ax=axes[1], fraction=0.046, pad=0.04)
-    _bare(axes[1], "|opt_v3 − opt_v2| (refl.) + SAR edges")
-    fig.suptitle(title, fontsize=9)
-    fig.savefig(path, dpi=100, bbox_inches="tight")
-
-
-def save_attention(path: Path, s1_db: np.ndarray, attention: np.ndarray, title: str) -> None:
-    """A Stage 3 cross-attention map (any resolution) over the SAR it attends to."""
-    from matplotlib.figure import Figure
-
-    h, w = s1_db.shape[-2:]
-    fig = Figure(figsize=(7.5, 3.6))
-    axes = fig.subplots(1, 2)
-    axes[0].imshow(s1_db[0], cmap="gray")
-    axes[0].imshow(attention, cmap="viridis", alpha=0.5, extent=(-0.5, w - 0.5, h - 0.5, -0.5))
-    _bare(axes[0], "attention over SAR VV")
-    im = axes[1].imshow(attention, cmap="viridis")
-    fig.colorbar(im, ax=axes[1], fraction=0.046, pad=0.04)
-    _bare(axes[1], "decoder cross-attention")
-    fig.suptitle(title, fontsize=9)
-    fig.savefig(path, dpi=100, bbox_inches="tight")
-
-
 def visualise(out: Path, rows: pd.DataFrame, catalog: ShardStore, caches: dict[str, Cache], per_tile: pd.DataFrame,
               attention_maps: AttentionMaps | None = None) -> list[str]:  # fmt: skip
     """Pictures and opt_v3 GeoTIFFs of ``rows``; returns their patch ids."""
@@ -314,14 +254,16 @@ def visualise(out: Path, rows: pd.DataFrame, catalog: ShardStore, caches: dict[s
     s1, truth = catalog.read("s1", rows), catalog.read("s2", rows)
     opts = {stage: c.store.read("opt", c.store.rows_for(rows["patch_id"])) for stage, c in caches.items()}
     attention = attention_maps(s1, opts["stage2"]) if attention_maps is not None else None
-    psnr = per_tile.set_index(["patch_id", "row"])["psnr"]
+    scores = per_tile.set_index(["patch_id", "row"])
+    shown = {row: LABELS[stage] for row, stage in ROWS.items() if stage is not None}  # ablation row -> opt_vN
     for i, pid in enumerate(rows["patch_id"]):
-        named = {f"{LABELS[stage]} ({row}, {psnr[pid, row]:.2f} dB)": opts[stage][i]
-                 for row, stage in ROWS.items() if stage is not None}  # fmt: skip
-        save_comparison(out / "figures" / f"{pid}_compare.png", s1[i], named, truth[i], pid)
-        save_grounding(out / "figures" / f"{pid}_grounding.png", s1[i], opts["stage2"][i], opts["stage3"][i], pid)
+        named = {label: opts[ROWS[row]][i] for row, label in shown.items()}
+        tile_scores = {label: scores.loc[(pid, row)].to_dict() for row, label in shown.items()}
+        title = " · ".join([pid, *(str(rows[g].iloc[i]) for g in GROUPS if g in rows)])  # where and when
+        save_comparison(out / "figures" / f"{pid}_compare.png", s1[i], named, truth[i], title, tile_scores)
+        save_grounding(out / "figures" / f"{pid}_grounding.png", s1[i], opts["stage2"][i], opts["stage3"][i], title)
         if attention is not None:
-            save_attention(out / "figures" / f"{pid}_attention.png", s1[i], np.asarray(attention[i]), pid)
+            save_attention(out / "figures" / f"{pid}_attention.png", s1[i], np.asarray(attention[i]), title)
         export_geotiff(caches["stage3"].store.root, pid, out / "geotiff" / f"{pid}_opt_v3.tif")
     return list(rows["patch_id"])
 
@@ -337,6 +279,40 @@ def _write_csvs(out: Path, table: dict, groups: dict, per_tile: pd.DataFrame) ->
             for r, m in t.items()]  # fmt: skip
     pd.DataFrame(flat).to_csv(plots / "groups.csv", index=False)
     per_tile.to_csv(plots / "per_tile.csv", index=False)
+
+
+def leakage_gap(
+    catalog: ShardStore, caches: dict[str, Cache], per_tile: pd.DataFrame, exclude: Sequence[str], batch_size: int
+) -> dict[str, float]:
+    """Stage 2's PSNR gain over opt_v1 on its own (unflagged) train tiles vs on the scored tiles, in dB.
+
+    Stage 3 trains on the opt_v2 Stage 2 wrote for the tiles Stage 2 itself was fitted on; a positive gap is how much
+    better that input is than what unseen tiles get at inference (``{}`` when the catalog has no train tiles).
+    """
+    import torch
+
+    from gac import metrics
+
+    index = keep_unflagged(catalog.index, exclude)
+    train = index[index["split"] == "train"]
+    train = train[train["patch_id"].isin(caches["stage1"].store.index["patch_id"])
+                  & train["patch_id"].isin(caches["stage2"].store.index["patch_id"])]  # fmt: skip
+    if train.empty:
+        return {}
+    v1, v2 = (caches[s].store.rows_for(train["patch_id"]) for s in ("stage1", "stage2"))
+    gains = []
+    for start in range(0, len(train), batch_size):
+        end = start + batch_size
+        truth = metrics.to_reflectance(torch.from_numpy(catalog.read("s2", train.iloc[start:end]).astype(np.float32)))
+        p1, p2 = (metrics.to_reflectance(torch.from_numpy(caches[s].store.read("opt", rows.iloc[start:end])
+                                                          .astype(np.float32)))
+                  for s, rows in (("stage1", v1), ("stage2", v2)))  # fmt: skip
+        gains.append(metrics.psnr(p2, truth) - metrics.psnr(p1, truth))
+    scored = per_tile.set_index(["row", "patch_id"])["psnr"]
+    gain_scored = float((scored["stage1+2"] - scored["stage1"]).mean())
+    gain_train = float(torch.cat(gains).mean())
+    return {"stage2_gain_train_db": gain_train, "stage2_gain_scored_db": gain_scored,
+            "gap_db": gain_train - gain_scored, "train_tiles": len(train)}  # fmt: skip
 
 
 def _fit_baseline(cfg: Params, catalog: ShardStore):
@@ -359,6 +335,7 @@ def evaluate(
     metrics_path: str | Path = "metrics/evaluate.json",
     attention_maps: AttentionMaps | None = None,
     verbose: bool = True,
+    baseline_catalog: str | Path | None = None,
 ) -> dict[str, Any]:
     """Score every ablation row on ``cfg.evaluate.split``; write, log and tag everything (see the module docstring).
 
@@ -369,6 +346,7 @@ def evaluate(
         attention_maps: Optional hook ``(s1_db (B, 2, H, W), opt_v2_dn (B, 12, H, W)) -> (B, h, w)``; when given,
             an attention picture is saved per visualised tile.
         verbose: Print the ablation table and the tile counts.
+        baseline_catalog: Catalog whose train split the baseline is fitted on (default: ``cfg.catalog.out``).
 
     Returns:
         The content of ``metrics_path``: ``{row: {metric: value}}``, ``groups`` and ``provenance``.
@@ -383,8 +361,9 @@ def evaluate(
     out = Path(out_dir or p.out)
     catalog = ShardStore(cfg.catalog.out)
     caches = open_caches(cfg)
-    rows, missing = common_tiles(catalog, caches, p.split)
-    baseline, fit_seconds = _fit_baseline(cfg, catalog)
+    rows, missing, excluded = common_tiles(catalog, caches, p.split, cfg.data.exclude)
+    fit_catalog = ShardStore(baseline_catalog) if baseline_catalog is not None else catalog
+    baseline, fit_seconds = _fit_baseline(cfg, fit_catalog)
     lpips_fn = None
     if p.lpips_weights_path or p.lpips_backbone_path:
         from gac.metrics import lpips_metric
@@ -395,16 +374,19 @@ def evaluate(
     table = summarise(per_tile, metric_names)
     for row, stage in ROWS.items():
         if row in table:
-            table[row]["seconds_per_tile"] = caches[stage].provenance.get("seconds_per_tile") if stage else baseline_spt
+            seconds = {"baseline": baseline_spt, "truth": None}.get(row)
+            table[row]["seconds_per_tile"] = caches[stage].provenance.get("seconds_per_tile") if stage else seconds
     groups = group_tables(per_tile, metric_names)
     split_tiles = int((catalog.index["split"] == p.split).sum())
     stages = {stage: {**c.provenance, "cache": str(c.store.root)} for stage, c in caches.items()}
     if baseline is not None:
         stages["baseline"] = {"weights_origin": f"ridge regression fitted on {baseline.tiles} catalog train tiles",
-                              "fit_seconds": round(fit_seconds, 3), "ridge": baseline.ridge}  # fmt: skip
+                              "fit_seconds": round(fit_seconds, 3), "ridge": baseline.ridge,
+                              "catalog": str(fit_catalog.root)}  # fmt: skip
     provenance = {"split": p.split, "data_source": cfg.data.source, "catalog": str(catalog.root),
                   "tiles_in_split": split_tiles, "tiles_evaluated": len(rows), "missing": missing,
-                  "stages": stages}  # fmt: skip
+                  "excluded": excluded, "stages": stages}  # fmt: skip
+    leakage = leakage_gap(catalog, caches, per_tile, cfg.data.exclude, p.batch_size)
 
     with atomic_path(out) as tmp:
         tmp.mkdir()
@@ -415,8 +397,14 @@ def evaluate(
     text = format_table(table, metric_names)
     if verbose:
         lacking = ", ".join(f"{k} {v}" for k, v in missing.items() if v) or "none"
-        print(f"Evaluated {len(rows)} of {split_tiles} '{p.split}' tiles (missing from caches: {lacking})")
+        flags = ", ".join(f"{k} {v}" for k, v in excluded.items()) or "no filter"
+        print(f"Evaluated {len(rows)} of {split_tiles} '{p.split}' tiles (missing from caches: {lacking}; "
+              f"excluded by data.exclude: {flags})")  # fmt: skip
         print(text)
+        if leakage:
+            print(f"Stage 2 gain over opt_v1: {leakage['stage2_gain_train_db']:+.2f} dB on the train tiles it was "
+                  f"fitted on, {leakage['stage2_gain_scored_db']:+.2f} dB on these (gap {leakage['gap_db']:+.2f} dB: "
+                  f"what Stage 3's training input overstates)")  # fmt: skip
 
     tags = {"gac.split": p.split, "gac.data_source": cfg.data.source}
     with tracking.start_run(cfg.mlflow, "evaluate", tags=tags) as run:
@@ -425,7 +413,7 @@ def evaluate(
         mlflow.log_metrics({metric_key(r, m): float(v) for r, vals in table.items() for m, v in vals.items()
                             if v is not None and math.isfinite(v)})  # fmt: skip
         provenance["mlflow_run_id"] = run.info.run_id
-        result = _finite({**table, "groups": groups, "provenance": provenance})
+        result = _finite({**table, "groups": groups, "leakage": leakage, "provenance": provenance})
         write_text(metrics_path, json.dumps(result, indent=2, sort_keys=True, default=str) + "\n")
         mlflow.log_artifacts(str(out), artifact_path="evaluate")
         mlflow.log_artifact(str(metrics_path))

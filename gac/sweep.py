@@ -69,7 +69,9 @@ def suggest(trial, cfg: Params):
     return config.override(section, lora=lora.model_dump(), train=train.model_dump(), out=out, **weights)
 
 
-def score(stage: str, model, catalog_root: str, source_root: str, split: str = "validation") -> dict[str, float]:
+def score(
+    stage: str, model, catalog_root: str, source_root: str, split: str = "validation", exclude: tuple[str, ...] = ()
+) -> dict[str, float]:
     """Mean per-tile metrics of ``model`` on ``split`` (the values the study optimises)."""
     import torch
 
@@ -78,7 +80,7 @@ def score(stage: str, model, catalog_root: str, source_root: str, split: str = "
     from gac.training.data import PairDataset, rows_of
     from gac.training.export import apply
 
-    ids = list(rows_of(ShardStore(catalog_root), ShardStore(source_root), split)["patch_id"])
+    ids = list(rows_of(ShardStore(catalog_root), ShardStore(source_root), split, exclude=exclude)["patch_id"])
     loader = torch.utils.data.DataLoader(PairDataset(catalog_root, source_root, ids), batch_size=8)
     sums: dict[str, float] = {}
     with torch.inference_mode():
@@ -167,9 +169,9 @@ def run(cfg: Params, n_trials: int | None = None, register: bool = True) -> dict
         trial.set_user_attr("worker", worker)
         result = fit(stage, section, cfg.mlflow, catalog_root, source_root, register=False,
                      tags={"gac.data": cfg.data.source, "optuna.trial": str(trial.number)},
-                     run_id=mlflow.active_run().info.run_id)  # fmt: skip
+                     run_id=mlflow.active_run().info.run_id, exclude=cfg.data.exclude)  # fmt: skip
         _, _, model = load_model(result.model_dir)
-        values = score(stage, model, catalog_root, source_root)
+        values = score(stage, model, catalog_root, source_root, exclude=tuple(cfg.data.exclude))
         trial.set_user_attr("model_dir", result.model_dir)
         trial.set_user_attr("run_id", result.run_id)
         out = [values[k] for k in OBJECTIVES]

@@ -71,7 +71,7 @@ def world(tmp_path_factory, empty_mlflow_db):
         versions[stage] = str(client.create_model_version(name, source=str(tmp / "model")).version)
         client.update_model_version(name, versions[stage], description=f"# {name}\n\n## Data\n- source: synthetic\n")
     cfg = Params(
-        data=DataParams(root=str(tmp / "data"), source="synthetic"),
+        data=DataParams(root=str(tmp / "data"), source="synthetic", exclude=[]),  # every tile: counts known
         mlflow=MlflowParams(tracking_uri=uri, artifact_location=str(tmp / "artifacts"), experiment="gac-test"),
         catalog=CatalogParams(out=str(tmp / "catalog")),
         stage1=Stage1Params(out=str(tmp / "stage1")),
@@ -119,6 +119,18 @@ def test_metrics_json_has_every_row_metric_and_group(world):
     assert prov["missing"] == {"opt_v1": 0, "opt_v2": 0, "opt_v3": 1}
     assert prov["stages"]["stage2"]["weights_origin"] == "random init (stage2)"
     assert "ridge regression" in prov["stages"]["baseline"]["weights_origin"]
+
+
+def test_truth_row_is_perfect_and_meets_every_target(world):
+    from gac.config import TargetParams
+
+    truth, targets = world["result"]["truth"], TargetParams()
+    assert truth["psnr"] == 100.0 and truth["ssim"] == pytest.approx(1.0) and truth["sar_edge"] == 0.0
+    assert truth["psnr"] >= targets.psnr and truth["ssim"] >= targets.ssim
+    assert truth["sam_deg"] <= targets.sam_deg and truth["sar_edge"] <= targets.sar_edge
+    assert truth["block_periodicity"] < 0  # a real image decorrelates with distance: the reference value
+    # what the noisy stages add is white noise: no token blocks
+    assert all(abs(world["result"][row]["block_periodicity"]) < 0.05 for row in ("stage1+2", "full"))
 
 
 def test_ablation_ordering_known_by_construction(world):
@@ -234,3 +246,23 @@ def test_cli_overrides_split_and_paths(world, tmp_path):
     assert saved["provenance"]["split"] == "validation" and saved["full"]["tiles"] == n_val
     assert (tmp_path / "val" / "plots" / "ablation.csv").is_file()
     assert not (tmp_path / "val" / "figures").exists()
+
+
+def test_flagged_targets_are_excluded_and_counted(world, tmp_path):
+    """Last in the file: it logs a second evaluation run into the shared registry."""
+    catalog, cfg = world["catalog"], world["cfg"]
+    test = catalog.index[catalog.index["split"] == "test"]
+    cloudy = set(test.loc[test["contains_cloud_or_shadow"], "patch_id"])
+    snowy = set(test.loc[test["contains_seasonal_snow"], "patch_id"])
+    assert cloudy or snowy, "the synthetic set should contain flagged test tiles"
+    filtered = cfg.model_copy(update={"data": cfg.data.model_copy(update={"exclude": ["cloud_or_shadow",
+                                                                                     "seasonal_snow"]})})  # fmt: skip
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        result = evaluate(filtered, tmp_path / "out", metrics_path=tmp_path / "evaluate.json", verbose=True)
+    assert result["provenance"]["excluded"] == {"cloud_or_shadow": len(cloudy), "seasonal_snow": len(snowy)}
+    kept = set(test["patch_id"]) - cloudy - snowy - {world["dropped"]}
+    assert result["full"]["tiles"] == len(kept)
+    assert f"cloud_or_shadow {len(cloudy)}, seasonal_snow {len(snowy)}" in stdout.getvalue()
+    per_tile = pd.read_csv(tmp_path / "out" / "plots" / "per_tile.csv")
+    assert set(per_tile["patch_id"]) == kept

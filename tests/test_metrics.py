@@ -195,65 +195,104 @@ def _optical(classes: np.ndarray, rng: np.random.Generator) -> torch.Tensor:
 
 
 def test_sar_edge_agreement_behaviour() -> None:
+    """0 for the real image (a perfect model meets any target), ≈ 1 flat, worse for edges the truth lacks."""
     rng = np.random.default_rng(0)
     classes, other = _blobs(rng), _blobs(rng)
-    s1 = _sar(classes, rng)
+    s1, truth = _sar(classes, rng), _optical(classes, rng)
 
-    same = metrics.sar_edge_agreement(_optical(classes, rng), s1)
-    inverted = metrics.sar_edge_agreement(_optical(1 - classes, rng), s1)  # edges, not their polarity, count
-    independent = metrics.sar_edge_agreement(_optical(other, rng), s1)
-    flat = metrics.sar_edge_agreement(torch.full((1, 12, N, N), 0.2), s1)
-    assert same.shape == (1,)
-    assert same.item() < 0.05
-    assert inverted.item() < 0.05
-    assert abs(independent.item() - 0.5) < 0.1
-    assert flat.item() == pytest.approx(0.5, abs=1e-3)
+    perfect = metrics.sar_edge_agreement(truth, truth, s1)
+    resampled = metrics.sar_edge_agreement(_optical(classes, rng), truth, s1)  # same scene, other sensor noise
+    inverted = metrics.sar_edge_agreement(_optical(1 - classes, rng), truth, s1)  # edges, not their polarity, count
+    elsewhere = metrics.sar_edge_agreement(_optical(other, rng), truth, s1)
+    flat = metrics.sar_edge_agreement(torch.full((1, 12, N, N), 0.2), truth, s1)
+    halved = metrics.sar_edge_agreement(0.2 + 0.5 * (truth - 0.2), truth, s1)  # edges at half contrast
+    assert perfect.shape == (1,) and perfect.item() == 0.0
+    assert resampled.item() < 0.1 and inverted.item() < 0.1
+    assert flat.item() > 0.95
+    assert elsewhere.item() > 0.5
+    assert halved.item() == pytest.approx(1 / 3, abs=0.05)  # |g − g/2| / (g + g/2)
+    assert perfect < resampled < halved < elsewhere < flat
 
-    # Anti-correlated edges: 10-px stripes in the left half of the SAR, in the right half of the optical image.
-    stripes = np.tile(((np.arange(N) // 5) % 2).astype(np.float64), (N, 1))
-    left, right = stripes.copy(), stripes.copy()
-    left[:, N // 2 :] = 0
-    right[:, : N // 2] = 0
-    anti = metrics.sar_edge_agreement(_optical(right, rng), _sar(left, rng))
-    assert anti.item() > 0.75
-
-    batch = metrics.sar_edge_agreement(torch.rand(3, 12, N, N), torch.randn(3, 2, N, N) * 3 - 12)
+    batch = metrics.sar_edge_agreement(torch.rand(3, 12, N, N), torch.rand(3, 12, N, N), torch.randn(3, 2, N, N) - 12)
     assert batch.shape == (3,)
     assert ((batch >= 0) & (batch <= 1)).all()
 
 
-def test_sar_edge_agreement_is_scale_free() -> None:
+def test_sar_edge_agreement_scores_only_where_the_sar_sees_edges() -> None:
+    """An optical error where the radar is flat costs nothing; the same error on the radar's edges does."""
+    rng = np.random.default_rng(3)
+    stripes = np.tile(((np.arange(N) // 10) % 2).astype(np.float64), (N, 1))
+    left = stripes.copy()
+    left[:, N // 2 :] = 0  # the SAR sees stripes only in the left half
+    s1, truth = _sar(left, rng), _optical(stripes, rng)  # the real optical image has stripes everywhere
+    blur_left, blur_right = truth.clone(), truth.clone()
+    blur_left[..., : N // 2] = truth[..., : N // 2].mean()
+    blur_right[..., N // 2 :] = truth[..., N // 2 :].mean()
+    on_sar_edges = metrics.sar_edge_agreement(blur_left, truth, s1).item()
+    off_sar_edges = metrics.sar_edge_agreement(blur_right, truth, s1).item()
+    assert on_sar_edges > 3 * off_sar_edges, (on_sar_edges, off_sar_edges)
+
+
+def test_sar_edge_agreement_is_scale_free_in_the_sar() -> None:
     rng = np.random.default_rng(1)
     classes = _blobs(rng)
-    s1, opt = _sar(classes, rng), _optical(_blobs(rng), rng)
-    base = metrics.sar_edge_agreement(opt, s1)
-    torch.testing.assert_close(metrics.sar_edge_agreement(opt * 0.5, s1 * 3 - 7), base, atol=1e-4, rtol=0)
+    s1, opt, truth = _sar(classes, rng), _optical(_blobs(rng), rng), _optical(classes, rng)
+    base = metrics.sar_edge_agreement(opt, truth, s1)
+    torch.testing.assert_close(metrics.sar_edge_agreement(opt, truth, s1 * 3 - 7), base, atol=1e-4, rtol=0)
+    # and in the optical scale when prediction and truth scale together
+    torch.testing.assert_close(metrics.sar_edge_agreement(opt * 0.5, truth * 0.5, s1), base, atol=1e-3, rtol=0)
 
 
 def test_sar_edge_agreement_gradients_are_finite() -> None:
     rng = np.random.default_rng(2)
-    s1 = _sar(_blobs(rng), rng)
+    classes = _blobs(rng)
+    s1, truth = _sar(classes, rng), _optical(classes, rng)
     for start in (torch.rand(1, 12, N, N), torch.full((1, 12, N, N), 0.2)):  # textured, and flat (sqrt at 0)
         opt = start.clone().requires_grad_(True)
-        loss = metrics.sar_edge_agreement(opt, s1, reduction="mean")
+        loss = metrics.sar_edge_agreement(opt, truth, s1, reduction="mean")
         loss.backward()
         assert loss.ndim == 0
         assert torch.isfinite(opt.grad).all()
-    # One gradient step along -grad must lower the loss of a textured start: the gradient points somewhere useful.
+    # Gradient steps along -grad must lower the loss of a textured start: the gradient points somewhere useful.
     opt = torch.rand(1, 12, N, N, requires_grad=True)
-    loss = metrics.sar_edge_agreement(opt, s1, reduction="mean")
+    loss = metrics.sar_edge_agreement(opt, truth, s1, reduction="mean")
     loss.backward()
     assert opt.grad.abs().sum() > 0
     with torch.no_grad():
-        stepped = metrics.sar_edge_agreement(opt - 0.05 * opt.grad / opt.grad.abs().max(), s1, reduction="mean")
+        stepped = metrics.sar_edge_agreement(opt - 0.05 * opt.grad / opt.grad.abs().max(), truth, s1, "mean")
     assert stepped.item() < loss.item()
 
 
 def test_sar_edge_agreement_rejects_bad_shapes() -> None:
     with pytest.raises(GacError, match="Sentinel-1"):
-        metrics.sar_edge_agreement(torch.rand(1, 12, N, N), torch.rand(1, 3, N, N))
+        metrics.sar_edge_agreement(torch.rand(1, 12, N, N), torch.rand(1, 12, N, N), torch.rand(1, 3, N, N))
     with pytest.raises(GacError, match="reflectance"):
-        metrics.sar_edge_agreement(torch.rand(1, 4, N, N), torch.rand(1, 2, N, N))
+        metrics.sar_edge_agreement(torch.rand(1, 4, N, N), torch.rand(1, 4, N, N), torch.rand(1, 2, N, N))
+    with pytest.raises(GacError, match="differs from target"):
+        metrics.sar_edge_agreement(torch.rand(1, 12, N, N), torch.rand(2, 12, N, N), torch.rand(1, 2, N, N))
+
+
+# ----------------------------------------------------------------------------------------- block periodicity
+
+
+def test_block_periodicity_tells_token_blocks_from_images() -> None:
+    rng = np.random.default_rng(4)
+    g = torch.Generator().manual_seed(0)
+    # what a per-token linear head adds: one random 16×16 pattern repeated on the token grid, per band
+    pattern = torch.randn(2, 12, 16, 16, generator=g)
+    blocks = pattern.repeat(1, 1, 8, 8)[..., :N, :N]
+    smooth = torch.from_numpy(np.stack([gaussian_filter(rng.standard_normal((12, N, N)), (0, 3, 3)) for _ in range(2)]))
+    scene = _optical(_blobs(rng), rng)
+    assert (metrics.block_periodicity(blocks) > 0.9).all()
+    assert (metrics.block_periodicity(smooth) < 0).all()
+    assert (metrics.block_periodicity(scene) < 0.05).all()
+    # smooth upsampling of a token grid (what TokenPixelDecoder does) does not repeat with the grid
+    tokens = torch.randn(2, 12, 8, 8, generator=g)
+    upsampled = torch.nn.functional.interpolate(tokens, size=(N, N), mode="bilinear", align_corners=False)
+    assert (metrics.block_periodicity(upsampled) < 0.05).all()
+    assert metrics.block_periodicity(torch.zeros(1, 12, N, N)).item() == 0.0  # nothing added: no blocks
+    with pytest.raises(GacError, match="block_periodicity"):
+        metrics.block_periodicity(torch.zeros(1, 12, 16, 16))
 
 
 # ------------------------------------------------------------------------------------------------------ LPIPS
@@ -330,7 +369,9 @@ def test_per_tile_and_compute_all(pair: tuple[torch.Tensor, torch.Tensor]) -> No
     assert all(v.shape == (B,) and torch.isfinite(v).all() for v in tiles.values())
     assert calls[0][0] is pred_dn and calls[0][1] is target_dn  # LPIPS gets DN like every entry point
     torch.testing.assert_close(tiles["psnr"], metrics.psnr(pred_dn / 10000, target_dn / 10000))
-    torch.testing.assert_close(tiles["sar_edge"], metrics.sar_edge_agreement(pred_dn / 10000, s1))
+    torch.testing.assert_close(
+        tiles["sar_edge"], metrics.sar_edge_agreement(pred_dn / 10000, (target_dn / 10000).clamp(0, 1), s1)
+    )
 
     perfect = metrics.compute_all(target_dn[:1], target_dn[:1], s1[:1])
     assert "lpips" not in perfect

@@ -63,7 +63,7 @@ def trained_8bit(batch) -> tuple[prithvi.Refiner, dict]:
     torch.manual_seed(2)
     model = build_refiner(P8)
     opt = bnb.optim.AdamW8bit([prm for prm in model.parameters() if prm.requires_grad], lr=LR)
-    return model, train(model, batch, opt, steps=4)
+    return model, train(model, batch, opt, steps=6)
 
 
 def test_untrained_refiner_is_the_identity(refiner, batch):
@@ -75,7 +75,7 @@ def test_untrained_refiner_is_the_identity(refiner, batch):
 
 
 def test_all_twelve_bands_enter_with_their_statistics(refiner):
-    assert refiner.backbone.patch_embed.proj.in_channels == 12
+    assert refiner.backbone.patch_embed.proj.conv.in_channels == 12
     names = [getattr(b, "value", b) for b in refiner.backbone.model_bands]
     assert names == list(prithvi.BAND_NAMES)
     mean, std = prithvi.band_statistics(P)
@@ -84,15 +84,17 @@ def test_all_twelve_bands_enter_with_their_statistics(refiner):
     assert bool((std > 0).all())
 
 
-def test_trainable_parameters_are_exactly_lora_and_head(refiner):
+def test_trainable_parameters_are_exactly_lora_new_bands_and_head(refiner):
     report = trainable_report(refiner)
     print(f"\ntrainable {report['trainable']:,} / total {report['total']:,} = {report['share']:.2%}")
     lora = [n for n in report["names"] if "lora_" in n]
     head = [n for n in report["names"] if n.startswith("head.")]
-    assert sorted(lora + head) == sorted(report["names"])
+    bands = ["backbone.patch_embed.proj.new_band_weight"]
+    assert sorted(lora + head + bands) == sorted(report["names"])
     assert all(LORA_WEIGHT.fullmatch(n) for n in lora)
     assert len(lora) == 2 * 2 * len(refiner.backbone.blocks)  # A and B on qkv and proj of every block
-    assert not any(prm.requires_grad for n, prm in refiner.backbone.named_parameters() if "lora_" not in n)
+    frozen = [prm for n, prm in refiner.backbone.named_parameters() if "lora_" not in n and "new_band" not in n]
+    assert not any(prm.requires_grad for prm in frozen)
     lora_modules = [n for n, m in refiner.named_modules() if hasattr(m, "lora_A")]
     assert lora_modules and all(prithvi.LORA_SITE.fullmatch(n) for n in lora_modules)
     assert report["trainable"] == sum(prm.numel() for n, prm in refiner.named_parameters() if n in report["names"])
@@ -108,6 +110,24 @@ def test_gradients_reach_lora_once_head_and_b_moved(trained):
     # Two steps later the head and the B matrices have moved off zero, so every adapter matrix receives a gradient.
     assert all(g > 0 for n, g in step2.items() if "lora_" in n)
     assert log["losses"][-1] < log["losses"][0]
+
+
+def test_new_bands_embeddings_train_and_pretrained_ones_stay(trained):
+    model, _ = trained
+    new = prithvi.new_band_indices(P)
+    assert [prithvi.BAND_NAMES[i] for i in new] == [
+        "COASTAL_AEROSOL", "RED_EDGE_1", "RED_EDGE_2", "RED_EDGE_3", "NIR_BROAD", "WATER_VAPOR"
+    ]  # fmt: skip
+    embedding = model.backbone.patch_embed.proj
+    assert embedding.new_band_weight.abs().sum() > 0  # it moved off its zero init
+    assert not embedding.conv.weight.requires_grad  # the loaded embedding itself is frozen
+    # the effective embedding: new columns changed, the six pretrained columns exactly as loaded
+    x = torch.zeros(1, 12, 1, 16, 16)
+    x[:, new[0]] = 1.0
+    assert not torch.allclose(embedding(x), embedding.conv(x))
+    x = torch.zeros(1, 12, 1, 16, 16)
+    x[:, prithvi.BAND_NAMES.index("BLUE")] = 1.0
+    torch.testing.assert_close(embedding(x), embedding.conv(x))
 
 
 def test_int8_base_weights_and_bnb_lora_layers(trained_8bit, refiner):
@@ -156,7 +176,9 @@ def test_ckpt_path_loads_the_backbone_strictly(tmp_path):
     torch.save(source, tmp_path / "backbone.pt")
     torch.manual_seed(4)  # a different random init, overwritten by the file
     model = build_refiner(P.model_copy(update={"ckpt_path": str(tmp_path / "backbone.pt")}))
-    loaded = {k.replace(".base_layer", ""): v for k, v in model.backbone.state_dict().items() if "lora_" not in k}
+    state = model.backbone.state_dict()
+    loaded = {k.replace(".base_layer", "").replace("proj.conv.", "proj."): v for k, v in state.items()
+              if "lora_" not in k and "new_band_weight" not in k}  # fmt: skip
     assert loaded.keys() == source.keys()
     assert all(torch.equal(loaded[k], source[k]) for k in source)
 

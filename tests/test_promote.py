@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -161,3 +162,46 @@ def test_cli_prints_logs_and_writes_json(tmp_path, client, register, capsys):
     assert [r.info.run_name.split(" · ")[0] for r in runs] == ["promote"]
     assert runs[0].data.metrics[f"{NAME}.promoted"] == 1.0
     assert main(["--params", str(tmp_path / "params.yaml"), "promote", "--version", "1"]) == 2  # needs one --model
+
+
+@pytest.fixture(scope="module")
+def sample_tiles(sample_root, tmp_path_factory):
+    """(s2 DN, s1 dB) of every tile of the real reBEN sample, through the project's own catalog."""
+    from gac.config import CatalogParams
+    from gac.data.catalog import build
+    from gac.store import ShardStore
+
+    out = tmp_path_factory.mktemp("gate") / "catalog"
+    build(CatalogParams(out=str(out), workers=0), sample_root, progress=False)
+    store = ShardStore(out)
+    return store.read("s2"), store.read("s1")
+
+
+def test_the_committed_targets_pass_a_perfect_model_and_fail_a_flat_one(client, register, sample_tiles):
+    """The gate with params.yaml's own targets: an oracle (returns the truth) becomes champion; a model that returns
+    each tile's per-band mean (no structure at all) is refused on every target."""
+    import numpy as np
+    import torch
+
+    from gac import metrics
+    from gac import config
+
+    targets = config.load(Path(__file__).parents[1] / "params.yaml").promote.targets
+    s2, s1 = sample_tiles
+    truth = torch.from_numpy(s2.astype(np.float32))
+    flat = truth.mean(dim=(2, 3), keepdim=True).expand_as(truth).contiguous()
+    oracle_scores = metrics.compute_all(truth, truth, torch.from_numpy(s1))
+    flat_scores = metrics.compute_all(flat, truth, torch.from_numpy(s1))
+    print(f"\noracle {oracle_scores}\nflat   {flat_scores}")
+
+    flat_version = register({**flat_scores, "tiles": len(s2)})
+    refused = promote(client, NAME, "psnr", targets)
+    assert not refused.promoted and champion(client) is None
+    for metric in ("psnr", "ssim", "sam_deg", "sar_edge"):
+        assert any(r.startswith(f"{metric} ") and r.endswith("NOT met") for r in refused.reasons), refused.reasons
+    assert refused.candidate == flat_version
+
+    oracle_version = register({**oracle_scores, "tiles": len(s2)})
+    decision = promote(client, NAME, "psnr", targets)
+    assert decision.promoted and champion(client) == oracle_version
+    assert all(r.endswith(": met") for r in decision.reasons if " target " in r), decision.reasons

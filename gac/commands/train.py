@@ -88,6 +88,7 @@ def run_stage(stage: str, args: argparse.Namespace, section, source_root: str, n
         source_root,
         tags={"gac.data": cfg.data.source},
         register=not args.no_register,
+        exclude=cfg.data.exclude,
     )
     if result is None:  # a non-zero DDP rank: rank 0 does the rest
         return

@@ -93,6 +93,29 @@ def _read_band(path: Path, expected_px: int, dtype: str) -> tuple[np.ndarray, ob
         raise TileError(f"{path}: unreadable GeoTIFF ({type(e).__name__}: {str(e).splitlines()[0]})") from None
 
 
+#: ``data.exclude`` names → the reBEN metadata column that flags them.
+FLAG_COLUMNS = {"cloud_or_shadow": "contains_cloud_or_shadow", "seasonal_snow": "contains_seasonal_snow"}
+
+
+def flagged(index: pd.DataFrame, exclude: Sequence[str]) -> dict[str, pd.Series]:
+    """``{flag: boolean mask}`` of the rows of a catalog index each flag of ``exclude`` removes (``data.exclude``)."""
+    masks = {}
+    for flag in exclude:
+        column = FLAG_COLUMNS[flag]
+        if column not in index:
+            raise GacError(f"data.exclude: the catalog has no '{column}' column to filter '{flag}' on; rebuild it")
+        masks[flag] = index[column].fillna(False).astype(bool)
+    return masks
+
+
+def keep_unflagged(index: pd.DataFrame, exclude: Sequence[str]) -> pd.DataFrame:
+    """``index`` without the rows any flag of ``exclude`` marks."""
+    drop = np.zeros(len(index), dtype=bool)
+    for mask in flagged(index, exclude).values():
+        drop |= mask.to_numpy()
+    return index[~drop]
+
+
 def read_tile(root: str | Path, patch_id: str, s1_name: str) -> Tile:
     """Read, validate and resample one tile pair; raise :class:`TileError` with the reason when it is unusable."""
     s2 = np.empty((len(layout.S2_BANDS), layout.TILE_SIZE, layout.TILE_SIZE), dtype=np.uint16)

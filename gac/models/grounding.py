@@ -15,14 +15,16 @@ differentiable pass, with no tokenizer anywhere:
   MaskGIT sampler feeds when every target token is still masked. In each decoder block the queries self-attend, then
   cross-attend (``decoder.<i>.cross_attn.{q,kv,proj}``, the layers LoRA adapts) to the S1 *and* S2 encoder tokens.
 * **Pixels (where they come from).** The pretrained model only predicts token ids of the tokenizer's codebook; it has
-  no differentiable pixel output. ``pixel_head`` (one linear layer) maps each decoder output token to the 16·16·12
-  *standardised* residual of its patch; the patches are rearranged into an image, cropped back to 120 px, converted
-  to reflectance and **added to opt_v2**. Its weights start at zero: an untrained grounder returns opt_v2 unchanged.
+  no differentiable pixel output. ``pixel_head`` (:class:`gac.models.heads.TokenPixelDecoder`) upsamples the decoder
+  output tokens bilinearly — continuous across token borders, so it draws no 16 px blocks — and fuses them by 3×3
+  convs with the standardised opt_v2 and S1 at full resolution into the *standardised* residual, cropped back to
+  120 px, converted to reflectance and **added to opt_v2**. Its last conv starts at zero: an untrained grounder
+  returns opt_v2 unchanged.
 * **Cycle path** (:meth:`Grounder.sar_from_optical`). The same encoder sees *only* the S2L2A tokens of an optical
   image; the queries carry the ``tok_sen1grd@224`` decoder embedding instead, cross-attend to those optical tokens
-  through the same LoRA-adapted layers, and ``sar_head`` (zero-initialised, so it starts at the pretraining mean)
-  maps each to the 16·16·2 standardised S1 dB of its patch. ``L1(sar_from_optical(opt_v3), s1)`` thus asks the
-  grounded optical image to carry the SAR's structure.
+  through the same LoRA-adapted layers, and ``sar_head`` (the same decoder, guided by the optical image alone;
+  zero-initialised, so it starts at the pretraining mean) turns them into standardised S1 dB.
+  ``L1(sar_from_optical(opt_v3), s1)`` thus asks the grounded optical image to carry the SAR's structure.
 
 Trainable: the LoRA A/B matrices on ``cross_attn.{q,kv,proj}`` and the two heads (the only non-LoRA trainable part,
 since no pretrained pixel output exists). Everything else of TerraMind (embeddings, encoder, decoder self-attention
@@ -42,13 +44,13 @@ import inspect
 from typing import Any
 
 import torch
-from einops import rearrange
 from torch import nn
 
 from gac import geometry
 from gac.config import Stage3Params
 from gac.errors import GacError
 from gac.models.checkpoints import load_published
+from gac.models.heads import TokenPixelDecoder
 
 #: BigEarthNet tiles are 120×120 px.
 TILE = 120
@@ -160,9 +162,8 @@ class Grounder(nn.Module):
             self.register_buffer(f"mean_{mod}", _column(v1_pretraining_mean[key], channels[mod]), persistent=False)
             self.register_buffer(f"std_{mod}", _column(v1_pretraining_std[key], channels[mod]), persistent=False)
         self.patch = encdec.decoder_embeddings[self.dec_key[OPTICAL]].patch_size
-        pixels = self.patch[0] * self.patch[1]
-        self.pixel_head = _zero_linear(encdec.dim, pixels * channels[OPTICAL])
-        self.sar_head = _zero_linear(encdec.dim, pixels * channels[SAR])
+        self.pixel_head = TokenPixelDecoder(encdec.dim, channels[OPTICAL] + channels[SAR], channels[OPTICAL])
+        self.sar_head = TokenPixelDecoder(encdec.dim, channels[OPTICAL], channels[SAR])
 
     # --- units and geometry -------------------------------------------------------------------------------------
     def _standardise(self, mod: str, x: torch.Tensor) -> torch.Tensor:
@@ -173,13 +174,9 @@ class Grounder(nn.Module):
         images = {OPTICAL: opt_refl * DN_PER_REFLECTANCE} | ({SAR: s1_db} if s1_db is not None else {})
         return {self.enc_key[m]: geometry.pad_to(self._standardise(m, x), self.img_size) for m, x in images.items()}
 
-    def _to_image(self, tokens: torch.Tensor, head: nn.Module) -> torch.Tensor:
-        """Decoder tokens (B, N, D) → standardised image (B, C, 120, 120) through a pixel head."""
-        grid = self.img_size // self.patch[0]
-        img = rearrange(
-            head(tokens), "b (nh nw) (ph pw c) -> b c (nh ph) (nw pw)", nh=grid, ph=self.patch[0], pw=self.patch[1]
-        )
-        return geometry.crop_from(img, TILE)
+    def _to_image(self, tokens: torch.Tensor, head: nn.Module, guide: list[torch.Tensor]) -> torch.Tensor:
+        """Decoder tokens (B, N, D) + padded full-resolution guides → standardised image (B, C, 120, 120)."""
+        return geometry.crop_from(head(tokens, torch.cat(guide, dim=1)), TILE)
 
     # --- the encoder-decoder ------------------------------------------------------------------------------------
     def _decode(self, inputs: dict[str, torch.Tensor], query: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -203,14 +200,18 @@ class Grounder(nn.Module):
 
         The output is opt_v2 plus a learnt residual; it is not clipped (callers clip when they quantise to DN).
         """
-        y, _ = self._decode(self._model_input(s1_db, opt_refl), OPTICAL)
-        residual_dn = self._to_image(y, self.pixel_head) * getattr(self, f"std_{OPTICAL}")
+        inputs = self._model_input(s1_db, opt_refl)
+        y, _ = self._decode(inputs, OPTICAL)
+        guide = [inputs[self.enc_key[OPTICAL]], inputs[self.enc_key[SAR]]]
+        residual_dn = self._to_image(y, self.pixel_head, guide) * getattr(self, f"std_{OPTICAL}")
         return opt_refl + residual_dn / DN_PER_REFLECTANCE
 
     def sar_from_optical(self, opt_refl: torch.Tensor) -> torch.Tensor:
         """Predict S1 σ0 in dB (B, 2, 120, 120) from optical reflectance alone (the cycle-consistency path)."""
-        y, _ = self._decode(self._model_input(None, opt_refl), SAR)
-        return self._to_image(y, self.sar_head) * getattr(self, f"std_{SAR}") + getattr(self, f"mean_{SAR}")
+        inputs = self._model_input(None, opt_refl)
+        y, _ = self._decode(inputs, SAR)
+        standardised = self._to_image(y, self.sar_head, [inputs[self.enc_key[OPTICAL]]])
+        return standardised * getattr(self, f"std_{SAR}") + getattr(self, f"mean_{SAR}")
 
     @torch.no_grad()
     def cross_attention_maps(self, s1_db: torch.Tensor, opt_refl: torch.Tensor) -> torch.Tensor:
@@ -240,14 +241,6 @@ def _column(values: list[float], channels: int) -> torch.Tensor:
     if t.numel() != channels:
         raise GacError(f"TerraMind pretraining statistics have {t.numel()} channels, expected {channels}")
     return t[None, :, None, None]
-
-
-def _zero_linear(dim: int, out: int) -> nn.Linear:
-    """A linear head whose output starts at exactly zero (weights and bias)."""
-    head = nn.Linear(dim, out)
-    nn.init.zeros_(head.weight)
-    nn.init.zeros_(head.bias)
-    return head
 
 
 def _attention_weights(attn: nn.Module, x: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None):

@@ -25,9 +25,12 @@ B11    SWIR_1               pretrained (HLS SWIR_1)
 B12    SWIR_2               pretrained (HLS SWIR_2)
 =====  ===================  =================================
 
-The whole backbone is frozen, the new bands' embedding columns included (they stay a fixed random projection; what
-adapts are the LoRA adapters on attention and the head). This keeps "what trains" provable: exactly the ``lora_A`` /
-``lora_B`` adapter weights and the ``head``.
+The pretrained backbone is frozen, but the six new bands' embedding columns are **trainable**: a frozen random
+projection would feed six bands to the transformer as fixed noise-mixed features that nothing could adapt. They get
+a zero-initialised trainable weight added to their fresh columns (:class:`NewBandEmbedding`), so training starts from
+TerraTorch's own init, the six pretrained columns stay exactly the released ones, and weight decay (if any) pulls the
+new columns back towards their init rather than towards zero. What trains is thus provable: the ``lora_A`` /
+``lora_B`` adapters, ``new_band_weight`` and the ``head``.
 
 **Standardisation.** Inputs are standardised per band before the backbone: the six pretrained bands with Prithvi's own
 pretraining mean/std (``prithvi_cfgs[variant]['mean'/'std']`` in TerraTorch, HLS DN), the six new bands with
@@ -37,11 +40,12 @@ statistics TerraTorch ships for them. Both are in DN (reflectance × 10000) and 
 **Geometry.** The 120 px tile is reflect-padded symmetrically to ``img_size`` (a multiple of the patch size) with
 :func:`gac.geometry.pad_to` and the residual is centre-cropped back with :func:`gac.geometry.crop_from`.
 
-**Head.** The backbone returns one token sequence per block; the last (layer-normed) one, without its cls token, is
-reshaped to the patch grid, a linear layer expands each token to ``patch × patch × 8`` features (pixel-shuffled to
-full resolution), which are fused with the standardised input by a 3×3 conv and projected to 12 bands by a
-zero-initialised 1×1 conv. The residual is predicted in standardised units and scaled back by the band std.
-The output is not clamped (training losses see the raw values; writers clip to the DN range).
+**Head.** The backbone returns one token sequence per block; the last (layer-normed) one, without its cls token, goes
+to :class:`gac.models.heads.TokenPixelDecoder` with the standardised input as its guide: token features are upsampled
+bilinearly (continuous across token borders, so no 16 px blocks), fused with the input by 3×3 convs and projected to
+12 bands by a zero-initialised conv. The residual is predicted in standardised units and scaled back by the band std.
+The output is not clamped (training losses see the raw values); :func:`gac.training.export.apply`, which every
+inference path uses, clips it to valid reflectance.
 
 **Weights.** ``pretrained: true`` lets TerraTorch download the Prithvi hub weights (or read a pre-filled hub cache
 with ``HF_HUB_OFFLINE=1``; TerraTorch maps the six pretrained bands into the 12-band patch embedding). ``ckpt_path``
@@ -79,6 +83,7 @@ from gac.config import Stage2Params
 from gac.errors import GacError
 from gac.geometry import crop_from, pad_to
 from gac.models.checkpoints import load_published, load_state_dict, read_state_dict
+from gac.models.heads import TokenPixelDecoder
 
 #: BigEarthNet v2 S2 band order (Stage 1's output and the catalog's ``s2``) and the band name Prithvi is given.
 S2_BANDS = ("B01", "B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B09", "B11", "B12")
@@ -97,9 +102,6 @@ BAND_NAMES = (
     "SWIR_2",
 )
 DN_PER_REFLECTANCE = 10000.0
-#: Features per pixel the head's linear layer produces, and the width of its fusing conv.
-HEAD_FEATURES = 8
-HEAD_WIDTH = 32
 #: Where LoRA adapters may live (attention of a transformer block); :func:`trainable_report` users assert on it.
 LORA_SITE = re.compile(r"(?:.*\.)?blocks\.\d+\.attn\.(qkv|proj)$")
 
@@ -231,24 +233,32 @@ def add_lora(module: nn.Module, p: Stage2Params) -> None:
         param.requires_grad_("lora_" in name)
 
 
-class PixelHead(nn.Module):
-    """Patch tokens (+ the standardised input) → a per-pixel residual in standardised units, zero at init."""
+class NewBandEmbedding(nn.Module):
+    """The patch embedding's frozen ``Conv3d`` plus a trainable, zero-initialised weight on the new bands' columns.
 
-    def __init__(self, dim: int, patch: int, bands: int) -> None:
+    ``conv(x, W + scatter(new_band_weight))`` equals the original embedding at init and lets only the columns of
+    ``new_bands`` (input channel indices) move; see the module docstring for why.
+    """
+
+    def __init__(self, conv: nn.Conv3d, new_bands: list[int]) -> None:
         super().__init__()
-        self.patch = patch
-        self.expand = nn.Linear(dim, patch * patch * HEAD_FEATURES)
-        self.fuse = nn.Sequential(nn.Conv2d(HEAD_FEATURES + bands, HEAD_WIDTH, 3, padding=1), nn.GELU())
-        self.out = nn.Conv2d(HEAD_WIDTH, bands, 1)
-        nn.init.zeros_(self.out.weight)
-        nn.init.zeros_(self.out.bias)
+        self.conv = conv
+        self.register_buffer("new_bands", torch.tensor(new_bands, dtype=torch.long), persistent=False)
+        out, _, *kernel = conv.weight.shape
+        self.new_band_weight = nn.Parameter(torch.zeros(out, len(new_bands), *kernel))
 
-    def forward(self, tokens: Tensor, z: Tensor) -> Tensor:
-        """``tokens`` (B, h·w, dim) in row-major patch order, ``z`` (B, bands, h·patch, w·patch)."""
-        h, w = z.shape[-2] // self.patch, z.shape[-1] // self.patch
-        f = self.expand(tokens).transpose(1, 2).reshape(tokens.shape[0], -1, h, w)
-        f = F.pixel_shuffle(f, self.patch)
-        return self.out(self.fuse(torch.cat([f, z], dim=1)))
+    def forward(self, x: Tensor) -> Tensor:
+        c = self.conv
+        weight = c.weight.index_add(1, self.new_bands, self.new_band_weight.to(c.weight.dtype))
+        return F.conv3d(x, weight, c.bias, c.stride, c.padding, c.dilation, c.groups)
+
+
+def new_band_indices(p: Stage2Params) -> list[int]:
+    """Indices (in :data:`BAND_NAMES`) of the bands ``p.backbone`` was not pretrained on."""
+    from terratorch.models.backbones.prithvi_vit import prithvi_cfgs
+
+    pretrained = {getattr(b, "value", b) for b in prithvi_cfgs[_variant(p)]["bands"]}
+    return [i for i, name in enumerate(BAND_NAMES) if name not in pretrained]
 
 
 class Refiner(nn.Module):
@@ -258,7 +268,7 @@ class Refiner(nn.Module):
         super().__init__()
         self.backbone = backbone
         self.img_size = img_size
-        self.head = PixelHead(backbone.embed_dim, backbone.patch_embed.patch_size[-1], len(BAND_NAMES))
+        self.head = TokenPixelDecoder(backbone.embed_dim, len(BAND_NAMES), len(BAND_NAMES))
         self.register_buffer("mean", mean.view(1, -1, 1, 1), persistent=False)
         self.register_buffer("std", std.view(1, -1, 1, 1), persistent=False)
 
@@ -275,12 +285,15 @@ class Refiner(nn.Module):
 def build_refiner(p: Stage2Params, device: str | torch.device = "cpu") -> Refiner:
     """Backbone with weights → (int8 base, quantised on ``device``) → LoRA → frozen base + zero-init head.
 
-    Only the int8 layers are placed on ``device`` here; the rest moves with the module as usual.
+    The new bands' embedding columns train (:class:`NewBandEmbedding`). Only the int8 layers are placed on ``device``
+    here; the rest moves with the module as usual.
     """
     backbone = build_backbone(p)
     if p.load_in_8bit:
         quantize_linears(backbone, device)
     add_lora(backbone, p)
+    embedding = NewBandEmbedding(backbone.patch_embed.proj, new_band_indices(p))
+    backbone.patch_embed.proj = embedding
     mean, std = band_statistics(p)
     return Refiner(backbone, p.img_size, mean, std)
 

@@ -1,11 +1,14 @@
 """Paired tiles for training and inference: (SAR, the previous stage's optical, the real optical) from the stores.
 
 A stage trains on the catalog's ``train`` split and validates on ``validation``; tiles a previous stage rejected are
-simply absent from its cache and are skipped. Values leave here in the units the models use: S1 in dB, optical as
+simply absent from its cache and are skipped, and tiles whose target is flagged cloudy or snowy (``data.exclude``)
+are left out. Values leave here in the units the models use: S1 in dB, optical as
 reflectance (:func:`gac.metrics.to_reflectance`, DN/10000 clipped to [0, 1]).
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import lightning as L
 import numpy as np
@@ -13,14 +16,21 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from gac.data.catalog import keep_unflagged
 from gac.errors import GacError
 from gac.metrics import DN_SCALE
 from gac.store import ShardStore
 
 
-def rows_of(catalog: ShardStore, source: ShardStore, split: str | None, max_tiles: int | None = None) -> pd.DataFrame:
-    """Patch ids present in both stores (and in ``split`` if given), in catalog order."""
-    index = catalog.index
+def rows_of(
+    catalog: ShardStore,
+    source: ShardStore,
+    split: str | None,
+    max_tiles: int | None = None,
+    exclude: Sequence[str] = (),
+) -> pd.DataFrame:
+    """Patch ids present in both stores (and in ``split`` if given), less ``exclude``-flagged tiles, catalog order."""
+    index = keep_unflagged(catalog.index, exclude)
     if split is not None:
         index = index[index["split"] == split]
     ids = index.loc[index["patch_id"].isin(source.index["patch_id"]), "patch_id"].tolist()  # one hash join: O(N)
@@ -66,16 +76,23 @@ class PairDataModule(L.LightningDataModule):
     """Train on the catalog's ``train`` split, validate on ``validation`` (Lightning adds DistributedSampler)."""
 
     def __init__(
-        self, catalog_root: str, source_root: str, batch_size: int, num_workers: int = 0, max_tiles: int | None = None
+        self,
+        catalog_root: str,
+        source_root: str,
+        batch_size: int,
+        num_workers: int = 0,
+        max_tiles: int | None = None,
+        exclude: Sequence[str] = (),
     ) -> None:
         super().__init__()
         self.catalog_root, self.source_root = catalog_root, source_root
         self.batch_size, self.num_workers, self.max_tiles = batch_size, num_workers, max_tiles
+        self.exclude = tuple(exclude)
 
     def setup(self, stage: str | None = None) -> None:
         catalog, source = ShardStore(self.catalog_root), ShardStore(self.source_root)
-        self.train_ids = list(rows_of(catalog, source, "train", self.max_tiles)["patch_id"])
-        self.val_ids = list(rows_of(catalog, source, "validation", self.max_tiles)["patch_id"])
+        self.train_ids = list(rows_of(catalog, source, "train", self.max_tiles, self.exclude)["patch_id"])
+        self.val_ids = list(rows_of(catalog, source, "validation", self.max_tiles, self.exclude)["patch_id"])
         if not self.train_ids or not self.val_ids:
             raise GacError(
                 f"{self.source_root}: no train/validation tiles shared with {self.catalog_root} "

@@ -87,5 +87,10 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu") -> tuple[
 
 
 def apply(stage: str, model: torch.nn.Module, s1_db: torch.Tensor, opt_refl: torch.Tensor) -> torch.Tensor:
-    """Run a stage's network on a batch: Stage 2 refines the optical alone, Stage 3 also sees the SAR."""
-    return model(opt_refl) if stage == "stage2" else model(s1_db, opt_refl)
+    """Run a stage's network on a batch: Stage 2 refines the optical alone, Stage 3 also sees the SAR.
+
+    The output is clipped to valid reflectance ``[0, 1]``: a residual may overshoot, and no caller (caches, the
+    registry's pyfunc model, sweeps) should hand out a negative reflectance. Training losses see the raw output.
+    """
+    out = model(opt_refl) if stage == "stage2" else model(s1_db, opt_refl)
+    return out.clamp(0.0, 1.0)

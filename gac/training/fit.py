@@ -31,6 +31,7 @@ import contextlib
 import json
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -127,10 +128,12 @@ def fit(
     register: bool = True,
     extra_callbacks=(),
     run_id: str | None = None,
+    exclude: Sequence[str] = (),
 ) -> FitResult | None:
     """Train ``stage`` (``stage2``/``stage3``) on the catalog + previous cache; resume if ``last.ckpt`` exists.
 
-    ``run_id`` logs into an existing MLflow run (a sweep trial's nested run) instead of a new one.
+    ``run_id`` logs into an existing MLflow run (a sweep trial's nested run) instead of a new one; ``exclude`` names
+    the quality flags (``data.exclude``) whose tiles are left out (part of the training's identity).
     """
     import lightning as L
     from lightning.pytorch.loggers import CSVLogger, MLFlowLogger
@@ -145,7 +148,7 @@ def fit(
     last_ckpt = out / CHECKPOINTS / "last.ckpt"
     run_file = out / CHECKPOINTS / "mlflow_run.json"
     settings = out / CHECKPOINTS / "fit.json"
-    wanted = identity(stage, section, catalog_root, source_root)
+    wanted = identity(stage, section, catalog_root, source_root, exclude)
     resume = last_ckpt.is_file() and _continues(_read_json(settings), wanted)
     if not resume and (out / CHECKPOINTS).exists() and int(os.environ.get("LOCAL_RANK", 0)) == 0:
         import shutil
@@ -173,11 +176,9 @@ def fit(
     earlier = csv_file.read_text() if resume and csv_file.is_file() else None
     csv = CSVLogger(save_dir=out, name="logs", version="", flush_logs_every_n_steps=1)
     task = spec.task(section.model_dump())
-    data = PairDataModule(
-        catalog_root, source_root, section.train.batch_size, section.train.num_workers, section.train.max_tiles
-    )
-    data.setup("fit")  # the epoch's length, for cadences given as fractions of it
     t = section.train
+    data = PairDataModule(catalog_root, source_root, t.batch_size, t.num_workers, t.max_tiles, exclude)
+    data.setup("fit")  # the epoch's length, for cadences given as fractions of it
     world = (t.devices if isinstance(t.devices, int) else 1) * t.num_nodes
     steps_per_epoch = math.ceil(len(data.train_ids) / (t.batch_size * world) / t.grad_accum_steps)
     trainer, best_cb, _ = _trainer(section, out, spec.task, [mlf, csv], extra_callbacks, steps_per_epoch)
@@ -227,8 +228,10 @@ def fit(
     return result
 
 
-def identity(stage: str, section: Stage2Params | Stage3Params, catalog_root: str, source_root: str) -> dict:
-    """What a training *is*: its inputs' content and the params that change the model (see the module docstring)."""
+def identity(
+    stage: str, section: Stage2Params | Stage3Params, catalog_root: str, source_root: str, exclude: Sequence[str] = ()
+) -> dict:
+    """What a training *is*: its inputs' content, the tiles left out and the params that change the model."""
     from gac.store import ShardStore
 
     params = _flat(section.model_dump())
@@ -237,6 +240,7 @@ def identity(stage: str, section: Stage2Params | Stage3Params, catalog_root: str
         "inputs": {
             "catalog": ShardStore(catalog_root).content_digest(),
             "source": ShardStore(source_root).content_digest(),
+            "exclude": sorted(exclude),
         },
         "model": {k: v for k, v in params.items() if k not in CONTINUABLE and not k.startswith("cache.")},
         "budget": {"epochs": params["train.epochs"], "max_steps": params["train.max_steps"]},

@@ -1,6 +1,6 @@
 """Stage 2 task: Prithvi-EO + LoRA refines opt_v1 → opt_v2 with L1 + MS-SSIM (+ LPIPS) against the real S2.
 
-The best checkpoint is the one with the highest validation PSNR.
+The best checkpoint is the one with the lowest validation :func:`gac.training.task.selection_score`.
 """
 
 from __future__ import annotations
@@ -13,9 +13,6 @@ from gac.training.task import RefineTask
 
 
 class Stage2Task(RefineTask):
-    monitor = "val/psnr"
-    mode = "max"
-
     def configure_models(self, device: torch.device) -> None:
         from gac.models.prithvi import build_refiner
 

@@ -1,8 +1,9 @@
 """Stage 3 task: TerraMind with cross-attention LoRA grounds opt_v2 in the SAR → opt_v3.
 
 Losses: reconstruction (L1 to the real S2), SAR-edge agreement (:func:`gac.metrics.sar_edge_agreement`, the same
-function the evaluation reports) and cycle consistency — the grounder's own S2→S1 path must give back the SAR the tile
-came from (L1 in dB / 10). The best checkpoint, and early stopping, follow validation SAR-edge agreement.
+function the evaluation reports and the promotion gate checks) and cycle consistency — the grounder's own S2→S1 path
+must give back the SAR the tile came from (L1 in dB / 10). The best checkpoint, and early stopping, follow
+:func:`gac.training.task.selection_score` (fidelity and SAR consistency together).
 """
 
 from __future__ import annotations
@@ -18,9 +19,6 @@ DB_SCALE = 10.0
 
 
 class Stage3Task(RefineTask):
-    monitor = "val/sar_edge"
-    mode = "min"
-
     def configure_models(self, device: torch.device) -> None:
         from gac.models.grounding import build_grounder
 
@@ -34,7 +32,8 @@ class Stage3Task(RefineTask):
         p = self.params
         terms = {"recon": p.recon_weight * torch.nn.functional.l1_loss(pred, batch["target"])}
         if p.sar_edge_weight > 0:
-            terms["sar_edge"] = p.sar_edge_weight * metrics.sar_edge_agreement(pred.float(), batch["s1"]).mean()
+            edge = metrics.sar_edge_agreement(pred.float(), batch["target"], batch["s1"], reduction="mean")
+            terms["sar_edge"] = p.sar_edge_weight * edge
         if p.cycle_weight > 0:
             sar = self.model.sar_from_optical(pred)
             terms["cycle"] = p.cycle_weight * torch.nn.functional.l1_loss(sar, batch["s1"]) / DB_SCALE
