@@ -106,8 +106,17 @@ def run(cfg: Params, data: str, out: str | Path, stage2: str, stage3: str, visua
         catalog_root = data
         ShardStore(catalog_root).index  # noqa: B018 - fails early with a clear line if it is not a store
     caches = {"catalog": catalog_root, "opt_v1": str(out / "opt_v1")}
-    report = stage1.run(config.override(cfg.stage1, out=caches["opt_v1"]), catalog_root)
+    p1 = config.override(cfg.stage1, out=caches["opt_v1"])
+    report = stage1.run(p1, catalog_root)
     print(report.summary_line())
+    if report.generated:  # what `gac stage1` records beside opt_v1, so that gac evaluate can report it
+        from gac import tracking
+        from gac.provenance import write_provenance, write_timing
+
+        origin = tracking.weights_origin(p1.pretrained, p1.ckpt_path)
+        write_provenance(p1.out, {"stage": "stage1", "weights_origin": origin, "variant": p1.variant,
+                                  "data_source": cfg.data.source})  # fmt: skip
+        write_timing(p1.out, {"seconds_per_tile": report.work_seconds / report.generated})
     source = caches["opt_v1"]
     for name, uri in (("opt_v2", stage2), ("opt_v3", stage3)):
         stage, model = load_stage(uri)

@@ -183,8 +183,7 @@ def test_the_committed_targets_pass_a_perfect_model_and_fail_a_flat_one(client, 
     import numpy as np
     import torch
 
-    from gac import metrics
-    from gac import config
+    from gac import config, metrics
 
     targets = config.load(Path(__file__).parents[1] / "params.yaml").promote.targets
     s2, s1 = sample_tiles
