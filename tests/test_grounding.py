@@ -175,3 +175,21 @@ def test_state_round_trip(trained, batch, tmp_path):
 def test_unknown_variant_is_one_line_error():
     with pytest.raises(GacError, match="stage3.variant"):
         grounding.registry_hyperparameters("terramind_v9_huge")
+
+
+def test_inference_clips_to_valid_reflectance(grounder, batch):
+    """Training sees the raw output; every inference path (caches, registry model, sweeps) goes through ``apply``,
+    which must never hand out a negative (or > 1) reflectance."""
+    from gac.training.export import apply
+
+    s1, opt_v2, _ = batch
+    model = copy.deepcopy(grounder).eval()
+    with torch.no_grad():
+        model.pixel_head.out.bias[:6] = -50.0  # a residual far below zero on half the bands
+        model.pixel_head.out.bias[6:] = 50.0  # and far above one on the rest
+        raw = model(s1, opt_v2)
+        out = apply("stage3", model, s1, opt_v2)
+    assert raw.min() < 0 and raw.max() > 1
+    assert out.min() >= 0 and out.max() <= 1
+    inside = (raw >= 0) & (raw <= 1)
+    assert torch.equal(out[inside], raw[inside])

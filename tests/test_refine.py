@@ -53,7 +53,7 @@ def inputs(synthetic_root: Path, tmp_path_factory: pytest.TempPathFactory) -> di
     torch.manual_seed(5)
     model = build_grounder(S3)
     with torch.no_grad():
-        torch.nn.init.normal_(model.pixel_head.weight, std=0.05)
+        torch.nn.init.normal_(model.pixel_head.out.weight, std=0.05)
     save_model("stage3", S3, model, tmp / "stage3" / "model")
     return {"tmp": tmp, "catalog": catalog, "source": source.root, "model": tmp / "stage3" / "model"}
 
@@ -104,7 +104,7 @@ def test_other_weights_or_other_input_content_rebuild_the_cache(inputs: dict[str
     shutil.copytree(reference, out)
     stage, _, model = load_model(inputs["model"])
     with torch.no_grad():
-        model.pixel_head.bias.add_(0.01)  # other weights
+        model.pixel_head.out.bias.add_(0.01)  # other weights
     other = write_cache(stage, model, str(inputs["catalog"]), str(inputs["source"]), out, CACHE, progress=False)
     assert other["generated_this_run"] == 8
     assert not np.array_equal(ShardStore(out).read("opt"), ShardStore(reference).read("opt"))
