@@ -144,7 +144,7 @@ def step_cache_write(work: Path, n: int) -> None:
 
     root = work / f"n{n}"
     engine.run(out=root / "cache", stamp={"bench": n}, catalog_root=str(root / "catalog"),
-               index=work_index(str(root / "catalog"), str(root / "opt_v1")), step=lambda m, s1, opt: m(opt),
+               index=work_index(str(root / "catalog"), str(root / "opt_v1")), step=lambda m, s1, opt, _ids: m(opt),
                model=Identity(), shard_size=256, batch_size=32, device=torch.device("cpu"),
                source_root=str(root / "opt_v1"), progress=False)  # fmt: skip
 

@@ -173,6 +173,10 @@ class Stage2Params(Section):
     ms_ssim_weight: float = Field(default=0.2, ge=0)
     lpips_weight: float = Field(default=0.0, ge=0)
     lpips_weights_path: str | None = None
+    #: ``k ≥ 2``: also train ``k`` fold models, each without one fold of the train tiles, and write opt_v2 of every
+    #: train tile with the model that did not see it, so Stage 3 trains on inputs as good as unseen tiles get
+    #: (:mod:`gac.crossfit`); ``0`` = off (Stage 3 then trains on in-sample opt_v2; ``gac evaluate`` reports the gap).
+    cross_fit_folds: int = Field(default=0, ge=0)
     train: TrainParams = TrainParams()
     cache: CacheParams = CacheParams()
     out: str = "artifacts/stage2"
@@ -180,6 +184,8 @@ class Stage2Params(Section):
     @model_validator(mode="after")
     def _model_can_take_it(self) -> Stage2Params:
         _fits_the_tile(self.img_size)
+        if self.cross_fit_folds == 1:
+            raise ValueError("cross_fit_folds 1 holds nothing out (expected 0 = off, or k >= 2 folds)")
         return self
 
 

@@ -46,9 +46,10 @@ DN_MAX = 65535.0
 #: Columns of a work index that locate a tile's inputs: catalog shard/row and (for refine stages) source shard/row.
 LOCATORS = ("shard", "row", "src_shard", "src_row")
 
-#: ``step(model, s1_db, opt_dn)`` → S2L2A DN (B, 12, 120, 120) float: what a stage computes for one batch. ``s1_db``
-#: (B, 2, 120, 120) and ``opt_dn`` (B, 12, 120, 120, or ``None`` for Stage 1) arrive on the CPU, pinned on CUDA.
-Step = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor | None], torch.Tensor]
+#: ``step(model, s1_db, opt_dn, patch_ids)`` → S2L2A DN (B, 12, 120, 120) float: what a stage computes for one batch.
+#: ``s1_db`` (B, 2, 120, 120) and ``opt_dn`` (B, 12, 120, 120, or ``None`` for Stage 1) arrive on the CPU, pinned on
+#: CUDA; ``patch_ids`` name the tiles (a cross-fitted Stage 2 picks each tile's model by it).
+Step = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor | None, list[str]], torch.Tensor]
 
 
 @dataclass
@@ -196,7 +197,8 @@ def _apply_rows(model, step: Step, s1, opt, rows: pd.DataFrame) -> tuple[list[in
         return [], empty, errors
 
     def call(idx: list[int]) -> torch.Tensor:
-        return step(model, s1[idx], None if opt is None else opt[idx]).float().cpu()
+        ids = [rows["patch_id"].iloc[i] for i in idx]
+        return step(model, s1[idx], None if opt is None else opt[idx], ids).float().cpu()
 
     try:
         outs, groups = [call(ok)], [ok]

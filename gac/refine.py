@@ -19,6 +19,7 @@ import torch
 
 from gac import engine
 from gac.config import CacheParams
+from gac.crossfit import OutOfFold
 from gac.metrics import DN_SCALE
 from gac.provenance import read_timing, write_provenance, write_timing
 from gac.store import ShardStore
@@ -64,11 +65,16 @@ def write_cache(
         **params.model_dump(include={"shard_size", "batch_size", "precision"}),
     }
 
-    def step(m: torch.nn.Module, s1: torch.Tensor, opt_dn: torch.Tensor) -> torch.Tensor:
+    def step(m: torch.nn.Module, s1: torch.Tensor, opt_dn: torch.Tensor, patch_ids: list[str]) -> torch.Tensor:
         s1 = s1.to(device, non_blocking=True)
         opt = (opt_dn.to(device, non_blocking=True) / DN_SCALE).clamp(0, 1)
         with torch.inference_mode(), engine.autocast(device, params.precision):
-            return apply(stage, m, s1, opt).float() * DN_SCALE
+            if not isinstance(m, OutOfFold):
+                return apply(stage, m, s1, opt).float() * DN_SCALE
+            out = torch.empty_like(opt)
+            for model, rows in m.groups(patch_ids):
+                out[rows] = apply(stage, model, s1[rows], opt[rows]).float()
+            return out * DN_SCALE
 
     report = engine.run(
         out=out,

@@ -83,7 +83,7 @@ def run(
         stamp=fingerprint(p, list(index["patch_id"])),
         catalog_root=catalog_root,
         index=index,
-        step=lambda m, s1, _opt: generate(m, s1, p, device),
+        step=lambda m, s1, _opt, _ids: generate(m, s1, p, device),
         model=model if model is not None else build,
         shard_size=p.shard_size,
         batch_size=p.batch_size,

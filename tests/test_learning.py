@@ -228,3 +228,64 @@ def test_stage3_learns_to_ground_opt_v2_on_held_out_tiles(
     before, after = held_out(catalog, opt_v2), held_out(catalog, tmp_path / "stage3" / "opt_v3")
     report("stage3", before, after, summary)
     assert_learnt(before, after)
+
+
+def fits_in(seen_file: Path) -> list[set[str]]:
+    """The seen-tiles audit split into one set of patch ids per fit (each fit's steps start again at 0)."""
+    fits, last = [], None
+    for line in seen_file.read_text().splitlines():
+        epoch, step, pid = line.split("\t")
+        key = (int(epoch), int(step))
+        if last is None or key < last:
+            fits.append(set())
+        fits[-1].add(pid)
+        last = key
+    return fits
+
+
+def test_stage2_cross_fitting_writes_every_train_tile_with_a_model_that_never_saw_it(
+    catalog: Path, empty_mlflow_db: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``stage2.cross_fit_folds: 2``: two fold trainings, each without its fold; opt_v2 of a train tile comes from
+    the fold model that did not train on it, every other tile from the main model (so Stage 3 trains on honest
+    inputs)."""
+    from gac.cli import main
+    from gac.crossfit import fold_dir, fold_of
+    from gac.engine import to_dn
+    from gac.training.export import apply, load_model
+    from gac.training.task import SEEN_TILES_ENV
+
+    opt_v1 = write_degraded(catalog, tmp_path / "opt_v1", seed=1)
+    params = write_params(tmp_path, catalog, empty_mlflow_db, opt_v1)
+    values = yaml.safe_load(params.read_text())
+    values["stage2"]["cross_fit_folds"] = 2
+    values["stage2"]["train"]["epochs"] = 1
+    params.write_text(yaml.safe_dump(values, sort_keys=False))
+    monkeypatch.setenv("GAC_PROGRESS", "0")
+    monkeypatch.setenv(SEEN_TILES_ENV, str(tmp_path / "seen"))
+    rc = main(["--params", str(params), "stage2", "--stage1-dir", str(opt_v1), "--metrics",
+               str(tmp_path / "stage2.json"), "--no-register"])  # fmt: skip
+    assert rc == 0
+
+    train = split_ids(catalog, "train")
+    folds = [{pid for pid in train if fold_of(pid, 2) == i} for i in range(2)]
+    assert all(folds), "both folds should hold train tiles"
+    main_seen, *fold_seen = fits_in(tmp_path / "seen" / "rank0.txt")
+    assert main_seen == set(train)
+    assert fold_seen == [set(train) - folds[0], set(train) - folds[1]]
+
+    out = tmp_path / "stage2"
+    opt_v2, cat, src = ShardStore(out / "opt_v2"), ShardStore(catalog), ShardStore(opt_v1)
+    models = {"main": load_model(out / "model")[2]} | {i: load_model(fold_dir(out, i) / "model")[2] for i in (0, 1)}
+    test_tile = split_ids(catalog, "test")[0]
+    for pid, who in [(sorted(folds[0])[0], 0), (sorted(folds[1])[0], 1), (test_tile, "main")]:
+        x = torch.from_numpy(src.read("opt", src.rows_for([pid])).astype(np.float32)) / 10000
+        s1 = torch.from_numpy(cat.read("s1", cat.rows_for([pid])).astype(np.float32))
+        with torch.no_grad():
+            expected = {k: to_dn((apply("stage2", m, s1, x.clamp(0, 1)) * 10000)[0].numpy()) for k, m in models.items()}
+        written = opt_v2.read("opt", opt_v2.rows_for([pid]))[0].astype(np.int32)
+        assert np.abs(written - expected[who].astype(np.int32)).max() <= 1, (pid, who)
+        others = [k for k in expected if k != who]
+        assert all(np.abs(written - expected[k].astype(np.int32)).max() > 1 for k in others), (pid, who)
+    provenance = json.loads((out / "opt_v2" / "provenance.json").read_text())
+    assert provenance["cross_fit_folds"] == 2 and len(provenance["fold_models"]) == 2

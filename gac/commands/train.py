@@ -75,8 +75,10 @@ def run_stage(stage: str, args: argparse.Namespace, section, source_root: str, n
     if args.cache_only:
         model_dir = Path(section.out) / "model"
         _, _, model = load_model(model_dir, device)
+        model, crossfit = _with_folds(model, _cross_fit(stage, section, catalog_root, source_root, cfg, False), device)
         info = write_cache(stage, model, catalog_root, source_root, next_cache, section.cache,
-                           provenance={"model_dir": str(model_dir), "data_source": cfg.data.source})  # fmt: skip
+                           provenance={"model_dir": str(model_dir), "data_source": cfg.data.source,
+                                       **crossfit})  # fmt: skip
         if engine.dist()[0] == 0:
             print(f"{stage}: wrote {next_cache} ({info['tiles']} tiles, {info['errors']} errors) with {model_dir}")
         return
@@ -90,6 +92,8 @@ def run_stage(stage: str, args: argparse.Namespace, section, source_root: str, n
         register=not args.no_register,
         exclude=cfg.data.exclude,
     )
+    # every rank takes part in the fold trainings (DDP); rank 0 gets the models
+    folds = None if args.no_cache else _cross_fit(stage, section, catalog_root, source_root, cfg, train=True)
     if result is None:  # a non-zero DDP rank: rank 0 does the rest
         return
     summary = {
@@ -101,6 +105,7 @@ def run_stage(stage: str, args: argparse.Namespace, section, source_root: str, n
     }
     if not args.no_cache:
         _, _, model = load_model(result.model_dir, device)
+        model, crossfit = _with_folds(model, folds, device)
         version = result.metrics.get("registered_version")
         from gac.registry import MODEL_NAMES
 
@@ -117,6 +122,7 @@ def run_stage(stage: str, args: argparse.Namespace, section, source_root: str, n
                 "version": str(version) if version else None,
                 "model_dir": result.model_dir,
                 "data_source": cfg.data.source,
+                **crossfit,
             },
             distributed=False,  # the other DDP ranks have ended: rank 0 writes every shard
         )
@@ -129,3 +135,32 @@ def run_stage(stage: str, args: argparse.Namespace, section, source_root: str, n
         f"trainable {result.trainable['trainable']:,} of {result.trainable['total']:,} "
         f"({100 * result.trainable['share']:.2f} %); model {result.model_dir}"
     )
+
+
+def _cross_fit(stage: str, section, catalog_root: str, source_root: str, cfg, train: bool):
+    """Stage 2 with ``cross_fit_folds`` ≥ 2: ``(train ids, fold model folders)`` — trained now (``train``; every DDP
+    rank takes part, non-zero ranks get ``None`` folders) or the saved ones; ``None`` without cross-fitting."""
+    if stage != "stage2" or section.cross_fit_folds < 2:
+        return None
+    from gac import crossfit
+    from gac.store import ShardStore
+    from gac.training.data import rows_of
+
+    if train:
+        return crossfit.fit_folds(section, cfg.mlflow, catalog_root, source_root, cfg.data.exclude,
+                                  {"gac.data": cfg.data.source})  # fmt: skip
+    train_ids = rows_of(ShardStore(catalog_root), ShardStore(source_root), "train", None, cfg.data.exclude)
+    return list(train_ids["patch_id"]), [str(crossfit.fold_dir(section.out, i) / "model")
+                                         for i in range(section.cross_fit_folds)]  # fmt: skip
+
+
+def _with_folds(model, folds, device) -> tuple:
+    """``(model routed out of fold, provenance)`` for :func:`_cross_fit`'s result; ``(model, {})`` without."""
+    if folds is None:
+        return model, {}
+    from gac.crossfit import OutOfFold
+    from gac.training.export import load_model
+
+    train_ids, dirs = folds
+    fold_models = [load_model(d, device)[2] for d in dirs]
+    return OutOfFold(model, fold_models, train_ids), {"cross_fit_folds": len(dirs), "fold_models": dirs}

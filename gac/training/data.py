@@ -83,15 +83,17 @@ class PairDataModule(L.LightningDataModule):
         num_workers: int = 0,
         max_tiles: int | None = None,
         exclude: Sequence[str] = (),
+        holdout: Sequence[str] = (),
     ) -> None:
         super().__init__()
         self.catalog_root, self.source_root = catalog_root, source_root
         self.batch_size, self.num_workers, self.max_tiles = batch_size, num_workers, max_tiles
-        self.exclude = tuple(exclude)
+        self.exclude, self.holdout = tuple(exclude), frozenset(holdout)
 
     def setup(self, stage: str | None = None) -> None:
         catalog, source = ShardStore(self.catalog_root), ShardStore(self.source_root)
-        self.train_ids = list(rows_of(catalog, source, "train", self.max_tiles, self.exclude)["patch_id"])
+        train = rows_of(catalog, source, "train", None, self.exclude)["patch_id"]
+        self.train_ids = [p for p in train if p not in self.holdout][: self.max_tiles]
         self.val_ids = list(rows_of(catalog, source, "validation", self.max_tiles, self.exclude)["patch_id"])
         if not self.train_ids or not self.val_ids:
             raise GacError(

@@ -28,6 +28,7 @@ own, tagged ``gac.resumed_from_run``. Every run is named and tagged with its sta
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -44,7 +45,9 @@ from gac.training.export import STAGES, save_model
 CHECKPOINTS = "checkpoints"
 #: Section fields (dotted) that cannot change what has been trained so far: changing them continues the training.
 #: ``train.epochs``/``train.max_steps`` continue only when they grow (see :func:`_continues`).
-CONTINUABLE = ("out", "train.num_workers", "train.save_every_n_steps", "train.epochs", "train.max_steps")
+CONTINUABLE = (
+    "out", "train.num_workers", "train.save_every_n_steps", "train.epochs", "train.max_steps", "cross_fit_folds",
+)  # fmt: skip
 
 
 @dataclass
@@ -129,11 +132,13 @@ def fit(
     extra_callbacks=(),
     run_id: str | None = None,
     exclude: Sequence[str] = (),
+    holdout: Sequence[str] = (),
 ) -> FitResult | None:
     """Train ``stage`` (``stage2``/``stage3``) on the catalog + previous cache; resume if ``last.ckpt`` exists.
 
     ``run_id`` logs into an existing MLflow run (a sweep trial's nested run) instead of a new one; ``exclude`` names
-    the quality flags (``data.exclude``) whose tiles are left out (part of the training's identity).
+    the quality flags (``data.exclude``) whose tiles are left out and ``holdout`` train tiles not to train on (a
+    cross-fitting fold, :mod:`gac.crossfit`); both are part of the training's identity.
     """
     import lightning as L
     from lightning.pytorch.loggers import CSVLogger, MLFlowLogger
@@ -148,7 +153,7 @@ def fit(
     last_ckpt = out / CHECKPOINTS / "last.ckpt"
     run_file = out / CHECKPOINTS / "mlflow_run.json"
     settings = out / CHECKPOINTS / "fit.json"
-    wanted = identity(stage, section, catalog_root, source_root, exclude)
+    wanted = identity(stage, section, catalog_root, source_root, exclude, holdout)
     resume = last_ckpt.is_file() and _continues(_read_json(settings), wanted)
     if not resume and (out / CHECKPOINTS).exists() and int(os.environ.get("LOCAL_RANK", 0)) == 0:
         import shutil
@@ -177,7 +182,7 @@ def fit(
     csv = CSVLogger(save_dir=out, name="logs", version="", flush_logs_every_n_steps=1)
     task = spec.task(section.model_dump())
     t = section.train
-    data = PairDataModule(catalog_root, source_root, t.batch_size, t.num_workers, t.max_tiles, exclude)
+    data = PairDataModule(catalog_root, source_root, t.batch_size, t.num_workers, t.max_tiles, exclude, holdout)
     data.setup("fit")  # the epoch's length, for cadences given as fractions of it
     world = (t.devices if isinstance(t.devices, int) else 1) * t.num_nodes
     steps_per_epoch = math.ceil(len(data.train_ids) / (t.batch_size * world) / t.grad_accum_steps)
@@ -229,7 +234,12 @@ def fit(
 
 
 def identity(
-    stage: str, section: Stage2Params | Stage3Params, catalog_root: str, source_root: str, exclude: Sequence[str] = ()
+    stage: str,
+    section: Stage2Params | Stage3Params,
+    catalog_root: str,
+    source_root: str,
+    exclude: Sequence[str] = (),
+    holdout: Sequence[str] = (),
 ) -> dict:
     """What a training *is*: its inputs' content, the tiles left out and the params that change the model."""
     from gac.store import ShardStore
@@ -241,6 +251,7 @@ def identity(
             "catalog": ShardStore(catalog_root).content_digest(),
             "source": ShardStore(source_root).content_digest(),
             "exclude": sorted(exclude),
+            "holdout": hashlib.sha256("\n".join(sorted(holdout)).encode()).hexdigest() if holdout else None,
         },
         "model": {k: v for k, v in params.items() if k not in CONTINUABLE and not k.startswith("cache.")},
         "budget": {"epochs": params["train.epochs"], "max_steps": params["train.max_steps"]},
