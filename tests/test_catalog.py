@@ -348,3 +348,30 @@ def test_failed_shard_write_leaves_nothing(tmp_path):
         store.write_shard("00000", index, {"s2": np.zeros((2, 3), np.uint16), "s1": bad})
     assert store.shard_names() == []
     assert os.listdir(tmp_path / "store" / SHARDS) == []
+
+
+def test_the_catalog_does_not_depend_on_the_folder_the_data_is_in(synthetic_root, tmp_path, monkeypatch):
+    """Same data in two folders (a fresh clone elsewhere) → byte-identical catalogs, so DVC hashes them alike; and a
+    catalog built from one copy is resumed, not rebuilt, from the other."""
+    import hashlib
+
+    copies = [tmp_path / "clone-a" / "data", tmp_path / "somewhere" / "else" / "data"]
+    for copy in copies:
+        shutil.copytree(synthetic_root, copy)
+
+    def files(out: Path) -> dict[str, str]:
+        return {str(p.relative_to(out)): hashlib.sha256(p.read_bytes()).hexdigest()
+                for p in sorted(out.rglob("*")) if p.is_file()}  # fmt: skip
+
+    built = []
+    for i, copy in enumerate(copies):
+        out = tmp_path / f"catalog-{i}"
+        monkeypatch.chdir(copy.parent)  # the data root as params.yaml names it: "data", relative
+        catalog.build(CatalogParams(out=str(out), workers=0), "data", progress=False)
+        built.append(files(out))
+    assert built[0] == built[1]
+    marker = next((tmp_path / "catalog-0" / SHARDS).iterdir())
+    before = marker.stat().st_mtime_ns
+    monkeypatch.chdir(copies[1].parent)
+    catalog.build(CatalogParams(out=str(tmp_path / "catalog-0"), workers=0), "data", progress=False)
+    assert marker.stat().st_mtime_ns == before  # resumed: nothing rewritten

@@ -209,8 +209,16 @@ def _build_shard(args: tuple[str, pd.DataFrame]) -> tuple[pd.DataFrame, dict[str
 
 
 def fingerprint(params: CatalogParams, root: str | Path, selected: pd.DataFrame) -> str:
-    """What makes a catalog: if it changes, shards from an earlier run are stale and are rebuilt."""
-    key = {"root": str(Path(root).resolve()), "shard_size": params.shard_size, "ids": list(selected["patch_id"])}
+    """What makes a catalog: if it changes, shards from an earlier run are stale and are rebuilt.
+
+    The data root enters by *content* (the sha256 of its ``metadata.parquet``), never by path: the same data in
+    another folder — a fresh clone, a moved disk — gives the same catalog, byte for byte, and so the same DVC hash.
+    """
+    digest = hashlib.sha256()
+    with Path(root, layout.METADATA_FILE).open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    key = {"metadata": digest.hexdigest(), "shard_size": params.shard_size, "ids": list(selected["patch_id"])}
     return hashlib.sha256(json.dumps(key).encode()).hexdigest()
 
 
