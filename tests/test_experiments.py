@@ -81,6 +81,30 @@ def steps(repo: Path, run_id: str) -> list[int]:
 
 
 @pytest.mark.slow
+def test_the_stage3_version_names_what_it_was_trained_on(repo: Path) -> None:
+    """Lineage as data: the registered Stage 3 version's tags name the Stage 2 version whose opt_v2 it learnt from,
+    Stage 1's weights and the content of the catalog and of its input cache."""
+    from mlflow import MlflowClient
+
+    from gac.provenance import read_provenance
+    from gac.store import ShardStore
+
+    (base2,), (base3,) = runs(repo, "stage2", "workspace"), runs(repo, "stage3", "workspace")
+    c = MlflowClient(yaml.safe_load((repo / "params.yaml").read_text())["mlflow"]["tracking_uri"])
+    (v2,) = [v for v in c.search_model_versions("name = 'gac-stage2'") if v.run_id == base2.info.run_id]
+    (v3,) = [v for v in c.search_model_versions("name = 'gac-stage3'") if v.run_id == base3.info.run_id]
+    assert v3.tags["gac.stage2_model"] == "gac-stage2" and v3.tags["gac.stage2_version"] == str(v2.version)
+    assert v3.tags["gac.stage1_weights"] == "random init"
+    assert v3.tags["gac.catalog_sha256"] == ShardStore(repo / "artifacts" / "catalog").content_digest()
+    assert v3.tags["gac.stage2_cache_sha256"] == ShardStore(repo / "artifacts" / "stage2" / "opt_v2").content_digest()
+    assert v2.tags["gac.stage1_cache_sha256"] == ShardStore(repo / "artifacts" / "opt_v1").content_digest()
+    # and the chain goes on: opt_v3's provenance carries the same lineage
+    assert read_provenance(repo / "artifacts" / "stage3" / "opt_v3", "stage3")["lineage"]["gac.stage2_version"] == str(
+        v2.version
+    )
+
+
+@pytest.mark.slow
 def test_an_experiment_retrains_what_it_changes_and_continues_what_it_extends(repo: Path) -> None:
     (base2,), (base3,) = runs(repo, "stage2", "workspace"), runs(repo, "stage3", "workspace")
     linked = repo / "artifacts" / "catalog" / "shards" / "00000" / "s2.npy"
