@@ -29,7 +29,8 @@ import yaml
 from gac.config import CatalogParams, DataParams, MlflowParams, Params, Stage1Params, Stage2Params, Stage3Params
 from gac.config import TrainParams as Train
 from gac.store import ShardStore
-from gac.training.export import STAGES, apply
+from gac.training.export import apply
+from gac.training.stages import TRAINED_STAGES
 
 STAGE_NAMES = ("stage2", "stage3")
 #: In-process fits: 2 train + 2 validation tiles, one batch per epoch, a validation and a last.ckpt every step.
@@ -120,7 +121,7 @@ def fitted(request, catalog: Path, opt_v1: Path, mlflow_params: MlflowParams) ->
 def rebuilt(fitted: dict):
     """The task rebuilt from the best checkpoint alone (its hyper-parameters name the section), in eval mode."""
     ckpt = torch.load(fitted["result"].best_checkpoint, map_location="cpu", weights_only=True)
-    task = STAGES[fitted["stage"]].task(ckpt["hyper_parameters"]["section"]).build()
+    task = TRAINED_STAGES[fitted["stage"]].task(ckpt["hyper_parameters"]["section"]).build()
     task.load_state_dict(ckpt["state_dict"])
     return task.eval(), ckpt
 
@@ -152,7 +153,7 @@ def test_fit_keeps_best_and_last_checkpoints(fitted: dict, rebuilt) -> None:
 def test_only_lora_adapters_and_heads_train(fitted: dict, rebuilt) -> None:
     stage, result = fitted["stage"], fitted["result"]
     task, ckpt = rebuilt
-    report = STAGES[stage].report(task.model)
+    report = TRAINED_STAGES[stage].report(task.model)
     assert report["share"] < 0.2 and report["share"] == pytest.approx(result.trainable["share"])
     assert report["names"] and all(TRAINABLE[stage].fullmatch(n) for n in report["names"]), report["names"]
     assert any("lora_" in n for n in report["names"])
@@ -177,7 +178,7 @@ def test_the_mlflow_run_has_params_step_metrics_and_the_best_checkpoint(
     for key in ("val/psnr", "val/ssim", "val/sam_deg", "val/sar_edge", "val/loss"):
         assert history(c, result.run_id, key) == list(range(TRAIN.max_steps)), key  # val_every_n_steps = 1
     # best.ckpt is the validation that scored best on the task's monitor, and its score is the run's best_score
-    task_cls = STAGES[stage].task
+    task_cls = TRAINED_STAGES[stage].task
     scores = {m.step: m.value for m in c.get_metric_history(result.run_id, task_cls.monitor)}
     pick = max if task_cls.mode == "max" else min
     best_step = pick(scores, key=scores.get)
@@ -280,7 +281,7 @@ def test_a_fit_with_nothing_left_to_train_scores_the_best_weights_again(
     assert first is not None and again is not None
     assert (again.global_step, again.run_id) == (first.global_step, first.run_id)  # resumed, in the same run
     assert history(client(store), first.run_id, "train/loss") == list(range(TRAIN.max_steps))  # nothing retrained
-    monitor = STAGES["stage2"].task.monitor
+    monitor = TRAINED_STAGES["stage2"].task.monitor
     assert again.metrics.keys() >= {"val/psnr", "val/ssim", "val/sam_deg", "val/sar_edge", monitor}
     # the best checkpoint's score, recomputed: what the first fit's tracker recorded for it
     assert again.best_score == again.metrics[monitor] == pytest.approx(first.best_score, rel=1e-5, abs=1e-6)

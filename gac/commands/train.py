@@ -130,10 +130,10 @@ def run_stage(stage: str, args: argparse.Namespace, section, source_root: str, n
         )
         summary["seconds_per_tile"] = info["seconds_per_tile"]
     write_json(args.metrics or f"metrics/{stage}.json", summary)
-    from gac.training.export import STAGES
+    from gac.training.stages import TRAINED_STAGES
 
     print(
-        f"{stage}: best {STAGES[stage].task.monitor} {result.best_score:.4f} (step {result.global_step}); "
+        f"{stage}: best {TRAINED_STAGES[stage].task.monitor} {result.best_score:.4f} (step {result.global_step}); "
         f"trainable {result.trainable['trainable']:,} of {result.trainable['total']:,} "
         f"({100 * result.trainable['share']:.2f} %); model {result.model_dir}"
     )

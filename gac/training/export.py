@@ -8,63 +8,24 @@ rebuild the network through the same builders training used.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from gac.atomic import atomic_path
-from gac.config import Stage2Params, Stage3Params
 from gac.errors import GacError
+from gac.training.stages import TRAINED_STAGES
 
 WEIGHTS = "weights.safetensors"
 PARAMS = "params.json"
-
-
-@dataclass(frozen=True)
-class StageSpec:
-    """How one trained stage is built, trained, saved and reloaded."""
-
-    params: type
-    task_path: str
-    builder_module: str
-    state_fn: str
-    load_fn: str
-
-    @property
-    def task(self) -> type:
-        module, name = self.task_path.rsplit(".", 1)
-        return getattr(__import__(module, fromlist=[name]), name)
-
-    def _fn(self, name: str):
-        return getattr(__import__(self.builder_module, fromlist=[name]), name)
-
-    def state(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
-        return self._fn(self.state_fn)(model)
-
-    def load(self, section: Any, state: dict[str, torch.Tensor], device: str | torch.device = "cpu") -> torch.nn.Module:
-        return self._fn(self.load_fn)(section, state, device)
-
-    def report(self, model: torch.nn.Module) -> dict:
-        return self._fn("trainable_report")(model)
-
-
-STAGES: dict[str, StageSpec] = {
-    "stage2": StageSpec(
-        Stage2Params, "gac.training.stage2.Stage2Task", "gac.models.prithvi", "refiner_state", "load_refiner"
-    ),
-    "stage3": StageSpec(
-        Stage3Params, "gac.training.stage3.Stage3Task", "gac.models.grounding", "grounder_state", "load_grounder"
-    ),
-}
 
 
 def save_model(stage: str, section: Any, model: torch.nn.Module, folder: str | Path) -> Path:
     """Write the model folder atomically."""
     from safetensors.torch import save_file
 
-    state = {k: v.detach().cpu().contiguous() for k, v in STAGES[stage].state(model).items()}
+    state = {k: v.detach().cpu().contiguous() for k, v in TRAINED_STAGES[stage].state(model).items()}
     with atomic_path(folder) as tmp:
         tmp.mkdir()
         save_file(state, tmp / WEIGHTS)
@@ -80,7 +41,7 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu") -> tuple[
     if not (folder / WEIGHTS).is_file() or not (folder / PARAMS).is_file():
         raise GacError(f"{folder}: not a GAC model folder (expected {WEIGHTS} and {PARAMS})")
     meta = json.loads((folder / PARAMS).read_text())
-    spec = STAGES[meta["stage"]]
+    spec = TRAINED_STAGES[meta["stage"]]
     section = spec.params.model_validate(meta["section"])
     model = spec.load(section, load_file(folder / WEIGHTS), device)
     return meta["stage"], section, model.eval()

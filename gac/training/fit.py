@@ -40,7 +40,8 @@ import torch
 
 from gac.atomic import atomic_path, write_text
 from gac.config import MlflowParams, Stage2Params, Stage3Params
-from gac.training.export import STAGES, save_model
+from gac.training.export import save_model
+from gac.training.stages import TRAINED_STAGES
 
 CHECKPOINTS = "checkpoints"
 #: Section fields (dotted) that cannot change what has been trained so far: changing them continues the training.
@@ -146,7 +147,7 @@ def fit(
     from gac import tracking
     from gac.training.data import PairDataModule
 
-    spec = STAGES[stage]
+    spec = TRAINED_STAGES[stage]
     out = Path(section.out)
     L.seed_everything(section.train.seed, workers=True, verbose=False)
     tracking.setup(mlflow_params)
