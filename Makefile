@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat requirements.txt pyproject.toml | sha256sum | cut -c1-12)
 
-.PHONY: setup data repro test lint postgres
+.PHONY: setup data repro sweep test lint postgres
 
 setup: $(STAMP)
 
@@ -21,6 +21,11 @@ data: $(STAMP)
 
 repro: data
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/dvc repro
+
+# The Optuna sweep, off the default path (it makes the catalog and opt_v1 first if needed); commit its
+# sweeps/dvc.lock and metrics/sweep.json with the code it ran.
+sweep: data
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/dvc repro sweeps/dvc.yaml
 
 # PostgreSQL binaries for the distributed-sweep test (the test starts its own server on 127.0.0.1).
 postgres:

@@ -56,8 +56,11 @@ class MlflowParams(Section):
     """MLflow tracking store: SQLite + an artifact folder under ``mlruns/`` (the file store is legacy in MLflow 3)."""
 
     tracking_uri: str = "sqlite:///mlruns/mlflow.db"
+    #: Relative paths are stored relative (to the working directory, the project root) so the store can be copied.
     artifact_location: str = "mlruns/artifacts"
     experiment: str = "gac"
+    #: Where the MLflow UI is served (the README's ``mlflow ui`` command): Optuna trials link to their run's page there.
+    ui_url: str = "http://127.0.0.1:5000"
 
 
 class CatalogParams(Section):

@@ -2,12 +2,12 @@
 
 Stage 3 learns to improve opt_v2. Without cross-fitting it trains on the opt_v2 Stage 2 wrote for the very tiles
 Stage 2 was fitted on — better than what any unseen tile gets at inference, so Stage 3 learns to correct a Stage 2
-that is better than the real one (``gac evaluate`` measures that gap, ``leakage`` in ``metrics/evaluate.json``). With
-``stage2.cross_fit_folds: k`` (``k ≥ 2``) ``gac stage2`` also trains ``k`` fold models, fold ``i`` on the train tiles
-outside fold ``i``, with the same params, and writes opt_v2 of the train tiles of fold ``i`` with fold model ``i``
-(:class:`OutOfFold`); validation and test tiles — and flagged train tiles nobody trained on — keep the main model.
-This is the out-of-fold scheme of stacked models (and of double/debiased ML's cross-fitting), at the price of ``k``
-more trainings.
+that is better than the real one (``gac evaluate`` measures that gap, ``leakage_gap_db`` in
+``metrics/evaluate.json``). With ``stage2.cross_fit_folds: k`` (``k ≥ 2``) ``gac stage2`` also trains ``k`` fold models,
+fold ``i`` on the train tiles outside fold ``i``, with the same params, and writes opt_v2 of the train tiles of fold
+``i`` with fold model ``i`` (:class:`OutOfFold`); validation and test tiles — and flagged train tiles nobody trained
+on — keep the main model. This is the out-of-fold scheme of stacked models (and of double/debiased ML's
+cross-fitting), at the price of ``k`` more trainings.
 
 A tile's fold is ``sha256(patch_id) mod k``: stable when tiles are added or removed, independent of order. Fold
 trainings live in ``<stage2.out>/checkpoints/folds/<i>`` (inside the DVC output, so ``dvc repro`` versions them and a

@@ -37,8 +37,13 @@ Outputs (``out_dir``, default ``evaluate.out``, replaced as a whole):
   an attention-map hook is given. Every figure states its composite, stretch, units and bands (:mod:`gac.figures`);
 * ``geotiff/<patch_id>_opt_v3.tif`` with the tile's CRS and transform; ``baseline.npz`` (the fitted baseline);
 
-plus the metrics JSON (``dvc metrics show``), one MLflow run with everything, and ``eval.<metric>`` tags plus an
-updated model card on every registered model version named in a cache's provenance (for :mod:`gac.promote`).
+* ``details.json``: everything — every row × metric, the per-group tables, ``leakage`` and ``provenance`` (weights
+  origin, data source, split, tile counts, the MLflow run);
+
+plus the metrics JSON (``metrics_path``, ``dvc metrics show``), which holds only the :func:`headline` figures: DVC
+prints one column per key of every metrics file, and the whole table made ``dvc metrics show`` hundreds of columns
+wide; one MLflow run with everything; and ``eval.<metric>`` tags plus an updated model card on every registered model
+version named in a cache's provenance (for :mod:`gac.promote`, which reads those tags, not the JSON).
 """
 
 from __future__ import annotations
@@ -77,6 +82,18 @@ GROUPS: tuple[str, ...] = ("country", "season")
 METRICS: tuple[str, ...] = (
     "psnr", "ssim", "ms_ssim", "sam_deg", "mae", "rmse", "ndvi_err", "sar_edge", "block_periodicity",
 )  # fmt: skip
+#: Row → the metrics of it the metrics JSON holds (:func:`headline`): the promotion targets and block periodicity of
+#: the full pipeline and of Stage 1+2, and the truth's block periodicity (a real image's value, the reference; its
+#: other metrics are perfect by construction).
+HEADLINE: dict[str, tuple[str, ...]] = {
+    "full": ("psnr", "ssim", "sam_deg", "sar_edge", "block_periodicity"),
+    "stage1+2": ("psnr", "ssim", "sam_deg", "sar_edge", "block_periodicity"),
+    # the truth scored as a model: its SAR-edge shows the promotion target is reachable; its block periodicity is
+    # the reference of a real image
+    "truth": ("sar_edge", "block_periodicity"),
+}
+#: File in the output folder holding every figure of the evaluation.
+DETAILS = "details.json"
 
 AttentionMaps = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
@@ -231,6 +248,17 @@ def _cell(value: Any) -> str:
     return f"{value:.4g}" if math.isfinite(value) else "nan"
 
 
+def headline(details: dict[str, Any]) -> dict[str, Any]:
+    """The metrics JSON's content from :func:`evaluate`'s result: :data:`HEADLINE`, the number of tiles scored and
+    the leakage gap in dB (when there are train tiles to measure it on)."""
+    out: dict[str, Any] = {row: {m: details[row].get(m) for m in names} for row, names in HEADLINE.items()
+                           if row in details}  # fmt: skip
+    out["tiles"] = details["provenance"]["tiles_evaluated"]
+    if details.get("leakage"):
+        out["leakage_gap_db"] = details["leakage"]["gap_db"]
+    return out
+
+
 def _finite(data: Any) -> Any:
     """Replace NaN/inf by ``None`` recursively (JSON has no NaN; DVC and MLflow reject it)."""
     if isinstance(data, dict):
@@ -342,20 +370,21 @@ def evaluate(
     Args:
         cfg: All parameters (catalog, the three caches, ``evaluate``, ``mlflow``, ``data.source``).
         out_dir: Folder of plots, figures and GeoTIFFs (default ``cfg.evaluate.out``); replaced as a whole.
-        metrics_path: The JSON for ``dvc metrics show``.
+        metrics_path: The JSON for ``dvc metrics show``: :func:`headline` of the result.
         attention_maps: Optional hook ``(s1_db (B, 2, H, W), opt_v2_dn (B, 12, H, W)) -> (B, h, w)``; when given,
             an attention picture is saved per visualised tile.
         verbose: Print the ablation table and the tile counts.
         baseline_catalog: Catalog whose train split the baseline is fitted on (default: ``cfg.catalog.out``).
 
     Returns:
-        The content of ``metrics_path``: ``{row: {metric: value}}``, ``groups`` and ``provenance``.
+        The content of ``<out_dir>/details.json``: ``{row: {metric: value}}``, ``groups``, ``leakage`` and
+        ``provenance``.
     """
     import mlflow
     from mlflow.exceptions import MlflowException
 
     from gac import tracking
-    from gac.promote import tag_evaluation
+    from gac.model_card import tag_evaluation
 
     p = cfg.evaluate
     out = Path(out_dir or p.out)
@@ -410,11 +439,14 @@ def evaluate(
     with tracking.start_run(cfg.mlflow, "evaluate", tags=tags) as run:
         mlflow.log_params({"split": p.split, "data_source": cfg.data.source, "tiles": len(rows),
                            "n_visualize": p.n_visualize, "baseline_ridge": p.baseline_ridge})  # fmt: skip
+        tracking.log_datasets({"catalog": catalog.root, **{LABELS[stage]: c.store.root for stage, c in caches.items()}},
+                              "evaluation")  # fmt: skip
         mlflow.log_metrics({metric_key(r, m): float(v) for r, vals in table.items() for m, v in vals.items()
                             if v is not None and math.isfinite(v)})  # fmt: skip
         provenance["mlflow_run_id"] = run.info.run_id
         result = _finite({**table, "groups": groups, "leakage": leakage, "provenance": provenance})
-        write_text(metrics_path, json.dumps(result, indent=2, sort_keys=True, default=str) + "\n")
+        write_text(out / DETAILS, json.dumps(result, indent=2, sort_keys=True, default=str) + "\n")
+        write_text(metrics_path, json.dumps(headline(result), indent=2, sort_keys=True) + "\n")
         mlflow.log_artifacts(str(out), artifact_path="evaluate")
         mlflow.log_artifact(str(metrics_path))
         mlflow.log_text(text + "\n", "ablation.txt")

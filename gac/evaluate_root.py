@@ -9,8 +9,10 @@ per-season tables, the figures and GeoTIFFs are made exactly as for the pipeline
 
 * ``caches/``: ``catalog``, ``opt_v1``, ``opt_v2``, ``opt_v3`` of the scored tiles (a rerun with the same root, split
   and models recomputes nothing; other models rewrite opt_v2/opt_v3 only);
-* ``evaluate/``: ``plots/*.csv``, ``figures/``, ``geotiff/``, ``baseline.npz`` (replaced as a whole);
-* ``evaluate.json``: the metrics, with ``provenance.data_root`` (unless ``metrics_path`` says otherwise).
+* ``evaluate/``: ``plots/*.csv``, ``figures/``, ``geotiff/``, ``baseline.npz`` (replaced as a whole) and
+  ``details.json``: every row × metric, the groups and the provenance, with ``provenance.data_root`` and ``models``;
+* ``evaluate.json``: the headline figures, as ``metrics/evaluate.json`` has them for the pipeline (unless
+  ``metrics_path`` says otherwise).
 
 Choices:
 
@@ -190,11 +192,11 @@ def evaluate_root(
         stage2, stage3: ``models:/…`` URIs or model folders (default: the DVC pipeline's ``<stageN.out>/model``).
         split: Split to score (default: test, else validation, else train: the first the root has).
         max_tiles: At most this many tiles of the split, the first in metadata order (default: all).
-        metrics_path: Metrics JSON (default ``<out>/evaluate.json``).
+        metrics_path: Headline metrics JSON (default ``<out>/evaluate.json``).
         baseline_catalog: Catalog whose train split the baseline is fitted on (default ``catalog.out``).
 
     Returns:
-        The metrics JSON's content.
+        The content of ``<out>/evaluate/details.json`` (every figure, see :func:`gac.evaluate.evaluate`).
 
     Raises:
         GacError: ROOT is not a BigEarthNet v2 root or lacks the split; a model source cannot be loaded; the output
@@ -204,7 +206,7 @@ def evaluate_root(
 
     from gac import infer, tracking
     from gac.atomic import write_text
-    from gac.evaluate import evaluate
+    from gac.evaluate import DETAILS, evaluate
 
     root = Path(data_dir)
     meta = check_root(root)
@@ -227,9 +229,9 @@ def evaluate_root(
                       baseline_catalog=baseline_catalog or cfg.catalog.out)  # fmt: skip
     extra = {"data_root": str(root.resolve()), "output_dir": str(out), "models": sources}
     result["provenance"] = {**result["provenance"], **extra}
-    write_text(metrics_path, json.dumps(result, indent=2, sort_keys=True, default=str) + "\n")
+    write_text(Path(ext.evaluate.out) / DETAILS, json.dumps(result, indent=2, sort_keys=True, default=str) + "\n")
     run_id = result["provenance"].get("mlflow_run_id")
     if run_id:
         mlflow.MlflowClient().set_tag(run_id, "gac.data_root", extra["data_root"])
-    print(f"Metrics: {metrics_path}; plots, figures and GeoTIFFs: {ext.evaluate.out}")
+    print(f"Metrics: {metrics_path}; every figure ({DETAILS}), plots, figures and GeoTIFFs: {ext.evaluate.out}")
     return result

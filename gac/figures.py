@@ -7,6 +7,9 @@ Three figures per visualised tile (written by :func:`gac.evaluate.visualise`):
 * :func:`grounding_figure` — where Stage 3 changed the image (``|opt_v3 − opt_v2|``) against the radar's edges;
 * :func:`attention_figure` — how much of Stage 3's cross-attention goes to the SAR tokens.
 
+and, for the MLflow run of a training (:mod:`gac.training.run_media`), :func:`curve_figure` — one metric over the
+optimizer steps.
+
 Each ``*_figure`` returns a :class:`matplotlib.figure.Figure` (Agg canvas, never registered with pyplot, so there is
 no global state to close and the figures can be built in worker threads); its titles, labels and colourbars can be
 inspected without reading pixels. Each ``save_*`` builds one, writes it with :func:`save_figure` and drops it.
@@ -338,6 +341,28 @@ def attention_figure(
     _bare(axes[1], "share on S1 tokens, whole model input")
     what = "share of cross-attention on S1 tokens, last decoder layer, mean over heads"
     _suptitle(fig, f"{title} — {what}" if title else what, where)
+    return fig
+
+
+def curve_figure(steps: np.ndarray, values: np.ndarray, metric: str, title: str = "") -> Figure:
+    """One training curve: ``metric`` (a Lightning key such as ``val/psnr``) against the optimizer step.
+
+    One metric per figure, on its own axis: a loss of ~0.2 and a PSNR of ~19 dB share no useful scale. The caller
+    passes only the steps that logged the metric (Lightning's CSV leaves the other cells blank), so no blank is drawn
+    as 0; a single point is drawn as a marker.
+    """
+    steps, values = np.asarray(steps), np.asarray(values, dtype=np.float64)
+    fig = _new_figure(4.8, 3.2)
+    ax = fig.subplots()
+    ax.plot(steps, values, marker="o" if len(values) < 30 else None, markersize=3, linewidth=1.2)
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers
+    ax.set_xlabel("optimizer step", fontsize=_FONT)
+    ax.set_ylabel(metric, fontsize=_FONT)
+    ax.tick_params(labelsize=_FONT - 1)
+    ax.grid(alpha=0.3)
+    _suptitle(fig, f"{title} — {metric}" if title else metric)
     return fig
 
 

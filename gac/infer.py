@@ -6,6 +6,11 @@ cache under the output folder, so a run can be inspected, evaluated or exported 
 
 Every model source is checked before any stage runs (:func:`check_sources`): a missing alias, version, registered
 model or folder is one line that says what exists instead — not a traceback after minutes of Stage 1.
+
+Stage 2 and Stage 3 are a pair: a Stage 3 model only works on the opt_v2 of the Stage 2 version it was trained on.
+Without an explicit Stage 2 source, :func:`paired_stage2` takes the Stage 2 version the Stage 3 registry version names
+(tag ``gac.stage2_version``) — so the default, ``gac-stage3@champion``, runs with its own Stage 2, whatever
+``gac-stage2@champion`` says (``gac promote`` keeps the two aliases together anyway).
 """
 
 from __future__ import annotations
@@ -30,6 +35,34 @@ def load_stage(source: str) -> tuple[str, torch.nn.Module]:
 
     stage, _, model = load_model(source)
     return stage, model
+
+
+def paired_stage2(stage3: str) -> tuple[str, str]:
+    """``(Stage 2 source, why)`` to run with the Stage 3 source ``stage3`` when no Stage 2 source is given.
+
+    A ``models:/gac-stage3@…`` or ``models:/gac-stage3/…`` version names the Stage 2 it was trained on: that
+    registered version (``models:/gac-stage2/<v>``), or the model folder of an unregistered Stage 2 if it is still
+    there. A Stage 3 that names none (a model folder, a ``runs:/`` URI, a version registered before lineage was
+    recorded) falls back to ``models:/gac-stage2@champion``, and ``why`` says so. Call after :func:`check_sources` of
+    ``stage3``, which makes a missing alias one clear line.
+    """
+    from gac.registry import CHAMPION, MODEL_NAMES, TRAINED_ON, trained_on
+
+    name, fallback = MODEL_NAMES["stage3"], f"models:/{MODEL_NAMES['stage2']}@{CHAMPION}"
+    if not stage3.startswith(f"models:/{name}@") and not stage3.startswith(f"models:/{name}/"):
+        return fallback, f"{stage3} names no Stage 2 version"
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    ref = stage3.removeprefix(f"models:/{name}")
+    mv = client.get_model_version_by_alias(name, ref[1:]) if ref[0] == "@" else client.get_model_version(name, ref[1:])
+    version, why = trained_on(name, mv.tags)
+    if version is not None:
+        return f"models:/{TRAINED_ON[name][0]}/{version}", f"{name} version {mv.version} was {why}"
+    folder = mv.tags.get(TRAINED_ON[name][1])  # an unregistered Stage 2: the tag holds its model folder
+    if folder and Path(folder).is_dir():
+        return folder, f"{name} version {mv.version} was trained on the Stage 2 model folder {folder}"
+    return fallback, f"{name} version {mv.version} {why}"
 
 
 def check_sources(sources: dict[str, str]) -> None:
@@ -89,13 +122,20 @@ def _check_folder(option: str, stage: str, folder: Path) -> None:
         raise GacError(f"{option}: {folder}: a {made_by} model, expected a {stage} model")
 
 
-def run(cfg: Params, data: str, out: str | Path, stage2: str, stage3: str, visualize: int = 0) -> dict:
-    """Run every stage on ``data`` (a BigEarthNet v2 root or a catalog folder) into ``out``; return the caches."""
+def run(cfg: Params, data: str, out: str | Path, stage2: str | None, stage3: str, visualize: int = 0) -> dict:
+    """Run every stage on ``data`` (a BigEarthNet v2 root or a catalog folder) into ``out``; return the caches.
+
+    ``stage2`` ``None``: the Stage 2 that ``stage3`` was trained on (:func:`paired_stage2`).
+    """
     from gac import config, stage1
     from gac.data import catalog as catalog_mod
     from gac.refine import write_cache
     from gac.store import ShardStore
 
+    if stage2 is None:
+        check_sources({"stage3": stage3})
+        stage2, why = paired_stage2(stage3)
+        print(f"stage2: {stage2} ({why})")
     check_sources({"stage2": stage2, "stage3": stage3})
     out = Path(out)
     if (Path(data) / "metadata.parquet").is_file():  # a raw BigEarthNet v2 root: build its catalog first

@@ -1,9 +1,10 @@
-"""Gated promotion in the MLflow model registry, and the model cards and evaluation tags it relies on.
+"""Gated promotion in the MLflow model registry, of a consistent Stage 2 + Stage 3 pair.
 
 Each trained stage registers its model (``gac-stage2``, ``gac-stage3``) and points the alias ``challenger`` at the new
 version. ``gac evaluate`` scores it on the held-out split and writes the scores onto the version as tags
-``eval.<metric>`` (:func:`tag_evaluation`), so that a promotion compares numbers measured the same way, on the same
-split, without re-running anything. :func:`promote` then moves the alias ``champion`` to the challenger only if
+``eval.<metric>`` (:func:`gac.model_card.tag_evaluation`), so that a promotion compares numbers measured the same way,
+on the same split, without re-running anything. :func:`promote` then moves the alias ``champion`` to the challenger
+only if
 
 1. it meets **every** target of :class:`~gac.config.TargetParams` (``psnr`` ≥, ``ssim`` ≥, ``sam_deg`` ≤,
    ``sar_edge`` ≤), and
@@ -13,33 +14,33 @@ split, without re-running anything. :func:`promote` then moves the alias ``champ
 Otherwise nothing in the registry changes. Either way the :class:`Decision` lists one line per check with the numbers
 (``psnr 14.21 < target 30.00``), which ``gac promote`` prints, logs to MLflow and writes to ``metrics/promote.json``.
 
-The model card (:func:`model_card`) is the version's description: data, weights origin, parameters, training metrics
-and git commit at registration, and an ``## Evaluation`` section that :func:`tag_evaluation` replaces on every
-evaluation.
+**The pair.** A Stage 3 model is trained on the opt_v2 one Stage 2 version wrote, and only works on that Stage 2's
+output; its version records that Stage 2 version (tags ``gac.stage2_model``, ``gac.stage2_version``; see
+:data:`gac.registry.TRAINED_ON`). So the pipeline's unit of promotion is the pair, judged by the Stage 3 version's
+evaluation (the full pipeline's output):
+
+3. a Stage 3 version is promoted only if it names a registered Stage 2 version that exists (otherwise: refused, one
+   line saying why), and then ``gac-stage2@champion`` moves to that version in the same step (set first, so a reader
+   of ``gac-stage3@champion`` never sees a half-moved pair);
+4. while ``gac-stage3@champion`` names a Stage 2 version, a Stage 2 version is not promoted on its own (that would
+   pair the Stage 3 champion with a Stage 2 it never saw); before any Stage 3 champion, Stage 2 is gated alone.
+
+``gac infer`` runs ``gac-stage3@champion`` with the Stage 2 version it names (:func:`gac.infer.paired_stage2`).
 """
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from gac.config import Params, TargetParams
-from gac.registry import CHALLENGER, CHAMPION, MODEL_NAMES
+from gac.model_card import EVAL_TAG, eval_metrics
+from gac.registry import CHALLENGER, CHAMPION, MODEL_NAMES, TRAINED_ON, trained_on
 
-#: Prefix of the model-version tags holding evaluation results.
-EVAL_TAG = "eval."
 #: Metrics where a larger value is better; every other metric (errors, angles, distances) is better when smaller.
 HIGHER_IS_BETTER = frozenset({"psnr", "ssim", "ms_ssim"})
-#: Heading of the model-card section that evaluation rewrites.
-EVAL_SECTION = "## Evaluation"
-#: What each registered stage does, for the model card.
-STAGE_PURPOSE: dict[str, str] = {
-    "stage2": "Stage 2: Prithvi-EO + LoRA refinement of TerraMind's opt_v1 into opt_v2 (Sentinel-2 L2A DN, 12 bands).",
-    "stage3": "Stage 3: TerraMind + LoRA on decoder cross-attention, grounding opt_v2 in the SAR into opt_v3.",
-}
 
 
 def higher_is_better(metric: str) -> bool:
@@ -65,134 +66,6 @@ def _pair(a: float, b: float) -> tuple[str, str]:
     return sa, sb
 
 
-# ------------------------------------------------------------------------------------------------ model card
-
-
-def _table(values: Mapping[str, Any]) -> list[str]:
-    rows = ["| key | value |", "|---|---|"]
-    rows += [f"| {k} | {_value(v)} |" for k, v in sorted(values.items())]
-    return rows
-
-
-def _value(v: Any) -> str:
-    if isinstance(v, float):
-        return f"{v:.6g}" if math.isfinite(v) else str(v)
-    if isinstance(v, (dict, list, tuple)):
-        return json.dumps(v, default=str)
-    return str(v)
-
-
-#: Keys of ``version_info`` that :func:`model_card` lays out itself; any other key is listed under "Details".
-CARD_KEYS = ("name", "version", "stage", "data", "weights_origin", "params", "metrics", "git_commit", "run_id",
-             "evaluation")  # fmt: skip
-
-
-def model_card(version_info: Mapping[str, Any]) -> str:
-    """The Markdown description of a registered model version.
-
-    Args:
-        version_info: What is known at registration; every key is optional:
-            ``name``, ``version``, ``stage`` (``stage2``/``stage3``), ``data`` (the data source, or a mapping such
-            as ``{source, catalog, train_tiles}``), ``weights_origin`` (:func:`gac.tracking.weights_origin` of the
-            base model), ``params`` (the stage's parameters; nested mappings are flattened), ``metrics``
-            (validation metrics at training time), ``git_commit``, ``run_id``, ``evaluation`` (as for
-            :func:`evaluation_section`); other keys (e.g. ``trainable``) are listed under "Details".
-
-    Returns:
-        Markdown text for :func:`describe_version`.
-    """
-    info = dict(version_info)
-    title = str(info.get("name", "GAC model"))
-    if info.get("version") is not None:
-        title += f" version {info['version']}"
-    lines = [f"# {title}", ""]
-    if info.get("stage") in STAGE_PURPOSE:
-        lines += [STAGE_PURPOSE[info["stage"]], ""]
-    data = info.get("data")
-    data = data if isinstance(data, Mapping) else ({"source": data} if data is not None else {})
-    lines += ["## Data", *([f"- {k}: {_value(v)}" for k, v in sorted(data.items())] or ["- (not recorded)"]), ""]
-    lines += ["## Weights", f"- base weights: {info.get('weights_origin', 'not recorded')}", ""]
-    if info.get("params"):
-        lines += ["## Parameters", *_table(_flatten(info["params"])), ""]
-    if info.get("metrics"):
-        lines += ["## Training metrics", *_table(_flatten(info["metrics"])), ""]
-    details = {k: v for k, v in info.items() if k not in CARD_KEYS}
-    if details:
-        lines += ["## Details", *[f"- {k}: {_value(v)}" for k, v in sorted(details.items())], ""]
-    lines += ["## Code", f"- git commit: {info.get('git_commit', 'not recorded')}"]
-    if info.get("run_id"):
-        lines.append(f"- MLflow run: {info['run_id']}")
-    card = "\n".join(lines) + "\n"
-    if info.get("evaluation"):
-        card = with_evaluation(card, info["evaluation"])
-    return card
-
-
-def _flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in values.items():
-        if isinstance(v, Mapping):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
-def evaluation_section(evaluation: Mapping[str, Any]) -> str:
-    """The ``## Evaluation`` section: ``metrics`` as a table, every other key of ``evaluation`` as a bullet."""
-    context = {k: v for k, v in evaluation.items() if k != "metrics"}
-    lines = [EVAL_SECTION, *[f"- {k}: {_value(v)}" for k, v in sorted(context.items())]]
-    lines += ["", *_table(evaluation.get("metrics") or {})]
-    return "\n".join(lines) + "\n"
-
-
-def with_evaluation(card: str, evaluation: Mapping[str, Any]) -> str:
-    """``card`` with its ``## Evaluation`` section (always the last one) replaced by a new one."""
-    head = card.split(f"\n{EVAL_SECTION}", 1)[0] if not card.startswith(EVAL_SECTION) else ""
-    return f"{head.rstrip()}\n\n{evaluation_section(evaluation)}" if head.strip() else evaluation_section(evaluation)
-
-
-def describe_version(client, name: str, version: str, card: str | Mapping[str, Any]) -> None:
-    """Set a model version's description to ``card``: Markdown, or a ``version_info`` mapping for :func:`model_card`."""
-    text = card if isinstance(card, str) else model_card(card)
-    client.update_model_version(name, str(version), description=text)
-
-
-def tag_evaluation(client, name: str, version: str, metrics: Mapping[str, float], context: Mapping[str, Any]) -> None:
-    """Record an evaluation on a model version: tags ``eval.<metric>`` (and ``eval.<context key>``), card section.
-
-    Args:
-        client: An ``mlflow.MlflowClient`` on the project store.
-        name: Registered model name.
-        version: Its version.
-        metrics: ``{metric: value}`` of the version's ablation row (non-finite values are skipped).
-        context: What the numbers are about: ``split``, ``data_source``, ``tiles``, ``run_id``…
-    """
-    version = str(version)
-    tags = {f"{EVAL_TAG}{k}": repr(float(v)) for k, v in metrics.items() if v is not None and math.isfinite(float(v))}
-    tags |= {f"{EVAL_TAG}{k}": str(v) for k, v in context.items()}
-    current = client.get_model_version(name, version)
-    for key in current.tags:  # an earlier evaluation's metric that this one lacks must not outlive it
-        if key.startswith(EVAL_TAG) and key not in tags:
-            client.delete_model_version_tag(name, version, key)
-    for key, value in tags.items():
-        client.set_model_version_tag(name, version, key, value)
-    card = with_evaluation(current.description or "", {**context, "metrics": dict(metrics)})
-    describe_version(client, name, version, card)
-
-
-def eval_metrics(tags: Mapping[str, str]) -> dict[str, float]:
-    """The numeric ``eval.*`` tags of a model version, as ``{metric: value}``."""
-    out = {}
-    for key, value in tags.items():
-        if key.startswith(EVAL_TAG):
-            try:
-                out[key.removeprefix(EVAL_TAG)] = float(value)
-            except ValueError:
-                continue
-    return out
-
-
 # ------------------------------------------------------------------------------------------------- promotion
 
 
@@ -207,6 +80,8 @@ class Decision:
     champion_before: str | None = None
     reasons: list[str] = field(default_factory=list)
     metrics: dict[str, float] = field(default_factory=dict)
+    #: The other half of the pair, ``"<model>/<version>"``, when this decision moved (or kept) both champions.
+    paired_with: str | None = None
 
     @property
     def champion_after(self) -> str | None:
@@ -219,6 +94,8 @@ class Decision:
         before = f"was version {self.champion_before}" if self.champion_before else "first champion"
         if self.promoted:
             return f"{self.model}: version {self.candidate} promoted to {CHAMPION} ({before})"
+        if self.candidate == self.champion_before:
+            return f"{self.model}: version {self.candidate} stays {CHAMPION}"
         stays = f"champion stays version {self.champion_before}" if self.champion_before else "no champion"
         return f"{self.model}: version {self.candidate} not promoted ({stays})"
 
@@ -279,8 +156,38 @@ def _check_champion(candidate, champion, objective: str) -> tuple[bool, list[str
     return better, lines
 
 
+def _check_pairing(client, name: str, candidate) -> tuple[str | None, list[str]]:
+    """For a model trained on another's output (Stage 3): ``(the other's version to pair with, [])``, or ``(None,
+    [the one line why the candidate cannot be promoted])``."""
+    from mlflow.exceptions import MlflowException
+
+    upstream = TRAINED_ON[name][0]
+    version, why = trained_on(name, candidate.tags)
+    cand = str(candidate.version)
+    if version is None:
+        return None, [f"pair: version {cand} {why}: cannot set {upstream}@{CHAMPION} with it, not promoted"]
+    try:
+        client.get_model_version(upstream, version)
+    except MlflowException:
+        return None, [f"pair: version {cand} was trained on {upstream} version {version}, which is not in the "
+                      f"registry: not promoted"]  # fmt: skip
+    return version, []
+
+
+def _held_by(client, name: str) -> tuple[str, str, str] | None:
+    """``(downstream model, its champion, the version of name it names)`` when a champion trained on ``name``'s output
+    pins ``name``'s champion, else ``None``."""
+    for downstream, (upstream, *_) in TRAINED_ON.items():
+        champion = _version_by_alias(client, downstream, CHAMPION) if upstream == name else None
+        version = trained_on(downstream, champion.tags)[0] if champion is not None else None
+        if version is not None:
+            return downstream, str(champion.version), version
+    return None
+
+
 def promote(client, name: str, objective: str, targets: TargetParams, version: str | None = None) -> Decision:
-    """Move alias ``champion`` of ``name`` to the candidate if it meets all targets and beats the champion.
+    """Move alias ``champion`` of ``name`` to the candidate if it meets all targets and beats the champion, keeping
+    the Stage 2 + Stage 3 champions a pair (see the module's rules 3 and 4).
 
     Args:
         client: An ``mlflow.MlflowClient`` on the project store.
@@ -290,7 +197,8 @@ def promote(client, name: str, objective: str, targets: TargetParams, version: s
         version: Candidate version; ``None`` = the version with alias ``challenger``.
 
     Returns:
-        The :class:`Decision`; the registry changed only if ``decision.promoted``.
+        The :class:`Decision`; the registry changed only if ``decision.promoted`` (for Stage 3, then both champions:
+        ``decision.paired_with`` names the Stage 2 version).
     """
     from mlflow.exceptions import MlflowException
 
@@ -309,11 +217,29 @@ def promote(client, name: str, objective: str, targets: TargetParams, version: s
     champion = _version_by_alias(client, name, CHAMPION)
     meets, target_lines = _check_targets(metrics, targets, cand)
     beats, champion_lines = _check_champion(candidate, champion, objective)
-    promoted = meets and beats
+    paired, pair_lines, partner = True, [], None
+    if name in TRAINED_ON:
+        partner, pair_lines = _check_pairing(client, name, candidate)
+        paired = partner is not None
+        if paired:
+            other = TRAINED_ON[name][0]
+            was = _version_by_alias(client, other, CHAMPION)
+            was = f"was version {was.version}" if was is not None else "no champion yet"
+            moves = "moves with it" if meets and beats else "would move with it"
+            pair_lines = [f"pair: trained on {other} version {partner}: {other}@{CHAMPION} {moves} ({was})"]
+    elif (held := _held_by(client, name)) is not None and held[2] != cand:
+        downstream, their, mine = held
+        paired = False
+        pair_lines = [f"pair: {downstream}@{CHAMPION} version {their} was trained on {name} version {mine}: "
+                      f"{name} is promoted with a {downstream} version trained on its output, not alone"]  # fmt: skip
+    promoted = meets and beats and paired
     if promoted:
+        if partner is not None:  # the other half first: gac-stage3@champion never names a Stage 2 not yet in place
+            client.set_registered_model_alias(TRAINED_ON[name][0], CHAMPION, partner)
         client.set_registered_model_alias(name, CHAMPION, cand)
     before = str(champion.version) if champion is not None else None
-    return Decision(name, objective, promoted, cand, before, target_lines + champion_lines, metrics)
+    pair = f"{TRAINED_ON[name][0]}/{partner}" if partner is not None else None
+    return Decision(name, objective, promoted, cand, before, target_lines + champion_lines + pair_lines, metrics, pair)
 
 
 def _first_line(error: Exception) -> str:
@@ -321,7 +247,11 @@ def _first_line(error: Exception) -> str:
 
 
 def promote_models(cfg: Params, models: Iterable[str] | None = None, version: str | None = None) -> list[Decision]:
-    """Run :func:`promote` for each model (default: every stage's) and log the decisions to one MLflow run."""
+    """Run :func:`promote` for each model (default: every stage's) and log the decisions to one MLflow run.
+
+    Models trained on another's output (Stage 3) go first: when one is promoted, the Stage 2 version it names became
+    ``gac-stage2@champion`` with it, and that is Stage 2's decision (its own gate would now refuse any other version).
+    """
     import mlflow
 
     from gac import tracking
@@ -329,7 +259,16 @@ def promote_models(cfg: Params, models: Iterable[str] | None = None, version: st
     models = list(models or MODEL_NAMES.values())
     tracking.setup(cfg.mlflow)
     client = mlflow.MlflowClient()
-    decisions = [promote(client, m, cfg.promote.objective, cfg.promote.targets, version) for m in models]
+    before = {m: _version_by_alias(client, m, CHAMPION) for m in models}  # before anything moves
+    decided: dict[str, Decision] = {}
+    for m in sorted(models, key=lambda m: m not in TRAINED_ON):
+        pair = next((d for d in decided.values() if d.promoted and (d.paired_with or "").startswith(f"{m}/")), None)
+        decided[m] = (
+            _moved_with(client, m, pair, before[m], cfg.promote.objective)
+            if pair is not None
+            else promote(client, m, cfg.promote.objective, cfg.promote.targets, version)
+        )
+    decisions = [decided[m] for m in models]
     tags = {"gac.objective": cfg.promote.objective, "gac.promoted": ",".join(d.model for d in decisions if d.promoted)}
     with tracking.start_run(cfg.mlflow, "promote", tags=tags):
         mlflow.log_params({"objective": cfg.promote.objective, "models": ",".join(models), "version": version})
@@ -338,3 +277,14 @@ def promote_models(cfg: Params, models: Iterable[str] | None = None, version: st
         mlflow.log_text("\n".join(line for d in decisions for line in d.lines()) + "\n", "promote.txt")
         mlflow.log_dict({d.model: d.to_dict() for d in decisions}, "promote.json")
     return decisions
+
+
+def _moved_with(client, name: str, pair: Decision, champion_before, objective: str) -> Decision:
+    """``name``'s decision when ``pair`` (a promoted Stage 3) moved its champion as the other half of the pair."""
+    version = pair.paired_with.split("/", 1)[1]
+    before = str(champion_before.version) if champion_before is not None else None
+    why = f"pair: set with {pair.model} version {pair.candidate}, which was trained on version {version}'s output"
+    metrics = eval_metrics(client.get_model_version(name, version).tags)
+    return Decision(
+        name, objective, before != version, version, before, [why], metrics, f"{pair.model}/{pair.candidate}"
+    )

@@ -59,3 +59,29 @@ def read_timing(root: str | Path) -> dict[str, Any]:
     except json.JSONDecodeError:
         return {}  # timing is informative only: a damaged file must not stop an evaluation
     return data if isinstance(data, dict) else {}
+
+
+#: The cache each trained stage reads, by the stage that made it.
+PREVIOUS = {"stage2": "stage1", "stage3": "stage2"}
+
+
+def lineage(stage: str, catalog_root: str, source_root: str) -> dict[str, str]:
+    """What a stage's model is trained on, as MLflow tags (on its run and its registered version) and in the
+    provenance of the cache it writes, so the chain travels on: the catalog's and the input cache's content digests,
+    and who made the input — for Stage 3 the Stage 2 registered version (``gac.stage2_version``) and Stage 1's weights.
+    The git revision and DVC experiment come with every run (:func:`gac.tracking.run_tags`)."""
+    from gac.store import ShardStore
+
+    previous = PREVIOUS[stage]
+    made_by = read_provenance(source_root, previous)
+    tags = {
+        "gac.catalog_sha256": ShardStore(catalog_root).content_digest(),
+        f"gac.{previous}_cache_sha256": ShardStore(source_root).content_digest(),
+        **{k: v for k, v in (made_by.get("lineage") or {}).items() if k.startswith(("gac.stage1_", "gac.stage2_"))},
+    }
+    if previous == "stage1":
+        made = {"gac.stage1_weights": made_by.get("weights_origin"), "gac.stage1_variant": made_by.get("variant")}
+    else:
+        made = {"gac.stage2_model": made_by.get("registered_model") or made_by.get("model_dir"),
+                "gac.stage2_version": made_by.get("version")}  # fmt: skip
+    return tags | {k: str(v) for k, v in made.items() if v is not None}

@@ -1,10 +1,18 @@
 """The MLflow model registry: log a trained stage, register it as ``gac-stage2``/``gac-stage3`` ``@challenger``.
 
 Promotion to ``champion`` is gated (see :mod:`gac.promote`); registration only ever moves ``challenger``.
+
+A registered version stands alone: it is logged as code (:mod:`gac.registry_model`, MLflow's models-from-code) with
+the GAC modules that code reaches (:func:`model_code`, shipped as ``code/gac`` through ``code_paths``) and the exact
+versions of the packages they import (:func:`pip_requirements`), so ``mlflow.pyfunc.load_model`` (or ``mlflow models
+serve`` with a virtualenv) works where GAC is not installed, and behaves the same whatever GAC is installed there. Why
+not a bare ``gac`` requirement: the package of that name on PyPI is an unrelated project. Tag ``content_sha256``
+(:func:`content_digest`) covers all of it: shipped code, requirements and the model folder.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -13,30 +21,123 @@ import numpy as np
 MODEL_NAMES = {"stage2": "gac-stage2", "stage3": "gac-stage3"}
 CHALLENGER = "challenger"
 CHAMPION = "champion"
-#: Model-version tag: sha256 of what a registry model is made of (its model code and the files of its folder).
+#: Model-version tag: sha256 of what a registry model is made of (its code, requirements and the files of its folder).
 CONTENT_TAG = "content_sha256"
+#: Registered model → (the registered model whose output it was trained on, version tags naming that model and
+#: version). A Stage 3 version is trained on the opt_v2 one Stage 2 version wrote: the two only work as a pair.
+TRAINED_ON = {"gac-stage3": ("gac-stage2", "gac.stage2_model", "gac.stage2_version")}
+#: Where the package's modules are: the root of the code a registry model ships.
+PACKAGE_DIR = Path(__file__).resolve().parent
 
 
-def pip_requirements() -> list[str]:
-    """The pinned packages a registry model needs (given, so MLflow does not spend seconds inferring them)."""
-    from importlib.metadata import version
+def trained_on(name: str, tags: Mapping[str, str]) -> tuple[str | None, str]:
+    """``(version, why)``: the version of ``TRAINED_ON[name]``'s model that a version of ``name`` with ``tags`` was
+    trained on the output of, or ``(None, why it is not known)``."""
+    upstream, model_tag, version_tag = TRAINED_ON[name]
+    model, version = tags.get(model_tag), tags.get(version_tag)
+    if model == upstream and version:
+        return str(version), f"trained on {upstream} version {version}"
+    if model:
+        return None, f"trained on {model} ({model_tag}), not on a registered {upstream} version"
+    return None, f"names no {upstream} version it was trained on (no {version_tag} tag)"
 
-    names = ["torch", "terratorch", "peft", "bitsandbytes", "safetensors", "numpy", "mlflow"]
-    return [f"{n}=={version(n)}" for n in names] + ["gac"]
+
+def model_code() -> dict[str, Path]:
+    """``{path relative to the package's parent: file}`` of every GAC module a registry model can run.
+
+    The closure, through ``import``/``from … import`` statements anywhere in a file (lazy imports included) and the
+    packages on the way, of :mod:`gac.registry_model` and the builder modules the trained-stage table names (loading a
+    model calls them by name). Why not the whole package: a change to, say, evaluation code must not make an
+    unchanged model a new version (the digest covers exactly this code).
+    """
+    import ast
+
+    from gac.training.stages import TRAINED_STAGES
+
+    root = PACKAGE_DIR.parent
+
+    def module_file(name: str) -> Path | None:
+        path = root.joinpath(*name.split("."))
+        return next((p for p in (path.with_suffix(".py"), path / "__init__.py") if p.is_file()), None)
+
+    todo = [PACKAGE_DIR / "registry_model.py", *(module_file(s.builder_module) for s in TRAINED_STAGES.values())]
+    seen: dict[str, Path] = {}
+    while todo:
+        path = todo.pop()
+        key = path.relative_to(root).as_posix()
+        if key in seen:
+            continue
+        seen[key] = path
+        module = path.relative_to(root).with_suffix("").parts
+        names = {".".join(module[:i]) for i in range(1, len(module))}  # the packages on the way
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                names |= {alias.name for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names |= {node.module} | {f"{node.module}.{alias.name}" for alias in node.names}
+        for name in names:
+            parts = name.split(".")
+            for i in range(1, len(parts) + 1):  # importing gac.a.b runs gac/__init__.py and gac/a/__init__.py
+                found = module_file(".".join(parts[:i])) if parts[0] == "gac" else None
+                if found is not None:
+                    todo.append(found)
+    return dict(sorted(seen.items()))
 
 
-def content_digest(model_dir: str | Path) -> str:
-    """sha256 of the registry model's code and every file of ``model_dir`` (names and bytes), in a fixed order.
+def third_party_imports(files: Mapping[str, Path]) -> set[str]:
+    """Top-level names of the modules ``files`` import that are neither GAC's nor Python's own."""
+    import ast
+    import sys
 
-    Why: a stage rerun that leaves the model as it was must not pile up identical versions in the registry.
+    names = set()
+    for path in files.values():
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                names |= {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names.add(node.module.split(".")[0])
+    return {n for n in names if n != "gac" and n != "__future__" and n not in sys.stdlib_module_names}
+
+
+def pip_requirements(files: Mapping[str, Path] | None = None) -> list[str]:
+    """``dist==version`` of every package the model code imports (:func:`model_code`), as installed here.
+
+    Derived from the shipped code, so it cannot miss a package that code gains; no ``gac`` line (the code travels
+    with the model, and PyPI's ``gac`` is an unrelated project). Given to MLflow, which would otherwise spend seconds
+    inferring a list that ends in that bare ``gac``.
+    """
+    from importlib.metadata import PackageNotFoundError, packages_distributions, version
+
+    dists = packages_distributions()
+    out = set()
+    for module in third_party_imports(model_code() if files is None else files):
+        found = dists.get(module, [])
+        dist = module if module in found else (sorted(found)[0] if found else module)
+        try:
+            out.add(f"{dist}=={version(dist)}")
+        except PackageNotFoundError:  # imported only on a path this machine cannot take (none today): unpinned
+            out.add(dist)
+    return sorted(out, key=str.lower)
+
+
+def content_digest(model_dir: str | Path, files: Mapping[str, Path] | None = None,
+                   requirements: list[str] | None = None) -> str:  # fmt: skip
+    """sha256 of everything that defines a registry model's behaviour, in a fixed order: the shipped code
+    (:func:`model_code`, names and bytes), the pinned requirements and every file of ``model_dir`` (names and bytes).
+
+    Why: a stage rerun that leaves the model as it was must not pile up identical versions in the registry, and a
+    change to the model's code or packages must not pass for the same model.
     """
     import hashlib
 
-    from gac import registry_model
-
-    h = hashlib.sha256(Path(registry_model.__file__).read_bytes())
+    files = model_code() if files is None else files
+    requirements = pip_requirements(files) if requirements is None else requirements
+    h = hashlib.sha256()
+    for name, path in sorted(files.items()):
+        h.update(b"code\0" + name.encode() + b"\0" + path.read_bytes())
+    h.update(b"requirements\0" + "\n".join(requirements).encode())
     for path in sorted(p for p in Path(model_dir).rglob("*") if p.is_file()):
-        h.update(path.relative_to(model_dir).as_posix().encode() + b"\0" + path.read_bytes())
+        h.update(b"model\0" + path.relative_to(model_dir).as_posix().encode() + b"\0" + path.read_bytes())
     return h.hexdigest()
 
 
@@ -53,12 +154,20 @@ def log_and_register(
     register: bool = True,
     tags: dict | None = None,
 ) -> str | None:
-    """Log a stage's model folder as an MLflow model in the active run and register it ``@challenger``."""
+    """Log a stage's model folder as an MLflow model in the active run and register it ``@challenger``.
+
+    The logged model carries its code (:func:`model_code`, as ``code/gac``) and exact requirements; a version with the
+    same :func:`content_digest` is reused instead of registered again. The registered model's description, the
+    version's model card and tags (``tags``, e.g. the lineage ``gac.stage2_version``) are (re)written either way.
+    """
+    import shutil
+    import tempfile
+
     import mlflow
     from mlflow.models import infer_signature
 
     from gac import registry_model, tracking
-    from gac.promote import describe_version, model_card
+    from gac.model_card import describe_version, model_card, registered_model_description
     from gac.training.export import apply, load_model
 
     stage, _, model = load_model(model_dir)
@@ -68,26 +177,34 @@ def log_and_register(
     with torch.inference_mode():
         y = apply(stage, model, torch.from_numpy(x["s1"]), torch.from_numpy(x["opt"])).numpy()
     name = MODEL_NAMES[stage]
-    digest = content_digest(model_dir)
+    files = model_code()
+    requirements = pip_requirements(files)
+    digest = content_digest(model_dir, files, requirements)
     client = mlflow.MlflowClient()
     same = client.search_model_versions(f"name = '{name}' and tags.{CONTENT_TAG} = '{digest}'") if register else []
     if same:  # this very model is registered already (dvc repro after a code change that left it as it was)
         newest = max(same, key=lambda v: int(v.version))
         version, run_id = str(newest.version), newest.run_id
     else:
-        info = mlflow.pyfunc.log_model(
-            name="model",
-            python_model=Path(registry_model.__file__),
-            artifacts={"model": model_dir},
-            signature=infer_signature(x, y),
-            input_example=example_input(1),
-            pip_requirements=pip_requirements(),
-            registered_model_name=name if register else None,
-        )
+        with tempfile.TemporaryDirectory() as tmp:  # code_paths copies a folder as is: give it only the model code
+            for rel, path in files.items():
+                (Path(tmp) / rel).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(path, Path(tmp) / rel)
+            info = mlflow.pyfunc.log_model(
+                name="model",
+                python_model=Path(registry_model.__file__),
+                artifacts={"model": model_dir},
+                code_paths=[str(Path(tmp) / PACKAGE_DIR.name)],
+                signature=infer_signature(x, y),
+                input_example=example_input(1),
+                pip_requirements=requirements,
+                registered_model_name=name if register else None,
+            )
         if not register:
             return None
         version, run_id = str(info.registered_model_version), mlflow.active_run().info.run_id
     client.set_registered_model_alias(name, CHALLENGER, version)
+    client.update_registered_model(name, description=registered_model_description(name, stage))
     origin = tracking.weights_origin(getattr(section, "pretrained", False), getattr(section, "ckpt_path", None))
     card = model_card(
         {

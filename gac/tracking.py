@@ -2,6 +2,15 @@
 
 The store is SQLite plus an artifact folder, both under ``mlruns/`` (MLflow 3's file store is legacy). Stages call
 :func:`start_run`; nothing else sets the tracking URI, so the UI command in the README always shows every run.
+
+**A store that can be moved or copied.** The tracking URI ``sqlite:///mlruns/mlflow.db`` is relative to the working
+directory (the project root, where DVC runs every stage and the README starts the UI), but MLflow writes the
+experiment's artifact location — and from it every run's ``artifact_uri`` and every logged model's location — as an
+absolute path (``resolve_uri_if_local`` in its SQL store), so a copied or moved ``mlruns/`` pointed at the old
+folder's artifacts. MLflow itself reads a relative location as relative to the working directory (its local artifact
+repository and the UI server's artifact endpoints both do), so :func:`setup` stores a relative
+``mlflow.artifact_location`` as given, relative, beside the relative database path: copying the project folder keeps
+runs, artifacts and registered models loadable. An absolute ``artifact_location`` is stored absolute, as asked.
 """
 
 from __future__ import annotations
@@ -19,7 +28,9 @@ def setup(params: MlflowParams) -> str:
     """Point MLflow at the project store and make sure the experiment exists; return its id.
 
     Creating a SQLite store migrates its schema; two processes doing that at once (sweep workers, DDP ranks) break
-    each other, so for SQLite the first use is serialised with a lock file beside the database.
+    each other, so for SQLite the first use is serialised with a lock file beside the database. A relative
+    ``artifact_location`` is stored relative (see the module docstring); an experiment an earlier version created with
+    that folder's absolute path is rewritten to the relative one, with its runs, logged models and model versions.
     """
     import mlflow
 
@@ -29,13 +40,47 @@ def setup(params: MlflowParams) -> str:
         db.parent.mkdir(parents=True, exist_ok=True)
         lock = _file_lock(db.with_name(db.name + ".lock"))
     mlflow.set_tracking_uri(params.tracking_uri)
+    location = Path(params.artifact_location)
+    relative = not location.is_absolute() and _is_sql(params.tracking_uri)
     with lock:
         experiment = mlflow.get_experiment_by_name(params.experiment)
         if experiment is None:
-            location = Path(params.artifact_location).resolve()
-            location.mkdir(parents=True, exist_ok=True)
-            mlflow.create_experiment(params.experiment, artifact_location=location.as_uri())
+            location.resolve().mkdir(parents=True, exist_ok=True)
+            experiment_id = mlflow.create_experiment(params.experiment, artifact_location=location.resolve().as_uri())
+            experiment = mlflow.get_experiment(experiment_id)
+        if relative and experiment.artifact_location == location.resolve().as_uri():
+            _relocate(params.tracking_uri, experiment.experiment_id, experiment.artifact_location, location.as_posix())
     return mlflow.set_experiment(params.experiment).experiment_id
+
+
+def _is_sql(tracking_uri: str) -> bool:
+    """Whether MLflow keeps this store in a SQL database (SQLite, PostgreSQL, MySQL, SQL Server)."""
+    scheme = tracking_uri.split(":", 1)[0].split("+", 1)[0]
+    return scheme in {"sqlite", "postgresql", "mysql", "mssql"}
+
+
+def _relocate(tracking_uri: str, experiment_id: str, old: str, new: str) -> None:
+    """Replace the location prefix ``old`` by ``new`` in the experiment, its runs, its logged models and the model
+    versions stored under it.
+
+    MLflow has no API to change an artifact location (it is fixed when the experiment is made), so this is four SQL
+    updates on MLflow's own tables, in one transaction; only values that start with ``old`` change.
+    """
+    import sqlalchemy
+
+    columns = (("experiments", "artifact_location", True), ("runs", "artifact_uri", True),
+               ("logged_models", "artifact_location", True), ("model_versions", "storage_location", False))  # fmt: skip
+    engine = sqlalchemy.create_engine(tracking_uri)
+    try:
+        with engine.begin() as db:
+            for table, column, by_experiment in columns:
+                where = f"substr({column}, 1, :n) = :old" + (" AND experiment_id = :id" if by_experiment else "")
+                db.execute(
+                    sqlalchemy.text(f"UPDATE {table} SET {column} = :new || substr({column}, :n + 1) WHERE {where}"),
+                    {"new": new, "old": old, "n": len(old), "id": int(experiment_id)},
+                )
+    finally:
+        engine.dispose()
 
 
 @contextlib.contextmanager
@@ -70,14 +115,16 @@ def dvc_experiment() -> str:
     return os.environ.get("DVC_EXP_NAME") or WORKSPACE
 
 
-def run_name(stage: str) -> str:
-    """A run name a person can tell apart in the MLflow UI: stage, DVC experiment and git revision.
+def run_name(stage: str, detail: str | None = None) -> str:
+    """A run name a person can tell apart in the MLflow UI: stage, what it is within the stage, DVC experiment and git
+    revision.
 
-    e.g. ``stage2 · exp bushy-ruin @ 6f4a854`` under ``dvc exp run``, ``stage2 · workspace @ 6f4a854`` otherwise.
+    e.g. ``stage2 · exp bushy-ruin @ 6f4a854`` under ``dvc exp run``, ``stage2 · workspace @ 6f4a854`` otherwise, and
+    ``stage2 · trial 3 · exp bushy-ruin @ 6f4a854`` for a sweep trial (``detail="trial 3"``).
     """
     exp = dvc_experiment()
     where = WORKSPACE if exp == WORKSPACE else f"exp {exp}"
-    return f"{stage} · {where} @ {git_commit()[:7]}"
+    return " · ".join(p for p in (stage, detail, f"{where} @ {git_commit()[:7]}") if p)
 
 
 def run_tags(stage: str) -> dict[str, str]:
@@ -94,14 +141,58 @@ def run_tags(stage: str) -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def start_run(params: MlflowParams, stage: str, tags: dict[str, Any] | None = None, **kwargs: Any) -> Iterator:
+def start_run(
+    params: MlflowParams, stage: str, tags: dict[str, Any] | None = None, detail: str | None = None, **kwargs: Any
+) -> Iterator:
     """Start (or nest) an MLflow run on the project store, named and tagged by :func:`run_name`/:func:`run_tags`."""
     import mlflow
 
     setup(params)
     all_tags = run_tags(stage) | {k: str(v) for k, v in (tags or {}).items()}
-    with mlflow.start_run(run_name=run_name(stage), tags=all_tags, **kwargs) as run:
+    with mlflow.start_run(run_name=run_name(stage, detail), tags=all_tags, **kwargs) as run:
         yield run
+
+
+def run_url(params: MlflowParams, experiment_id: str, run_id: str) -> str:
+    """The run's page in the MLflow UI at ``mlflow.ui_url`` (the README's ``mlflow ui`` command serves it)."""
+    return f"{params.ui_url.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+
+
+#: Digest characters an MLflow dataset keeps (its limit is 36); the whole sha256 is an input tag.
+DATASET_DIGEST_CHARS = 16
+
+
+def log_datasets(stores: dict[str, str | Path], context: str) -> None:
+    """Log each GAC store as a dataset input of the active run, so the run's "Datasets" name what it read.
+
+    ``stores`` maps a dataset name (``catalog``, ``opt_v1``, …) to a store folder. Each becomes an MLflow
+    ``MetaDataset`` (the tiles stay where they are): its digest is the store's content digest
+    (:meth:`gac.store.ShardStore.content_digest`, the identity training fingerprints use, independent of the folder),
+    its source the folder as given (relative in the project, so it survives a copy), and the input's tags hold
+    ``context`` (``training``/``evaluation``), the whole sha256 and the number of tiles per split.
+    """
+    import warnings
+
+    import mlflow
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+
+    from gac.store import ShardStore
+
+    datasets, tags_list = [], []
+    for name, root in stores.items():
+        store = ShardStore(root)
+        digest = store.content_digest()
+        with warnings.catch_warnings():  # MLflow registers local paths twice (with and without file://) and says so
+            warnings.simplefilter("ignore", UserWarning)
+            source = resolve_dataset_source(str(root))
+        datasets.append(MetaDataset(source, name=name, digest=digest[:DATASET_DIGEST_CHARS]))
+        index = store.index
+        counts = index["split"].value_counts() if "split" in index else {}
+        tags = {"gac.content_sha256": digest, "tiles": str(len(index))}
+        tags |= {f"tiles.{split}": str(int(n)) for split, n in sorted(dict(counts).items())}
+        tags_list.append(tags)
+    mlflow.log_inputs(datasets=datasets, contexts=[context] * len(datasets), tags_list=tags_list)
 
 
 def weights_origin(pretrained: bool, ckpt_path: str | None) -> str:

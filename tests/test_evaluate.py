@@ -25,9 +25,10 @@ from gac.config import (
     Stage1Params,
     Stage2Params,
     Stage3Params,
+    TargetParams,
 )
 from gac.errors import GacError
-from gac.evaluate import METRICS, ROWS, cache_roots, evaluate, metric_key
+from gac.evaluate import DETAILS, HEADLINE, METRICS, ROWS, cache_roots, evaluate, headline, metric_key
 from gac.store import ShardStore
 
 NOISE_DN = {"stage1": 1500.0, "stage2": 600.0, "stage3": 150.0}
@@ -101,8 +102,8 @@ def world(tmp_path_factory, empty_mlflow_db):
             "attention_calls": calls}  # fmt: skip
 
 
-def test_metrics_json_has_every_row_metric_and_group(world):
-    saved = json.loads((world["tmp"] / "metrics" / "evaluate.json").read_text())
+def test_details_json_has_every_row_metric_and_group(world):
+    saved = json.loads((world["tmp"] / "out" / DETAILS).read_text())
     assert saved == world["result"]
     evaluated = len(world["test_ids"]) - 1
     for row in ROWS:
@@ -121,9 +122,21 @@ def test_metrics_json_has_every_row_metric_and_group(world):
     assert "ridge regression" in prov["stages"]["baseline"]["weights_origin"]
 
 
-def test_truth_row_is_perfect_and_meets_every_target(world):
-    from gac.config import TargetParams
+def test_metrics_json_holds_the_headline_only(world):
+    """``dvc metrics show`` prints a column per key of every metrics file: the JSON it reads stays short."""
+    saved = json.loads((world["tmp"] / "metrics" / "evaluate.json").read_text())
+    r = world["result"]
+    assert saved == headline(r)
+    assert saved["full"] == {m: r["full"][m] for m in HEADLINE["full"]}
+    assert saved["truth"] == {"sar_edge": 0.0, "block_periodicity": r["truth"]["block_periodicity"]}
+    assert saved["truth"]["sar_edge"] <= TargetParams().sar_edge  # the target is reachable: the truth meets it
+    assert saved["tiles"] == r["provenance"]["tiles_evaluated"] == len(world["test_ids"]) - 1
+    assert saved["leakage_gap_db"] == r["leakage"]["gap_db"]
+    flat = [f"{k}.{m}" for k, v in saved.items() for m in (v if isinstance(v, dict) else [""])]
+    assert len(flat) <= 15 and not {"groups", "provenance", "stage1", "baseline"} & set(saved), flat
 
+
+def test_truth_row_is_perfect_and_meets_every_target(world):
     truth, targets = world["result"]["truth"], TargetParams()
     assert truth["psnr"] == 100.0 and truth["ssim"] == pytest.approx(1.0) and truth["sar_edge"] == 0.0
     assert truth["psnr"] >= targets.psnr and truth["ssim"] >= targets.ssim
@@ -193,6 +206,12 @@ def test_mlflow_run_and_model_version_tags(world):
     assert run.info.run_id == r["provenance"]["mlflow_run_id"]
     assert run.data.metrics[metric_key("stage1+2", "psnr")] == pytest.approx(r["stage1+2"]["psnr"])
     assert run.data.tags["gac.split"] == "test"
+    # the UI's "Datasets": the catalog and the three caches scored, each with its store's content digest
+    from gac.evaluate import LABELS
+
+    datasets = {i.dataset.name: i.dataset.digest for i in client.get_run(run.info.run_id).inputs.dataset_inputs}
+    roots = {"catalog": world["cfg"].catalog.out} | {LABELS[s]: p for s, p in cache_roots(world["cfg"]).items()}
+    assert datasets == {name: ShardStore(root).content_digest()[:16] for name, root in roots.items()}
     logged = {a.path for a in client.list_artifacts(run.info.run_id, "evaluate")}
     assert {"evaluate/plots", "evaluate/figures", "evaluate/geotiff"} <= logged
     for stage, row in (("stage2", "stage1+2"), ("stage3", "full")):
@@ -241,9 +260,10 @@ def test_cli_overrides_split_and_paths(world, tmp_path):
     code = main(["--params", str(tmp_path / "params.yaml"), "evaluate", "--split", "validation",
                  "--output-dir", str(tmp_path / "val"), "--metrics", str(metrics)])  # fmt: skip
     assert code == 0
-    saved = json.loads(metrics.read_text())
+    saved = json.loads((tmp_path / "val" / DETAILS).read_text())
     n_val = int((world["catalog"].index["split"] == "validation").sum())
     assert saved["provenance"]["split"] == "validation" and saved["full"]["tiles"] == n_val
+    assert json.loads(metrics.read_text()) == headline(saved)
     assert (tmp_path / "val" / "plots" / "ablation.csv").is_file()
     assert not (tmp_path / "val" / "figures").exists()
 

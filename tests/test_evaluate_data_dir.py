@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from gac.cli import main
-from gac.evaluate import ROWS
+from gac.evaluate import DETAILS, ROWS, headline
 
 #: The other root: seed 11 puts Lithuania, Portugal and Serbia, summer and winter, in its 3 test tiles.
 OTHER_SEED, OTHER_TILES = 11, 9
@@ -82,7 +82,8 @@ def world(tmp_path_factory: pytest.TempPathFactory, empty_mlflow_db: Path):
 
 
 def test_metrics_have_every_row_and_both_kinds_of_group(world) -> None:
-    saved = json.loads((world["out"] / "evaluate.json").read_text())
+    saved = json.loads((world["out"] / "evaluate" / DETAILS).read_text())
+    assert json.loads((world["out"] / "evaluate.json").read_text()) == headline(saved)  # the headline, beside
     assert {"stage1", "stage1+2", "full", "baseline", "truth"} <= set(ROWS)
     for row in ROWS:
         assert saved[row]["tiles"] == 3, row
@@ -128,7 +129,7 @@ def test_registered_versions_get_no_eval_tags_but_the_run_names_the_root(world) 
     client = MlflowClient(uri, uri)
     version = client.get_model_version_by_alias("gac-stage2", "challenger")
     assert not [k for k in version.tags if k.startswith("eval.")]  # gac promote compares only the pipeline's own
-    saved = json.loads((world["out"] / "evaluate.json").read_text())
+    saved = json.loads((world["out"] / "evaluate" / DETAILS).read_text())
     run = client.get_run(saved["provenance"]["mlflow_run_id"])
     assert run.data.tags["gac.data_root"] == str(world["other"].resolve())
 

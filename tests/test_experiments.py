@@ -7,6 +7,7 @@ small settings (synthetic tiles, 1 diffusion step, two-tile trainings) and its o
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -132,3 +133,37 @@ def test_an_experiment_retrains_what_it_changes_and_continues_what_it_extends(re
     assert not list((repo / "artifacts").glob("stage*/checkpoints/last-v*.ckpt"))
     shown = run(["dvc", "exp", "show", "--csv"], repo).stdout
     assert "other-lr" in shown and "more-epochs" in shown
+    # the experiments' training curves are DVC outputs: `dvc plots diff` draws both in one plot
+    diff = json.loads(run(["dvc", "plots", "diff", "other-lr", "more-epochs", "--json"], repo).stdout)
+    (plot,) = diff["data"]["plots/stage3/val_psnr.csv"]
+    assert {v["rev"] for v in plot["content"]["data"]["values"]} == {"other-lr", "more-epochs"}
+
+
+def flatten(data: dict, prefix: str = "") -> set[str]:
+    """The column names ``dvc metrics show`` makes of a metrics file (nested keys joined by dots)."""
+    keys = set()
+    for k, v in data.items():
+        keys |= flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}"}
+    return keys
+
+
+@pytest.mark.slow
+def test_metrics_show_is_short_and_plots_show_draws_one_metric_per_curve(repo: Path) -> None:
+    """``dvc metrics show`` prints one column per key of every metrics file: the files hold the headline figures (the
+    sweep's, committed beside, counted in); ``dvc plots show`` draws every training curve without blank cells."""
+    from gac.training.curves import CURVES
+
+    shown = json.loads(run(["dvc", "metrics", "show", "--json"], repo).stdout)
+    columns = flatten(json.loads((ROOT / "metrics" / "sweep.json").read_text()))
+    ((_, workspace),) = shown.items()  # the workspace only (its key is "" in DVC 3's JSON)
+    for path, metrics in workspace["data"].items():
+        assert "error" not in metrics, path
+        columns |= flatten(metrics["data"])
+    assert len(columns) <= 80, sorted(columns)
+    plots = json.loads(run(["dvc", "plots", "show", "--json"], repo).stdout)["data"]
+    for stage in ("stage2", "stage3"):
+        for stem, (_, name) in CURVES.items():
+            (plot,) = plots[f"plots/{stage}/{stem}.csv"]
+            values = plot["content"]["data"]["values"]
+            assert values and all(v[name] not in ("", None) for v in values), (stage, stem)
+    assert len([name for name in plots if name.startswith("Ablation")]) == 3

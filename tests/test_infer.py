@@ -55,13 +55,15 @@ def register_challenger(workdir: Path, name: str) -> None:
 
 def test_without_a_champion_it_fails_at_once_in_one_line(workdir: Path, synthetic_root: Path) -> None:
     register_challenger(workdir, "gac-stage2")
+    register_challenger(workdir, "gac-stage3")
     done, seconds = gac(["infer", "--data-dir", str(synthetic_root), "--output-dir", "out"], workdir)
     assert done.returncode == 2
     assert "Traceback" not in done.stderr
     lines = [line for line in done.stderr.splitlines() if line.startswith("gac: error:")]
     assert len(lines) == 1, done.stderr
-    assert "--stage2-checkpoint: models:/gac-stage2@champion: gac-stage2 has no @champion" in lines[0]
-    assert "gac-stage2@challenger (v1)" in lines[0]  # names what exists
+    # Stage 3 first: by default Stage 2 is the version gac-stage3@champion was trained on
+    assert "--stage3-checkpoint: models:/gac-stage3@champion: gac-stage3 has no @champion" in lines[0]
+    assert "gac-stage3@challenger (v1)" in lines[0]  # names what exists
     assert seconds < 30, seconds
     assert not (workdir / "out").exists()  # nothing ran
 

@@ -1,4 +1,5 @@
-"""Gated promotion against a real MLflow registry (SQLite in tmp_path): targets, champion comparison, model cards."""
+"""Gated promotion against a real MLflow registry (SQLite in tmp_path): targets, champion comparison, the Stage 2 +
+Stage 3 pair, model cards."""
 
 from __future__ import annotations
 
@@ -9,14 +10,8 @@ from pathlib import Path
 import pytest
 
 from gac.config import TargetParams
-from gac.promote import (
-    EVAL_SECTION,
-    describe_version,
-    eval_metrics,
-    model_card,
-    promote,
-    tag_evaluation,
-)
+from gac.model_card import EVAL_SECTION, describe_version, eval_metrics, model_card, tag_evaluation
+from gac.promote import promote
 
 NAME = "gac-stage2"
 LOW = TargetParams(psnr=10.0, ssim=0.1, sam_deg=60.0, sar_edge=0.9)
@@ -38,12 +33,12 @@ def register(client, tmp_path):
     source.mkdir()
     (source / "weights.txt").write_text("dummy")
 
-    def make(metrics: dict | None, challenger: bool = True, name: str = NAME) -> str:
+    def make(metrics: dict | None, challenger: bool = True, name: str = NAME, tags: dict | None = None) -> str:
         try:
             client.get_registered_model(name)
         except Exception:
             client.create_registered_model(name)
-        version = str(client.create_model_version(name, source=str(source)).version)
+        version = str(client.create_model_version(name, source=str(source), tags=tags).version)
         describe_version(client, name, version, {"name": name, "version": version, "stage": "stage2",
                                                  "data": "synthetic", "weights_origin": "random init",
                                                  "git_commit": "abc123"})  # fmt: skip
@@ -204,3 +199,93 @@ def test_the_committed_targets_pass_a_perfect_model_and_fail_a_flat_one(client, 
     decision = promote(client, NAME, "psnr", targets)
     assert decision.promoted and champion(client) == oracle_version
     assert all(r.endswith(": met") for r in decision.reasons if " target " in r), decision.reasons
+
+
+# -- the Stage 2 + Stage 3 pair ----------------------------------------------------------------------------------------
+S3 = "gac-stage3"
+
+
+def trained_on(version: str) -> dict:
+    """The lineage tags training writes on a Stage 3 version (:func:`gac.commands.train.lineage`)."""
+    return {"gac.stage2_model": NAME, "gac.stage2_version": version}
+
+
+def test_promoting_stage3_sets_stage2_champion_to_the_version_it_was_trained_on(client, register):
+    first = register(GOOD)
+    assert promote(client, NAME, "psnr", LOW).promoted  # Stage 2 alone: no Stage 3 champion pins it yet
+    paired = register({**GOOD, "psnr": 15.0})  # worse than the Stage 2 champion on its own: the pair decides
+    s3 = register(GOOD, name=S3, tags=trained_on(paired))
+    decision = promote(client, S3, "psnr", LOW)
+    assert decision.promoted and champion(client, S3) == s3
+    assert champion(client, NAME) == paired and decision.paired_with == f"{NAME}/{paired}"
+    assert f"pair: trained on {NAME} version {paired}: {NAME}@champion moves with it (was version {first})" in (
+        decision.reasons
+    )
+
+
+@pytest.mark.parametrize(
+    ("tags", "why"),
+    [
+        (None, f"names no {NAME} version it was trained on (no gac.stage2_version tag)"),
+        (trained_on("7"), f"was trained on {NAME} version 7, which is not in the registry"),
+        ({"gac.stage2_model": "artifacts/stage2/model"}, "trained on artifacts/stage2/model (gac.stage2_model)"),
+    ],
+)
+def test_a_stage3_without_an_eligible_stage2_is_refused_in_one_line(client, register, tags, why):
+    register(GOOD)
+    promote(client, NAME, "psnr", LOW)
+    register(GOOD, name=S3, tags=tags)  # meets every target: only the pair is missing
+    decision = promote(client, S3, "psnr", LOW)
+    assert not decision.promoted and champion(client, S3) is None and champion(client, NAME) == "1"
+    pair_lines = [r for r in decision.reasons if r.startswith("pair: ")]
+    assert len(pair_lines) == 1 and why in pair_lines[0] and pair_lines[0].endswith("not promoted"), pair_lines
+
+
+def test_stage2_is_not_promoted_alone_while_a_stage3_champion_names_another(client, register):
+    v1 = register(GOOD)
+    register(GOOD, name=S3, tags=trained_on(v1))
+    assert promote(client, S3, "psnr", LOW).promoted and champion(client, NAME) == v1
+    better = register({**GOOD, "psnr": 25.0})  # beats the Stage 2 champion and meets every target
+    decision = promote(client, NAME, "psnr", LOW)
+    assert not decision.promoted and champion(client, NAME) == v1
+    assert decision.reasons[-1] == (
+        f"pair: {S3}@champion version 1 was trained on {NAME} version {v1}: "
+        f"{NAME} is promoted with a {S3} version trained on its output, not alone"
+    )
+    register(GOOD, name=S3, tags=trained_on(better))  # ... and with one, the pair moves
+    s3 = promote(client, S3, "ssim", LOW)  # same ssim as the champion: does not beat it, nothing moves
+    assert not s3.promoted and champion(client, NAME) == v1 and champion(client, S3) == "1"
+    moves = f"{NAME}@champion would move with it (was version {v1})"
+    assert s3.reasons[-1] == f"pair: trained on {NAME} version {better}: {moves}"
+
+
+def test_the_cli_moves_the_pair_and_infer_runs_the_stage2_that_stage3_names(tmp_path, client, register, capsys):
+    import mlflow
+
+    from gac.cli import main
+    from gac.infer import paired_stage2
+
+    db = tmp_path / "mlflow.db"
+    (tmp_path / "params.yaml").write_text(
+        f"mlflow: {{tracking_uri: 'sqlite:///{db}', artifact_location: '{tmp_path / 'artifacts'}'}}\n"
+        "promote:\n  objective: psnr\n  targets: {psnr: 10.0, ssim: 0.1, sam_deg: 60.0, sar_edge: 0.9}\n"
+    )
+    v1 = register(GOOD)
+    client.set_registered_model_alias(NAME, "champion", v1)
+    paired = register({**GOOD, "psnr": 12.0}, challenger=False)
+    register({**GOOD, "psnr": 30.0})  # Stage 2's challenger: a better Stage 2, but no Stage 3 was trained on it
+    s3 = register(GOOD, name=S3, tags=trained_on(paired))
+    out = tmp_path / "promote.json"
+    assert main(["--params", str(tmp_path / "params.yaml"), "promote", "--metrics", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert f"{S3}: version {s3} promoted to champion (first champion)" in printed
+    assert f"{NAME}: version {paired} promoted to champion (was version {v1})" in printed
+    assert f"pair: set with {S3} version {s3}, which was trained on version {paired}'s output" in printed
+    decisions = json.loads(out.read_text())
+    assert decisions[NAME]["champion_after"] == paired and decisions[S3]["champion_after"] == s3
+
+    mlflow.set_tracking_uri(f"sqlite:///{db}")
+    client.set_registered_model_alias(NAME, "champion", v1)  # whatever gac-stage2@champion says ...
+    source, why = paired_stage2(f"models:/{S3}@champion")  # ... gac infer runs the Stage 2 Stage 3 was trained on
+    assert source == f"models:/{NAME}/{paired}" and why == f"{S3} version {s3} was trained on {NAME} version {paired}"
+    assert paired_stage2("artifacts/stage3/model")[0] == f"models:/{NAME}@champion"  # a folder names no Stage 2

@@ -79,8 +79,15 @@ def _trials(storage: str, study: str = "test-study"):
 
 
 def test_sweep_pareto_mlflow_and_registration(tmp_path, stores):
-    """A 2-trial study: nested MLflow runs under one parent, a Pareto front on disk, the best trial registered."""
+    """A 2-trial study: named objectives, named nested MLflow runs under one parent, each trial linked to its run, a
+    Pareto front on disk, the best trial scored on the test split and registered with those scores."""
+    import json
+
     import mlflow
+    import optuna
+
+    from gac import tracking
+    from gac.sweep import OBJECTIVES, RUN_ID, RUN_URL
 
     storage = f"sqlite:///{tmp_path}/optuna.db"
     params = _params(tmp_path, stores, storage, n_trials=2)
@@ -89,21 +96,61 @@ def test_sweep_pareto_mlflow_and_registration(tmp_path, stores):
     trials = _trials(storage)
     assert [t.state.name for t in trials] == ["COMPLETE", "COMPLETE"]
     assert all(len(t.values) == 4 for t in trials)
+    # optuna-dashboard and trials_dataframe name the objectives instead of "Objective 0…3"
+    assert optuna.load_study(study_name="test-study", storage=storage).metric_names == list(OBJECTIVES)
     assert (tmp_path / "sweep/pareto.csv").is_file() and (tmp_path / "sweep/pareto.png").is_file()
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     exp = client.get_experiment_by_name("gac")
     runs = client.search_runs([exp.experiment_id])
-    parents = [r for r in runs if r.info.run_name.startswith("sweep:test-study · workspace @ ")]
-    assert len(parents) == 1
-    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
-    assert sorted(r.info.run_name for r in children) == ["0", "1"]
-    assert all({"psnr", "ssim", "sam_deg", "sar_edge", "train/loss"} <= set(r.data.metrics) for r in children)
-    assert all("lora_rank" in r.data.params and "lr" in r.data.params for r in children)
+    parents = [r for r in runs if r.info.run_name == tracking.run_name("sweep", "study test-study (stage2)")]
+    assert len(parents) == 1 and parents[0].data.tags["optuna.study"] == "test-study"
+    children = {r.info.run_id: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id}
+    assert sorted(r.info.run_name for r in children.values()) == [tracking.run_name("stage2", f"trial {n}")
+                                                                  for n in (0, 1)]  # fmt: skip
+    for t in trials:  # each trial names its run and links to its page in the MLflow UI; the run names the trial
+        run = children[t.user_attrs[RUN_ID]]
+        page = f"http://127.0.0.1:5000/#/experiments/{exp.experiment_id}/runs/{run.info.run_id}"
+        assert t.user_attrs[RUN_URL] == page
+        assert run.info.run_name == tracking.run_name("stage2", f"trial {t.number}")
+        tags = run.data.tags
+        assert (tags["optuna.study"], tags["optuna.trial"], tags["optuna.state"]) == ("test-study", str(t.number),
+                                                                                      "COMPLETE")  # fmt: skip
+        assert {"psnr", "ssim", "sam_deg", "sar_edge", "train/loss"} <= set(run.data.metrics)
+        assert run.data.metrics["psnr"] == pytest.approx(t.values[0])
+        assert {"lora_rank", "lr"} <= set(run.data.params)
+        assert {i.dataset.name for i in run.inputs.dataset_inputs} == {"catalog", "opt_v1"}
     alias = client.get_model_version_by_alias("gac-stage2", "challenger")
     assert alias.tags["optuna.trial"] in {"0", "1"}
     best = trials[int(alias.tags["optuna.trial"])]
-    assert float(alias.tags["eval.psnr"]) == pytest.approx(best.values[0])  # promote can judge it
-    assert alias.tags["eval.split"] == "validation"
+    # Its eval.* tags are test-split scores, as `gac evaluate` would give a cache written by that model
+    assert alias.tags["eval.split"] == "test"
+    expected = _scored_like_evaluate(best.user_attrs["model_dir"], stores, tmp_path / "opt_v2")
+    for key in OBJECTIVES:
+        assert float(alias.tags[f"eval.{key}"]) == pytest.approx(expected[key], rel=1e-5, abs=1e-6), key
+    assert float(alias.tags["eval.tiles"]) == expected["tiles"]
+    summary = json.loads((tmp_path / "s.json").read_text())
+    assert summary["best_test"]["psnr"] == pytest.approx(expected["psnr"], rel=1e-5)
+    assert children[best.user_attrs[RUN_ID]].data.metrics["psnr"] == pytest.approx(best.values[0])  # validation
+
+
+def _scored_like_evaluate(model_dir: str, stores: dict[str, str], cache: Path) -> dict[str, float]:
+    """The test-split means ``gac evaluate`` reports for Stage 1+2: the model writes its cache, evaluation's own tile
+    selection picks the scored tiles, :func:`gac.metrics.per_tile` scores the cache's DN against the catalog's."""
+    import torch
+
+    from gac import metrics
+    from gac.evaluate import Cache, common_tiles
+    from gac.refine import write_cache
+    from gac.training.export import load_model
+
+    stage, _, model = load_model(model_dir)
+    write_cache(stage, model, stores["catalog"], stores["opt_v1"], cache, progress=False)
+    catalog, opt_v2 = ShardStore(stores["catalog"]), ShardStore(cache)
+    rows, _, _ = common_tiles(catalog, {"stage2": Cache("stage2", opt_v2, {})}, "test", Params().data.exclude)
+    pred = opt_v2.read("opt", opt_v2.rows_for(rows["patch_id"])).astype(np.float32)
+    truth, s1 = catalog.read("s2", rows).astype(np.float32), catalog.read("s1", rows)
+    values = metrics.per_tile(torch.from_numpy(pred), torch.from_numpy(truth), torch.from_numpy(s1))
+    return {k: float(v.mean()) for k, v in values.items()} | {"tiles": len(rows)}
 
 
 def test_kill_and_continue(tmp_path, stores):

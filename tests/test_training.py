@@ -189,6 +189,32 @@ def test_the_mlflow_run_has_params_step_metrics_and_the_best_checkpoint(
     assert [a.path for a in c.list_artifacts(result.run_id, "checkpoints")] == ["checkpoints/best.ckpt"]
 
 
+def test_the_mlflow_run_is_named_shows_its_datasets_curves_and_validation_tiles_and_logs_params_once(
+    fitted: dict, catalog: Path, opt_v1: Path, mlflow_params: MlflowParams
+) -> None:
+    """What the MLflow UI shows of a training run besides numbers (see gac.training.run_media)."""
+    from gac import tracking
+    from gac.training.run_media import N_TILES
+
+    stage, result = fitted["stage"], fitted["result"]
+    c = client(mlflow_params)
+    run = c.get_run(result.run_id)
+    assert run.info.run_name == tracking.run_name(stage)
+    assert not [k for k in run.data.params if "/" in k]  # once, flat: no Lightning `section/train/lr` copies
+    inputs = {i.dataset.name: i for i in run.inputs.dataset_inputs}
+    assert set(inputs) == {"catalog", "opt_v1"}
+    for name, root in (("catalog", catalog), ("opt_v1", opt_v1)):
+        digest = ShardStore(root).content_digest()
+        tags = {t.key: t.value for t in inputs[name].tags}
+        assert inputs[name].dataset.digest == digest[: tracking.DATASET_DIGEST_CHARS]
+        assert tags["gac.content_sha256"] == digest and tags["mlflow.data.context"] == "training"
+        assert int(tags["tiles.train"]) >= 4 and int(tags["tiles.validation"]) >= 4
+    curves = {a.path for a in c.list_artifacts(result.run_id, "curves")}
+    assert {"curves/train_loss.png", "curves/val_psnr.png", "curves/val_selection.png"} <= curves
+    tiles = list(c.list_artifacts(result.run_id, "validation"))
+    assert len(tiles) == N_TILES and all(a.path.endswith(".png") and a.file_size > 0 for a in tiles)
+
+
 def test_the_model_is_registered_as_challenger_with_a_model_card(fitted: dict, mlflow_params: MlflowParams) -> None:
     from gac.registry import CHALLENGER, MODEL_NAMES
 
@@ -412,6 +438,22 @@ def test_the_cli_writes_the_metrics_summary(resumed: dict) -> None:
     assert 0 < summary["trainable_share"] < 0.2 and summary["trainable_params"] > 0
     assert "seconds_per_tile" not in summary  # --no-cache: no opt_v2 was written
     assert not (resumed["tmp"] / "stage2" / "opt_v2").exists()
+    assert not [k for k in summary if "loss_" in k]  # loss terms: in the curves' log and MLflow, not dvc metrics show
+
+
+@pytest.mark.slow
+def test_the_cli_writes_one_training_curve_per_metric(resumed: dict) -> None:
+    """The files ``dvc plots`` draws (``plots/<stage>/*.csv`` in ``dvc.yaml``): one metric each, from the log of a
+    killed and resumed fit, with every step it logged that metric at, once, and no blank cell."""
+    from gac.training.curves import CURVES
+
+    log = pd.read_csv(resumed["tmp"] / "stage2" / "logs" / "metrics.csv")
+    for stem, (column, name) in CURVES.items():
+        curve = pd.read_csv(resumed["tmp"] / "stage2" / "plots" / f"{stem}.csv")
+        assert list(curve.columns) == ["step", name], stem
+        assert curve.notna().all().all() and curve["step"].is_monotonic_increasing, stem
+        assert list(curve["step"]) == sorted(set(log.loc[log[column].notna(), "step"])), stem
+        assert len(curve) >= (5 if stem == "train_loss" else 1), stem  # 6 steps, one may be lost to the kill
 
 
 @pytest.mark.slow

@@ -34,7 +34,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--metrics",
-        help="metrics JSON (default: metrics/evaluate.json, for dvc; with --data-dir: <output-dir>/evaluate.json)",
+        help="headline metrics JSON (default: metrics/evaluate.json, for dvc; with --data-dir: "
+        "<output-dir>/evaluate.json); every figure goes to details.json in the output folder",
     )
     p.add_argument(
         "--stage2-checkpoint",

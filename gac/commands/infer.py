@@ -12,8 +12,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output-dir", default="artifacts/infer", help="where the caches go (default: %(default)s)")
     p.add_argument(
         "--stage2-checkpoint",
-        default="models:/gac-stage2@champion",
-        help="models:/… URI or a Stage 2 model folder (default: %(default)s)",
+        help="models:/… URI or a Stage 2 model folder (default: the Stage 2 version the Stage 3 model was trained "
+        "on, its registry tag gac.stage2_version; else models:/gac-stage2@champion)",
     )
     p.add_argument(
         "--stage3-checkpoint",

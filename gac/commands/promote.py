@@ -6,6 +6,10 @@ import argparse
 
 from gac.commands import params, write_json
 
+#: What ``metrics/promote.json`` holds per model (``dvc metrics show`` prints one column per key of every metrics file);
+#: the checks with their numbers are printed and logged to the MLflow run as ``promote.json``.
+HEADLINE = ("candidate", "champion_before", "champion_after", "promoted")
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", action="append", help="registered model, repeatable (default: gac-stage2 and gac-stage3)")
@@ -22,4 +26,4 @@ def run(args: argparse.Namespace) -> None:
     decisions = promote_models(params(args), args.model, args.version)
     for decision in decisions:
         print("\n".join(decision.lines()))
-    write_json(args.metrics, {d.model: d.to_dict() for d in decisions})
+    write_json(args.metrics, {d.model: {k: d.to_dict()[k] for k in HEADLINE} for d in decisions})

@@ -5,6 +5,11 @@ from __future__ import annotations
 
 import argparse
 
+#: The last validation's figures that ``metrics/<stage>.json`` holds besides the step, scores and sizes: ``dvc metrics
+#: show`` prints one column per key of every metrics file, so the loss terms stay in the curves' log
+#: (``<out>/logs/metrics.csv``) and the MLflow run.
+SUMMARY_METRICS = ("val/loss", "val/psnr", "val/ssim", "val/sam_deg", "val/sar_edge", "val/selection")
+
 
 def add_training_arguments(p: argparse.ArgumentParser) -> None:
     """The seed's flags; each overrides its ``params.yaml`` key."""
@@ -32,6 +37,11 @@ def add_training_arguments(p: argparse.ArgumentParser) -> None:
         help="no training: write the next cache with <output-dir>/model (resumable; split across torchrun ranks)",
     )
     p.add_argument("--metrics", help="summary JSON for dvc metrics (default: metrics/<stage>.json)")
+    p.add_argument(
+        "--plots",
+        help="folder of the training curves for dvc plots, one CSV per metric (default: <output-dir>/plots; "
+        "dvc.yaml passes plots/<stage>)",
+    )
 
 
 def section_with_overrides(section, args: argparse.Namespace, **extra):
@@ -65,6 +75,7 @@ def run_stage(stage: str, args: argparse.Namespace, section, source_root: str, n
 
     from gac import engine, tracking
     from gac.commands import params, write_json
+    from gac.provenance import lineage
     from gac.refine import write_cache
     from gac.training.export import load_model
     from gac.training.fit import fit
@@ -100,7 +111,7 @@ def run_stage(stage: str, args: argparse.Namespace, section, source_root: str, n
     summary = {
         "best_score": result.best_score,
         "global_step": result.global_step,
-        **result.metrics,
+        **{k: v for k, v in result.metrics.items() if k in SUMMARY_METRICS or k == "registered_version"},
         "trainable_params": result.trainable["trainable"],
         "trainable_share": result.trainable["share"],
     }
@@ -130,6 +141,9 @@ def run_stage(stage: str, args: argparse.Namespace, section, source_root: str, n
         )
         summary["seconds_per_tile"] = info["seconds_per_tile"]
     write_json(args.metrics or f"metrics/{stage}.json", summary)
+    from gac.training.curves import write_curves
+
+    write_curves(Path(section.out) / "logs" / "metrics.csv", args.plots or Path(section.out) / "plots")
     from gac.training.stages import TRAINED_STAGES
 
     print(
@@ -166,30 +180,3 @@ def _with_folds(model, folds, device) -> tuple:
     train_ids, dirs = folds
     fold_models = [load_model(d, device)[2] for d in dirs]
     return OutOfFold(model, fold_models, train_ids), {"cross_fit_folds": len(dirs), "fold_models": dirs}
-
-
-#: The cache each trained stage reads, by the stage that made it.
-PREVIOUS = {"stage2": "stage1", "stage3": "stage2"}
-
-
-def lineage(stage: str, catalog_root: str, source_root: str) -> dict[str, str]:
-    """What a stage's model is trained on, as MLflow tags (on its run and its registered version) and in the
-    provenance of the cache it writes, so the chain travels on: the catalog's and the input cache's content digests,
-    and who made the input — for Stage 3 the Stage 2 registered version (``gac.stage2_version``) and Stage 1's weights.
-    The git revision and DVC experiment come with every run (:func:`gac.tracking.run_tags`)."""
-    from gac.provenance import read_provenance
-    from gac.store import ShardStore
-
-    previous = PREVIOUS[stage]
-    made_by = read_provenance(source_root, previous)
-    tags = {
-        "gac.catalog_sha256": ShardStore(catalog_root).content_digest(),
-        f"gac.{previous}_cache_sha256": ShardStore(source_root).content_digest(),
-        **{k: v for k, v in (made_by.get("lineage") or {}).items() if k.startswith(("gac.stage1_", "gac.stage2_"))},
-    }
-    if previous == "stage1":
-        made = {"gac.stage1_weights": made_by.get("weights_origin"), "gac.stage1_variant": made_by.get("variant")}
-    else:
-        made = {"gac.stage2_model": made_by.get("registered_model") or made_by.get("model_dir"),
-                "gac.stage2_version": made_by.get("version")}  # fmt: skip
-    return tags | {k: str(v) for k, v in made.items() if v is not None}

@@ -1,7 +1,8 @@
 """Fit a stage with Lightning, keep its best and last checkpoints, and log and register it in MLflow.
 
-One call of :func:`fit` trains (or continues) one model: params, per-step losses, validation metrics, the best
-checkpoint and the exported model (see :mod:`gac.registry_model`) registered as a new version of
+One call of :func:`fit` trains (or continues) one model: params (once, flat), per-step losses, validation metrics, the
+best checkpoint, the data it read as MLflow dataset inputs, its curves and two validation tiles as PNGs
+(:mod:`gac.training.run_media`), and the exported model (see :mod:`gac.registry_model`) registered as a new version of
 ``gac-stage2``/``gac-stage3`` with the alias ``challenger``.
 
 **When a training continues and when it starts again** (the one place this rule lives). ``checkpoints/fit.json``
@@ -230,7 +231,16 @@ def fit(
         model_dir=str(model_dir),
         trainable={k: v for k, v in trainable.items() if k != "names"},
     )
-    _log_result(result, mlflow_params, section, register, tags or {})
+
+    def media() -> None:
+        """What the run shows besides numbers: the data it read, its curves and two validation tiles."""
+        from gac.training import run_media
+
+        tracking.log_datasets({"catalog": catalog_root, Path(source_root).name: source_root}, "training")
+        run_media.log_curves(csv_file, stage)
+        run_media.log_validation_tiles(stage, task.model, catalog_root, source_root, exclude)
+
+    _log_result(result, mlflow_params, section, register, tags or {}, media)
     return result
 
 
@@ -304,8 +314,10 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def _log_result(result: FitResult, mlflow_params: MlflowParams, section, register: bool, tags: dict) -> None:
-    """Log the best checkpoint and the model to the run and register it as ``challenger``."""
+def _log_result(
+    result: FitResult, mlflow_params: MlflowParams, section, register: bool, tags: dict, media=lambda: None
+) -> None:
+    """Log the best checkpoint, ``media`` (called in the run) and the model to the run; register it ``challenger``."""
     import mlflow
 
     from gac import registry
@@ -323,6 +335,7 @@ def _log_result(result: FitResult, mlflow_params: MlflowParams, section, registe
         )
         mlflow.log_artifact(result.best_checkpoint, "checkpoints")
         mlflow.log_text(json.dumps(result.trainable, indent=2), "trainable.json")
+        media()
         version = registry.log_and_register(
             result.model_dir, section, result.metrics, result.trainable, register=register, tags=tags
         )
