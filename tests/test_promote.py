@@ -51,6 +51,14 @@ def register(client, tmp_path):
     return make
 
 
+def write_params(folder) -> None:
+    """A params file with the ``client`` fixture's store and the LOW targets, for the ``gac promote`` CLI."""
+    (folder / "params.yaml").write_text(
+        f"mlflow: {{tracking_uri: 'sqlite:///{folder / 'mlflow.db'}', artifact_location: '{folder / 'artifacts'}'}}\n"
+        "promote:\n  objective: psnr\n  targets: {psnr: 10.0, ssim: 0.1, sam_deg: 60.0, sar_edge: 0.9}\n"
+    )
+
+
 def champion(client, name: str = NAME) -> str | None:
     try:
         return str(client.get_model_version_by_alias(name, "champion").version)
@@ -139,11 +147,7 @@ def test_model_card_and_evaluation_section(client, register):
 def test_cli_prints_logs_and_writes_json(tmp_path, client, register, capsys):
     from gac.cli import main
 
-    db = tmp_path / "mlflow.db"
-    (tmp_path / "params.yaml").write_text(
-        f"mlflow: {{tracking_uri: 'sqlite:///{db}', artifact_location: '{tmp_path / 'artifacts'}'}}\n"
-        "promote:\n  objective: psnr\n  targets: {psnr: 10.0, ssim: 0.1, sam_deg: 60.0, sar_edge: 0.9}\n"
-    )
+    write_params(tmp_path)
     v = register(GOOD)
     out = tmp_path / "promote.json"
     assert main(["--params", str(tmp_path / "params.yaml"), "promote", "--metrics", str(out)]) == 0
@@ -265,11 +269,7 @@ def test_the_cli_moves_the_pair_and_infer_runs_the_stage2_that_stage3_names(tmp_
     from gac.cli import main
     from gac.infer import paired_stage2
 
-    db = tmp_path / "mlflow.db"
-    (tmp_path / "params.yaml").write_text(
-        f"mlflow: {{tracking_uri: 'sqlite:///{db}', artifact_location: '{tmp_path / 'artifacts'}'}}\n"
-        "promote:\n  objective: psnr\n  targets: {psnr: 10.0, ssim: 0.1, sam_deg: 60.0, sar_edge: 0.9}\n"
-    )
+    write_params(tmp_path)
     v1 = register(GOOD)
     client.set_registered_model_alias(NAME, "champion", v1)
     paired = register({**GOOD, "psnr": 12.0}, challenger=False)
@@ -284,7 +284,7 @@ def test_the_cli_moves_the_pair_and_infer_runs_the_stage2_that_stage3_names(tmp_
     decisions = json.loads(out.read_text())
     assert decisions[NAME]["champion_after"] == paired and decisions[S3]["champion_after"] == s3
 
-    mlflow.set_tracking_uri(f"sqlite:///{db}")
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
     client.set_registered_model_alias(NAME, "champion", v1)  # whatever gac-stage2@champion says ...
     source, why = paired_stage2(f"models:/{S3}@champion")  # ... gac infer runs the Stage 2 Stage 3 was trained on
     assert source == f"models:/{NAME}/{paired}" and why == f"{S3} version {s3} was trained on {NAME} version {paired}"
