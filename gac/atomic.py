@@ -38,3 +38,25 @@ def write_text(path: str | Path, text: str) -> None:
     """Write ``text`` to ``path`` atomically."""
     with atomic_path(path) as tmp:
         tmp.write_text(text)
+
+
+def read_json(path: str | Path, expected: str) -> dict:
+    """Read a JSON object this project wrote; a missing, truncated or foreign file is one :class:`GacError` line.
+
+    Args:
+        expected: what the file should hold, for the message (e.g. "the model's stage and parameters").
+    """
+    import json
+
+    from gac.errors import GacError
+
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise GacError(f"{path}: not found (expected {expected})") from None
+    except (OSError, ValueError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise GacError(f"{path}: unreadable or truncated ({str(e).splitlines()[0]}; expected {expected})") from None
+    if not isinstance(data, dict):
+        raise GacError(f"{path}: a JSON {type(data).__name__}, expected an object with {expected}")
+    return data

@@ -8,7 +8,9 @@ Bad input (:class:`~gac.errors.GacError`) is printed as one line, ``gac: error: 
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
+import os
 import sys
 from collections.abc import Callable, Sequence
 
@@ -58,6 +60,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     except GacError as e:
         print(f"gac: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:
+        if e.errno not in STORAGE_ERRORS:
+            raise
+        # Finished shards stay (atomic writes); the one in flight left only a .tmp- folder the rerun removes.
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"gac: error: {where}{os.strerror(e.errno)}; fix the storage and rerun (finished work is kept)",
+              file=sys.stderr)  # fmt: skip
+        return 1
+
+
+#: Storage failures a user fixes outside GAC (full disk, quota, read-only or forbidden folder): one line, no traceback.
+STORAGE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES}
 
 
 if __name__ == "__main__":

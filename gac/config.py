@@ -91,6 +91,8 @@ class Stage1Params(Section):
     seed: int = 0
     shard_size: int = Field(default=16, gt=0)
     num_workers: int = Field(default=0, ge=0)
+    #: Generate over scenes of adjacent tiles with overlapping, blended windows instead of tile by tile (gac.mosaic).
+    mosaic: bool = False
     out: str = "artifacts/opt_v1"
 
     @model_validator(mode="after")
@@ -306,18 +308,26 @@ def parse(raw: dict[str, Any], source: str = PARAMS_FILE) -> Params:
 
 
 def load(path: str | Path = PARAMS_FILE) -> Params:
-    """Read and validate ``params.yaml`` (missing file → all defaults are *not* assumed: it is an error)."""
+    """Read and validate ``params.yaml``.
+
+    A missing, empty, comment-only or binary file is an error, never "all defaults": a file lost or truncated by a
+    bad merge must not silently run a different experiment.
+    """
     import yaml
 
     path = Path(path)
     if not path.is_file():
         raise GacError(f"{path}: parameters file not found (expected a YAML file with the GAC sections)")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise GacError(f"{path}: not a text file (byte {e.start} is not UTF-8; expected a YAML file)") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
         raise GacError(f"{path}:{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
+    if raw is None:  # empty or comments only: running on silent defaults would hide a lost or truncated file
+        raise GacError(f"{path}: no parameters (empty or comments only; expected the GAC sections, see README)")
     return parse(raw, str(path))
 
 

@@ -40,6 +40,7 @@ import torch
 
 from gac.atomic import write_text
 from gac.errors import GacError
+from gac.lock import exclusive
 from gac.store import ShardStore
 
 DN_MAX = 65535.0
@@ -127,9 +128,28 @@ def to_dn(opt: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(opt), 0, DN_MAX).astype(np.uint16)
 
 
-def plan(index: pd.DataFrame, shard_size: int) -> list[tuple[str, pd.DataFrame]]:
-    """Cut the work rows into the fixed, named shards every rank agrees on."""
-    return [(f"{i // shard_size:05d}", index.iloc[i : i + shard_size]) for i in range(0, len(index), shard_size)]
+def cuts(rows: pd.DataFrame, size: int, group: str | None = None) -> list[tuple[int, int]]:
+    """``(start, stop)`` positions cutting ``rows`` into runs of at most ``size`` rows.
+
+    With ``group``, rows that share that column's value (contiguous) are never split: whole groups are packed up to
+    ``size`` rows, and a group larger than ``size`` is a run of its own (Stage 1's mosaic must see a scene at once).
+    Without it (or with one group per row) the runs are the fixed ``size`` cuts.
+    """
+    if group is None:
+        return [(i, min(i + size, len(rows))) for i in range(0, len(rows), size)]
+    keys = rows[group].to_numpy()
+    out, start = [], 0
+    ends = [i for i in range(1, len(keys)) if keys[i] != keys[i - 1]] + [len(keys)]
+    for begin, end in zip([0, *ends[:-1]], ends, strict=True):
+        if end - start > size and begin > start:
+            out.append((start, begin))
+            start = begin
+    return out + ([(start, len(keys))] if len(keys) else [])
+
+
+def plan(index: pd.DataFrame, shard_size: int, group: str | None = None) -> list[tuple[str, pd.DataFrame]]:
+    """Cut the work rows into the fixed, named shards every rank agrees on (whole groups: :func:`cuts`)."""
+    return [(f"{k:05d}", index.iloc[a:b]) for k, (a, b) in enumerate(cuts(index, shard_size, group))]
 
 
 def state_digest(model: torch.nn.Module) -> str:
@@ -161,9 +181,11 @@ def _barrier(world: int, device: torch.device) -> None:
 class _Batches(torch.utils.data.IterableDataset):
     """Yields ``(shard, batch_no, rows, s1, opt)`` for the shards of this rank; runs in DataLoader workers."""
 
-    def __init__(self, catalog_root: str, source_root: str | None, shards: list, batch_size: int) -> None:
+    def __init__(
+        self, catalog_root: str, source_root: str | None, shards: list, batch_size: int, group: str | None = None
+    ) -> None:
         self.catalog_root, self.source_root = catalog_root, source_root
-        self.shards, self.batch_size = shards, batch_size
+        self.shards, self.batch_size, self.group = shards, batch_size, group
 
     def __iter__(self) -> Iterator[tuple[str, int, pd.DataFrame, torch.Tensor, torch.Tensor | None]]:
         info = torch.utils.data.get_worker_info()
@@ -172,8 +194,8 @@ class _Batches(torch.utils.data.IterableDataset):
         for k, (name, rows) in enumerate(self.shards):
             if info is not None and k % info.num_workers != info.id:
                 continue
-            for b, start in enumerate(range(0, len(rows), self.batch_size)):
-                chunk = rows.iloc[start : start + self.batch_size]
+            for b, (start, stop) in enumerate(cuts(rows, self.batch_size, self.group)):
+                chunk = rows.iloc[start:stop]
                 s1 = torch.from_numpy(catalog.read("s1", chunk).astype(np.float32, copy=False))
                 opt = None
                 if source is not None:
@@ -239,6 +261,7 @@ def run(
     progress: bool = True,
     label: str = "cache",
     ranks: tuple[int, int] | None = None,
+    group: str | None = None,
 ) -> Report:
     """Compute the missing shards of the cache at ``out`` for this rank; on rank 0 also finalise its index.
 
@@ -249,12 +272,34 @@ def run(
         model: the model, or a function that builds it (called only if there is work left).
         ranks: ``(rank, world size)``; default :func:`dist` (``torchrun``'s). ``(0, 1)`` writes everything in this
             process (e.g. rank 0 after a DDP training, whose other ranks have ended).
+        group: a column of ``index`` whose equal (contiguous) values are never split across shards or batches
+            (:func:`cuts`): Stage 1's mosaic scenes. It is not written into the store's index.
     """
+    rank, world = ranks or dist()
+    # One writer per cache: a second run on the same folder would resume "the" cache with its own settings and mix
+    # two caches under one fingerprint. Ranks of one torchrun job share the folder on purpose: rank 0 holds the lock.
+    with exclusive(out) if rank == 0 else contextlib.nullcontext():
+        report = _run_locked(out=Path(out), stamp=stamp, catalog_root=catalog_root, index=index, step=step,
+                             model=model, shard_size=shard_size, batch_size=batch_size, device=device,
+                             num_workers=num_workers, seed=seed, source_root=source_root, config_file=config_file,
+                             progress=progress, label=label, rank=rank, world=world, group=group)  # fmt: skip
+        if rank == 0 and report.processed and report.processed == len(report.errors):
+            # Nothing usable: a rerun must try again (e.g. with a fixed img_size), not resume "finished" empty shards.
+            shutil.rmtree(out, ignore_errors=True)
+            first = report.errors[0]
+            raise GacError(f"{out}: all {report.processed} tiles failed, nothing kept "
+                           f"(first: {first['patch_id']}: {first['reason']})")  # fmt: skip
+    return report
+
+
+def _run_locked(*, out: Path, stamp: dict, catalog_root: str, index: pd.DataFrame, step: Step, model, shard_size: int,
+                batch_size: int, device: torch.device, num_workers: int, seed: int, source_root: str | None,
+                config_file: str, progress: bool, label: str, rank: int, world: int,
+                group: str | None = None) -> Report:  # fmt: skip
+    """:func:`run`'s work, under the output folder's lock on rank 0."""
     from tqdm import tqdm
 
     start = time.perf_counter()
-    rank, world = ranks or dist()
-    out = Path(out)
     config = out / config_file
     if rank == 0:
         if out.exists() and (not config.is_file() or _read(config) != stamp):
@@ -266,15 +311,15 @@ def run(
         write_text(config, json.dumps(stamp, indent=2))
     _barrier(world, device)
     store = ShardStore(out)
-    shards = plan(index.reset_index(drop=True), shard_size)
+    shards = plan(index.reset_index(drop=True), shard_size, group)
     done = set(store.shard_names())
     mine = [(n, r) for k, (n, r) in enumerate(shards) if k % world == rank and n not in done]
     report = Report(total=len(index), out=str(out), skipped=sum(len(r) for n, r in shards if n in done))
     if mine:
         model = (model() if not isinstance(model, torch.nn.Module) else model).to(device)
-    pending = {n: {"left": -(-len(r) // batch_size), "parts": {}} for n, r in mine}
+    pending = {n: {"left": len(cuts(r, batch_size, group)), "parts": {}} for n, r in mine}
     loader = torch.utils.data.DataLoader(  # pinned host memory lets the non_blocking copy to the device overlap
-        _Batches(catalog_root, source_root, mine, batch_size),
+        _Batches(catalog_root, source_root, mine, batch_size, group),
         batch_size=None,
         num_workers=num_workers,
         prefetch_factor=2 if num_workers else None,
@@ -291,7 +336,7 @@ def run(
         bar.update(len(rows))
         if state["left"] == 0:
             parts = [state["parts"][k] for k in sorted(state["parts"])]
-            meta = pd.concat([r for r, _, _ in parts]).drop(columns=[c for c in LOCATORS if c in rows])
+            meta = pd.concat([r for r, _, _ in parts]).drop(columns=[c for c in (*LOCATORS, group) if c in rows])
             errs = pd.DataFrame([e for _, _, es in parts for e in es], columns=["patch_id", "reason"])
             store.write_shard(name, meta, {"opt": np.concatenate([a for _, a, _ in parts])}, errs)
             report.generated += len(meta)

@@ -111,13 +111,12 @@ def _check_registry_uri(option: str, uri: str) -> None:
 
 
 def _check_folder(option: str, stage: str, folder: Path) -> None:
-    import json
-
+    from gac.atomic import read_json
     from gac.training.export import PARAMS, WEIGHTS
 
     if not (folder / WEIGHTS).is_file() or not (folder / PARAMS).is_file():
         raise GacError(f"{option}: {folder}: not a models:/ URI or a GAC model folder (expected {WEIGHTS}, {PARAMS})")
-    made_by = json.loads((folder / PARAMS).read_text()).get("stage")
+    made_by = read_json(folder / PARAMS, "the model's stage and parameters").get("stage")
     if made_by != stage:
         raise GacError(f"{option}: {folder}: a {made_by} model, expected a {stage} model")
 

@@ -26,19 +26,26 @@ evaluation (the full pipeline's output):
    pair the Stage 3 champion with a Stage 2 it never saw); before any Stage 3 champion, Stage 2 is gated alone.
 
 ``gac infer`` runs ``gac-stage3@champion`` with the Stage 2 version it names (:func:`gac.infer.paired_stage2`).
+
+**Kills.** ``gac promote`` records a promotion on the registered model before moving the alias, so the next ``gac
+promote`` finishes and records what a killed one started (:func:`promote_models`).
 """
 
 from __future__ import annotations
 
+import json
 import math
-from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from gac.config import Params, TargetParams
 from gac.model_card import EVAL_TAG, eval_metrics
 from gac.registry import CHALLENGER, CHAMPION, MODEL_NAMES, TRAINED_ON, trained_on
 
+#: Registered-model tag: a promotion ``gac promote`` has decided and is moving, until it is recorded (JSON: the run's
+#: id and the :class:`Decision`); see :func:`promote_models`.
+PENDING_TAG = "gac.promotion_pending"
 #: Metrics where a larger value is better; every other metric (errors, angles, distances) is better when smaller.
 HIGHER_IS_BETTER = frozenset({"psnr", "ssim", "ms_ssim"})
 
@@ -82,6 +89,8 @@ class Decision:
     metrics: dict[str, float] = field(default_factory=dict)
     #: The other half of the pair, ``"<model>/<version>"``, when this decision moved (or kept) both champions.
     paired_with: str | None = None
+    #: Made by an earlier ``gac promote`` that was interrupted before recording it, and finished by this one.
+    resumed: bool = False
 
     @property
     def champion_after(self) -> str | None:
@@ -187,7 +196,19 @@ def _held_by(client, name: str) -> tuple[str, str, str] | None:
 
 def promote(client, name: str, objective: str, targets: TargetParams, version: str | None = None) -> Decision:
     """Move alias ``champion`` of ``name`` to the candidate if it meets all targets and beats the champion, keeping
-    the Stage 2 + Stage 3 champions a pair (see the module's rules 3 and 4).
+    the Stage 2 + Stage 3 champions a pair (see the module's rules 3 and 4): :func:`decide`, then move the aliases.
+
+    This leaves no record of the move but the returned decision; ``gac promote`` (:func:`promote_models`) records it
+    with the move, as one unit a rerun completes.
+    """
+    decision = decide(client, name, objective, targets, version)
+    if decision.promoted:
+        _move_aliases(client, decision)
+    return decision
+
+
+def decide(client, name: str, objective: str, targets: TargetParams, version: str | None = None) -> Decision:
+    """Whether ``name``'s candidate would be promoted (see :func:`promote`); changes nothing.
 
     Args:
         client: An ``mlflow.MlflowClient`` on the project store.
@@ -197,7 +218,7 @@ def promote(client, name: str, objective: str, targets: TargetParams, version: s
         version: Candidate version; ``None`` = the version with alias ``challenger``.
 
     Returns:
-        The :class:`Decision`; the registry changed only if ``decision.promoted`` (for Stage 3, then both champions:
+        The :class:`Decision`; the aliases to move only if ``decision.promoted`` (for Stage 3, then both champions:
         ``decision.paired_with`` names the Stage 2 version).
     """
     from mlflow.exceptions import MlflowException
@@ -233,50 +254,131 @@ def promote(client, name: str, objective: str, targets: TargetParams, version: s
         pair_lines = [f"pair: {downstream}@{CHAMPION} version {their} was trained on {name} version {mine}: "
                       f"{name} is promoted with a {downstream} version trained on its output, not alone"]  # fmt: skip
     promoted = meets and beats and paired
-    if promoted:
-        if partner is not None:  # the other half first: gac-stage3@champion never names a Stage 2 not yet in place
-            client.set_registered_model_alias(TRAINED_ON[name][0], CHAMPION, partner)
-        client.set_registered_model_alias(name, CHAMPION, cand)
     before = str(champion.version) if champion is not None else None
     pair = f"{TRAINED_ON[name][0]}/{partner}" if partner is not None else None
     return Decision(name, objective, promoted, cand, before, target_lines + champion_lines + pair_lines, metrics, pair)
+
+
+def _move_aliases(client, decision: Decision) -> None:
+    """Point ``champion`` at a promoted decision's candidate; for Stage 3, Stage 2's first (its ``paired_with``), so
+    ``gac-stage3@champion`` never names a Stage 2 not yet in place."""
+    if decision.model in TRAINED_ON and decision.paired_with:
+        upstream, version = decision.paired_with.split("/", 1)
+        client.set_registered_model_alias(upstream, CHAMPION, version)
+    client.set_registered_model_alias(decision.model, CHAMPION, decision.candidate)
 
 
 def _first_line(error: Exception) -> str:
     return (str(error).splitlines() or [type(error).__name__])[0]
 
 
-def promote_models(cfg: Params, models: Iterable[str] | None = None, version: str | None = None) -> list[Decision]:
-    """Run :func:`promote` for each model (default: every stage's) and log the decisions to one MLflow run.
+def promote_models(
+    cfg: Params,
+    models: Iterable[str] | None = None,
+    version: str | None = None,
+    record: Callable[[list[Decision]], None] | None = None,
+) -> list[Decision]:
+    """Run :func:`decide` for each model (default: every stage's), move the aliases and record the decisions in one
+    MLflow run and with ``record`` (``gac promote`` writes ``metrics/promote.json``), as one unit a rerun completes.
 
     Models trained on another's output (Stage 3) go first: when one is promoted, the Stage 2 version it names became
     ``gac-stage2@champion`` with it, and that is Stage 2's decision (its own gate would now refuse any other version).
+
+    **A kill loses nothing.** Under :func:`gac.registry.registry_lock`, inside the promote run: each promoted decision
+    is written on its registered model (tag :data:`PENDING_TAG`, with the run's id) *before* its alias moves, and
+    removed only once the run and ``record`` are done. A later ``gac promote`` that finds such a tag finishes that
+    promotion (moves what is not moved yet, see :func:`_resume`) and records it as its own decision; the killed run,
+    left RUNNING, is marked KILLED by :func:`gac.tracking.start_run`.
     """
     import mlflow
 
     from gac import tracking
+    from gac.registry import registry_lock
 
     models = list(models or MODEL_NAMES.values())
     tracking.setup(cfg.mlflow)
     client = mlflow.MlflowClient()
-    before = {m: _version_by_alias(client, m, CHAMPION) for m in models}  # before anything moves
-    decided: dict[str, Decision] = {}
-    for m in sorted(models, key=lambda m: m not in TRAINED_ON):
-        pair = next((d for d in decided.values() if d.promoted and (d.paired_with or "").startswith(f"{m}/")), None)
-        decided[m] = (
-            _moved_with(client, m, pair, before[m], cfg.promote.objective)
-            if pair is not None
-            else promote(client, m, cfg.promote.objective, cfg.promote.targets, version)
-        )
-    decisions = [decided[m] for m in models]
-    tags = {"gac.objective": cfg.promote.objective, "gac.promoted": ",".join(d.model for d in decisions if d.promoted)}
-    with tracking.start_run(cfg.mlflow, "promote", tags=tags):
-        mlflow.log_params({"objective": cfg.promote.objective, "models": ",".join(models), "version": version})
-        mlflow.log_params({f"target.{k}": v for k, v in cfg.promote.targets.model_dump().items()})
-        mlflow.log_metrics({f"{d.model}.promoted": float(d.promoted) for d in decisions})
-        mlflow.log_text("\n".join(line for d in decisions for line in d.lines()) + "\n", "promote.txt")
-        mlflow.log_dict({d.model: d.to_dict() for d in decisions}, "promote.json")
+    objective = cfg.promote.objective
+    with registry_lock({*models, *MODEL_NAMES.values()}, "gac promote"):
+        with tracking.start_run(cfg.mlflow, "promote", tags={"gac.objective": objective}) as run:
+            decided = _resume(client, MODEL_NAMES.values())
+            before = {m: _version_by_alias(client, m, CHAMPION) for m in models}  # before anything moves
+            for m in sorted(set(models) - set(decided), key=lambda m: m not in TRAINED_ON):
+                pair = next((d for d in decided.values() if d.promoted and (d.paired_with or "").startswith(f"{m}/")),
+                            None)  # fmt: skip
+                decided[m] = (
+                    _moved_with(client, m, pair, before[m], objective)
+                    if pair is not None
+                    else decide(client, m, objective, cfg.promote.targets, version)
+                )
+            decisions = [decided[m] for m in [*models, *sorted(set(decided) - set(models))]]
+            moving = [d for d in decisions if d.promoted and not d.resumed]
+            intent = {"run_id": run.info.run_id}
+            for d in moving:  # the intent first: from here on, a kill leaves a promotion the next run finishes
+                client.set_registered_model_tag(d.model, PENDING_TAG, json.dumps(intent | {"decision": d.to_dict()}))
+            for d in sorted(moving, key=lambda d: d.model in TRAINED_ON):
+                _move_aliases(client, d)
+            mlflow.set_tag("gac.promoted", ",".join(d.model for d in decisions if d.promoted))
+            mlflow.log_params({"objective": objective, "models": ",".join(models), "version": version})
+            mlflow.log_params({f"target.{k}": v for k, v in cfg.promote.targets.model_dump().items()})
+            mlflow.log_metrics({f"{d.model}.promoted": float(d.promoted) for d in decisions})
+            mlflow.log_text("\n".join(line for d in decisions for line in d.lines()) + "\n", "promote.txt")
+            mlflow.log_dict({d.model: d.to_dict() for d in decisions}, "promote.json")
+            if record is not None:
+                record(decisions)
+        for d in decisions:  # recorded: nothing left to finish
+            if d.promoted:
+                client.delete_registered_model_tag(d.model, PENDING_TAG)
     return decisions
+
+
+def _resume(client, names: Iterable[str]) -> dict[str, Decision]:
+    """The promotions an interrupted ``gac promote`` decided but did not record (:data:`PENDING_TAG`), finished:
+    ``{model: its decision, marked resumed}``.
+
+    The aliases are set again where the kill left them between the intent and the move (Stage 2 first, as always); an
+    intent whose run finished was recorded already and is only removed; an alias that someone has since moved
+    elsewhere (neither the version it moved from nor the one it moved to) is left alone and the intent dropped, said in
+    one line.
+    """
+    from mlflow.exceptions import MlflowException
+
+    found = {}
+    for name in names:
+        try:
+            raw = client.get_registered_model(name).tags.get(PENDING_TAG)
+        except MlflowException:  # no such model yet
+            continue
+        if raw is not None:
+            found[name] = json.loads(raw)
+    resumed = {}
+    for name, intent in sorted(found.items(), key=lambda item: item[0] in TRAINED_ON):
+        run_id = intent["run_id"]
+        decision = Decision(**{k: v for k, v in intent["decision"].items() if k in Decision.__dataclass_fields__})
+        champion = _version_by_alias(client, name, CHAMPION)
+        now = str(champion.version) if champion is not None else None
+        if _run_status(client, run_id) == "FINISHED":
+            client.delete_registered_model_tag(name, PENDING_TAG)
+        elif now not in (decision.champion_before, decision.candidate):
+            print(f"{name}: gac promote run {run_id} was interrupted moving {CHAMPION} to version "
+                  f"{decision.candidate}, but it is now version {now}: left as it is")  # fmt: skip
+            client.delete_registered_model_tag(name, PENDING_TAG)
+        else:
+            done = "moved now" if now != decision.candidate else "it had moved"
+            why = f"resumed: gac promote run {run_id} decided this and was interrupted before recording it ({done})"
+            _move_aliases(client, decision)
+            resumed[name] = replace(decision, reasons=[*decision.reasons, why], resumed=True)
+    return resumed
+
+
+def _run_status(client, run_id: str) -> str | None:
+    """``FINISHED``, ``RUNNING``, ``KILLED``… of a run, ``None`` if it is gone."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_run(run_id).info.status
+    except MlflowException:
+        return None
 
 
 def _moved_with(client, name: str, pair: Decision, champion_before, objective: str) -> Decision:

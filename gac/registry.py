@@ -8,11 +8,19 @@ versions of the packages they import (:func:`pip_requirements`), so ``mlflow.pyf
 serve`` with a virtualenv) works where GAC is not installed, and behaves the same whatever GAC is installed there. Why
 not a bare ``gac`` requirement: the package of that name on PyPI is an unrelated project. Tag ``content_sha256``
 (:func:`content_digest`) covers all of it: shipped code, requirements and the model folder.
+
+**A registration that a kill cut short is finished, never repeated.** The version is created with its
+``content_sha256`` tag in the same database write (``mlflow.register_model(tags=…)``), and the tag ``stage`` is
+written last, so a version without ``stage`` is one whose registration was cut short: the next registration of the
+same model finds it by its digest and finishes it (alias, description, card, tags) instead of creating a copy. A version
+an earlier GAC left with no tags at all is recognised by the digest of its stored files (:func:`stored_digest`).
+Registry updates hold :func:`registry_lock`, so two processes never interleave their steps on one registered model.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +31,10 @@ CHALLENGER = "challenger"
 CHAMPION = "champion"
 #: Model-version tag: sha256 of what a registry model is made of (its code, requirements and the files of its folder).
 CONTENT_TAG = "content_sha256"
+#: Model-version tag written last by a registration: a version without it was cut short (see the module docstring).
+DONE_TAG = "stage"
+#: Seconds a registry update waits for another process's to end (registering uploads a model: up to minutes).
+LOCK_WAIT_S = 300.0
 #: Registered model → (the registered model whose output it was trained on, version tags naming that model and
 #: version). A Stage 3 version is trained on the opt_v2 one Stage 2 version wrote: the two only work as a pair.
 TRAINED_ON = {"gac-stage3": ("gac-stage2", "gac.stage2_model", "gac.stage2_version")}
@@ -141,6 +153,98 @@ def content_digest(model_dir: str | Path, files: Mapping[str, Path] | None = Non
     return h.hexdigest()
 
 
+def stored_digest(client, name: str, version: str) -> str | None:
+    """:func:`content_digest` of a registered version, from its stored files (``code/``, ``requirements.txt``, the
+    ``model`` artifact) rather than its tag: how a version registered without tags is recognised. ``None`` for a
+    version that is not laid out as GAC logs one."""
+    import tempfile
+
+    import mlflow
+
+    with tempfile.TemporaryDirectory() as tmp:
+        uri = client.get_model_version_download_uri(name, version)
+        folder = Path(mlflow.artifacts.download_artifacts(uri, dst_path=tmp))
+        code, requirements, model = folder / "code", folder / "requirements.txt", folder / "artifacts" / "model"
+        if not (code.is_dir() and requirements.is_file() and model.is_dir()):
+            return None
+        files = {p.relative_to(code).as_posix(): p for p in code.rglob("*.py")}
+        return content_digest(model, files, [line for line in requirements.read_text().splitlines() if line.strip()])
+
+
+def same_content(client, name: str, digest: str) -> tuple[Any, str] | None:
+    """``(version, how it was found)`` of ``name`` holding exactly the model of ``digest``, or ``None``.
+
+    First by tag; then, for versions with no ``content_sha256`` tag (a registration an earlier GAC had cut short
+    between creating the version and tagging it), by the digest of their stored files, which is then written on each
+    such version (matching or not), so its files are read once.
+    """
+    tagged = client.search_model_versions(f"name = '{name}' and tags.{CONTENT_TAG} = '{digest}'")
+    if tagged:
+        return max(tagged, key=lambda v: int(v.version)), f"its {CONTENT_TAG} tag"
+    for untagged in sorted(client.search_model_versions(f"name = '{name}'"), key=lambda v: -int(v.version)):
+        stored = None if CONTENT_TAG in untagged.tags else stored_digest(client, name, str(untagged.version))
+        if stored is not None:
+            client.set_model_version_tag(name, str(untagged.version), CONTENT_TAG, stored)
+        if stored == digest:
+            return untagged, f"the {CONTENT_TAG} of its stored files; it had no tags"
+    return None
+
+
+def lock_target(name: str, registry_uri: str | None = None) -> Path:
+    """What :func:`registry_lock` locks for registered model ``name`` (:func:`gac.lock.exclusive` puts a hidden
+    ``.<target>.lock`` beside it): beside the database for a SQLite registry (``mlruns/.mlflow.db.gac-stage2.lock``),
+    in the store folder for a file registry, else under ``~/.cache/gac/locks/<server>/``."""
+    import hashlib
+    from urllib.parse import urlparse
+
+    import mlflow
+
+    uri = registry_uri or mlflow.get_registry_uri()
+    if uri.startswith("sqlite:///"):
+        db = Path(uri.removeprefix("sqlite:///"))
+        return db.parent / f"{db.name}.{name}"
+    parsed = urlparse(uri)
+    if parsed.scheme in ("", "file"):
+        return Path(parsed.path or uri) / name
+    server = f"{parsed.scheme}-{parsed.hostname or 'local'}-{hashlib.sha256(uri.encode()).hexdigest()[:8]}"
+    return Path.home() / ".cache" / "gac" / "locks" / server / name  # the hash, not the URI: it may hold credentials
+
+
+@contextlib.contextmanager
+def registry_lock(names: Iterable[str], what: str, wait: float = LOCK_WAIT_S) -> Iterator[None]:
+    """Hold the exclusive lock of every registered model in ``names`` for the ``with`` block.
+
+    Why: a registration (find the version of this content, else create it, then alias and tag it) and a promotion
+    (record the intent, move the aliases, record the decision) are each several registry writes that must not
+    interleave with another process's on the same model. Waits up to ``wait`` seconds for a holder (these updates
+    take seconds, and failing a training run at its end for that would be worse), then raises the
+    :class:`~gac.errors.GacError` of :func:`gac.lock.exclusive`, which names the holder. Locks are taken in sorted
+    order and all released on any miss, so two holders never wait on each other.
+
+    ``flock`` covers one machine: processes on other machines sharing a registry server are not excluded.
+    """
+    import time
+
+    from gac.errors import GacError
+    from gac.lock import exclusive
+
+    deadline = time.monotonic() + wait
+    while True:
+        stack = contextlib.ExitStack()
+        try:
+            for name in sorted(set(names)):
+                stack.enter_context(exclusive(lock_target(name), what))
+        except GacError:
+            stack.close()
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(1.0)
+            continue
+        with stack:
+            yield
+        return
+
+
 def example_input(n: int = 1) -> dict[str, np.ndarray]:
     """A valid input (for the signature): SAR at -12 dB and a grey 0.1 reflectance optical tile."""
     return {"s1": np.full((n, 2, 120, 120), -12.0, np.float32), "opt": np.full((n, 12, 120, 120), 0.1, np.float32)}
@@ -157,8 +261,9 @@ def log_and_register(
     """Log a stage's model folder as an MLflow model in the active run and register it ``@challenger``.
 
     The logged model carries its code (:func:`model_code`, as ``code/gac``) and exact requirements; a version with the
-    same :func:`content_digest` is reused instead of registered again. The registered model's description, the
-    version's model card and tags (``tags``, e.g. the lineage ``gac.stage2_version``) are (re)written either way.
+    same :func:`content_digest` (:func:`same_content`) is reused instead of registered again, which also finishes a
+    registration a kill cut short. The registered model's description, the version's model card and tags (``tags``,
+    e.g. the lineage ``gac.stage2_version``) are (re)written either way, under :func:`registry_lock`.
     """
     import shutil
     import tempfile
@@ -166,8 +271,7 @@ def log_and_register(
     import mlflow
     from mlflow.models import infer_signature
 
-    from gac import registry_model, tracking
-    from gac.model_card import describe_version, model_card, registered_model_description
+    from gac import registry_model
     from gac.training.export import apply, load_model
 
     stage, _, model = load_model(model_dir)
@@ -181,28 +285,47 @@ def log_and_register(
     requirements = pip_requirements(files)
     digest = content_digest(model_dir, files, requirements)
     client = mlflow.MlflowClient()
-    same = client.search_model_versions(f"name = '{name}' and tags.{CONTENT_TAG} = '{digest}'") if register else []
-    if same:  # this very model is registered already (dvc repro after a code change that left it as it was)
-        newest = max(same, key=lambda v: int(v.version))
-        version, run_id = str(newest.version), newest.run_id
-    else:
-        with tempfile.TemporaryDirectory() as tmp:  # code_paths copies a folder as is: give it only the model code
-            for rel, path in files.items():
-                (Path(tmp) / rel).parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(path, Path(tmp) / rel)
-            info = mlflow.pyfunc.log_model(
-                name="model",
-                python_model=Path(registry_model.__file__),
-                artifacts={"model": model_dir},
-                code_paths=[str(Path(tmp) / PACKAGE_DIR.name)],
-                signature=infer_signature(x, y),
-                input_example=example_input(1),
-                pip_requirements=requirements,
-                registered_model_name=name if register else None,
-            )
-        if not register:
-            return None
-        version, run_id = str(info.registered_model_version), mlflow.active_run().info.run_id
+    with registry_lock([name] if register else [], f"registering {name}"):
+        found = same_content(client, name, digest) if register else None
+        if found is not None:  # this very model is registered already (dvc repro after a code change that left it)
+            version, run_id = str(found[0].version), found[0].run_id
+            if DONE_TAG not in found[0].tags:  # created, then killed before it was finished
+                print(
+                    f"{name}: version {version} holds this model ({found[1]}) but its registration was cut short: "
+                    f"finishing it instead of registering a copy"
+                )
+        else:
+            with tempfile.TemporaryDirectory() as tmp:  # code_paths copies a folder as is: give it only the model code
+                for rel, path in files.items():
+                    (Path(tmp) / rel).parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copyfile(path, Path(tmp) / rel)
+                info = mlflow.pyfunc.log_model(
+                    name="model",
+                    python_model=Path(registry_model.__file__),
+                    artifacts={"model": model_dir},
+                    code_paths=[str(Path(tmp) / PACKAGE_DIR.name)],
+                    signature=infer_signature(x, y),
+                    input_example=example_input(1),
+                    pip_requirements=requirements,
+                )
+            if not register:
+                return None
+            # the digest is written with the version, in one database write: a kill after it leaves a version the
+            # next registration finds (above), never an anonymous copy
+            created = mlflow.register_model(info.model_uri, name, tags={CONTENT_TAG: digest})
+            version, run_id = str(created.version), mlflow.active_run().info.run_id
+        tags = {CONTENT_TAG: digest, **(tags or {})}
+        _finish(client, name, version, run_id, stage, section, metrics, trainable, tags)
+    return version
+
+
+def _finish(client, name: str, version: str, run_id: str, stage: str, section: Any, metrics: dict[str, float],
+            trainable: dict | None, tags: dict) -> None:  # fmt: skip
+    """Everything a registration writes after creating the version: ``@challenger``, the registered model's
+    description, the version's model card and tags, :data:`DONE_TAG` last (its absence marks a version to finish)."""
+    from gac import tracking
+    from gac.model_card import describe_version, model_card, registered_model_description
+
     client.set_registered_model_alias(name, CHALLENGER, version)
     client.update_registered_model(name, description=registered_model_description(name, stage))
     origin = tracking.weights_origin(getattr(section, "pretrained", False), getattr(section, "ckpt_path", None))
@@ -213,7 +336,7 @@ def log_and_register(
             "stage": stage,
             "run_id": run_id,
             "weights_origin": origin,
-            "data": (tags or {}).get("gac.data", "unknown"),
+            "data": tags.get("gac.data", "unknown"),
             "params": section.model_dump(),
             "metrics": metrics,
             "trainable": trainable or {},
@@ -221,6 +344,5 @@ def log_and_register(
         }
     )
     describe_version(client, name, version, card)
-    for key, value in {"weights_origin": origin, "stage": stage, CONTENT_TAG: digest, **(tags or {})}.items():
+    for key, value in {"weights_origin": origin, **tags, DONE_TAG: stage}.items():
         client.set_model_version_tag(name, version, key, str(value))
-    return version

@@ -8,7 +8,9 @@ rows::
     <root>/shards/<shard>/<key>.npy       e.g. s2 (N, 12, 120, 120) uint16, s1 (N, 2, 120, 120) float32, opt (...)
     <root>/shards/<shard>/rejected.parquet  tiles of this shard that failed, with a reason (optional)
     <root>/shards/<shard>/digest.sha256   sha256 of the shard's files, computed once when it is written
+    <root>/shards/<shard>/<name>.txt      small texts a writer keeps with the shard (e.g. the catalog's source digest)
     <root>/index.parquet                  all shards' rows with ``shard`` and ``row`` columns (written by finalize)
+    <root>/rejected.parquet               all shards' rejected tiles, ``patch_id`` and ``reason`` (written by finalize)
 
 A shard appears by one atomic folder rename, so a killed writer leaves either a whole shard or none: resuming is
 "write the shards that are not there yet", and two processes writing different shards never collide. Readers memory-map
@@ -22,7 +24,9 @@ store lives in. Training fingerprints use it to tell "the same inputs" from "new
 
 from __future__ import annotations
 
+import errno
 import functools
+import os
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -67,26 +71,43 @@ class ShardStore:
         index: pd.DataFrame,
         arrays: Mapping[str, np.ndarray],
         rejected: pd.DataFrame | None = None,
+        texts: Mapping[str, str] | None = None,
     ) -> None:
-        """Write one whole shard atomically; ``index`` rows and every array's first axis must agree."""
+        """Write one whole shard atomically; ``index`` rows and every array's first axis must agree.
+
+        ``texts`` (file name → content) are written into the shard too, so they appear and disappear with it and its
+        digest covers them (the catalog keeps the digest of the source files a shard was read from this way).
+        """
         for key, arr in arrays.items():
             if len(arr) != len(index):
                 raise ValueError(f"shard {name}: array {key!r} has {len(arr)} rows, index has {len(index)}")
         with atomic_path(self.root / SHARDS / name) as tmp:
             tmp.mkdir()
             for key, arr in arrays.items():
-                np.save(tmp / f"{key}.npy", np.ascontiguousarray(arr), allow_pickle=False)
+                try:
+                    np.save(tmp / f"{key}.npy", np.ascontiguousarray(arr), allow_pickle=False)
+                except OSError as e:
+                    if e.errno is not None:
+                        raise
+                    # NumPy reports a short write ("N requested and M written") without an errno: the disk or the
+                    # quota is full. Say so as the OS would, naming the shard (the .tmp- path is gone after this).
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self.root / SHARDS / name)) from e
             index.reset_index(drop=True).to_parquet(tmp / INDEX, index=False)
             if rejected is not None and len(rejected):
                 rejected.reset_index(drop=True).to_parquet(tmp / REJECTED, index=False)
+            for file_name, text in (texts or {}).items():
+                (tmp / file_name).write_text(text)
             (tmp / DIGEST).write_text(folder_digest(tmp))
         self.__dict__.pop("_shard_index", None)
 
     def finalize(self) -> pd.DataFrame:
-        """Write the store-level ``index.parquet`` (all complete shards, in shard-name order) atomically."""
+        """Write the store-level ``index.parquet`` and ``rejected.parquet`` (all complete shards, in shard-name order)
+        atomically; ``rejected.parquet`` is written even when empty, so a reader (or the README) can count on it."""
         index = self._concat_shard_indexes()
         with atomic_path(self.root / INDEX) as tmp:
             index.to_parquet(tmp, index=False)
+        with atomic_path(self.root / REJECTED) as tmp:
+            self.rejected().to_parquet(tmp, index=False)
         return index
 
     def clean_partial(self) -> int:
@@ -145,11 +166,19 @@ class ShardStore:
         return self._concat_shard_indexes()
 
     def rejected(self) -> pd.DataFrame:
-        """Tiles that failed in any shard, with their ``reason``."""
+        """Tiles that failed in any shard, with their ``reason``, read from the shards (always current, also between a
+        shard write and :meth:`finalize`)."""
         frames = [
             pd.read_parquet(p) for name in self.shard_names() if (p := self.root / SHARDS / name / REJECTED).is_file()
         ]
-        return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["patch_id", "reason"])
+        if frames:
+            return pd.concat(frames, ignore_index=True)
+        return pd.DataFrame({"patch_id": pd.Series(dtype=str), "reason": pd.Series(dtype=str)})
+
+    def shard_text(self, shard: str, name: str) -> str | None:
+        """The text file ``name`` kept with ``shard`` (see :meth:`write_shard`), or ``None`` when it has none."""
+        path = self.root / SHARDS / shard / name
+        return path.read_text() if path.is_file() else None
 
     def array(self, shard: str, key: str) -> np.ndarray:
         """Memory-mapped array ``key`` of ``shard``, from a small LRU of open maps.
@@ -187,9 +216,20 @@ class ShardStore:
         return out
 
     def rows_for(self, patch_ids: Iterable[str]) -> pd.DataFrame:
-        """Index rows for ``patch_ids`` in the given order (a clear error names the first missing one)."""
+        """Index rows for ``patch_ids`` in the given order, one per id.
+
+        A clear error names the first missing id, and a store that holds an id twice is refused: ``.loc`` would return
+        both rows, and every caller pairs the result with ``patch_ids`` position by position (training pairs would
+        shift by one from there on).
+        """
         patch_ids = list(patch_ids)
         by_id = self.index.set_index("patch_id", drop=False)
+        if not by_id.index.is_unique:
+            twice = by_id.index[by_id.index.duplicated()].unique()
+            raise GacError(
+                f"{self.root}: tile {twice[0]!r} is in the store more than once ({len(twice)} such ids in all; "
+                "expected each patch_id once: rebuild the store from metadata without duplicate ids)"
+            )
         missing = [p for p in patch_ids if p not in by_id.index]
         if missing:
             raise GacError(f"{self.root}: tile {missing[0]!r} not in the store ({len(missing)} missing in all)")

@@ -144,13 +144,83 @@ def run_tags(stage: str) -> dict[str, str]:
 def start_run(
     params: MlflowParams, stage: str, tags: dict[str, Any] | None = None, detail: str | None = None, **kwargs: Any
 ) -> Iterator:
-    """Start (or nest) an MLflow run on the project store, named and tagged by :func:`run_name`/:func:`run_tags`."""
+    """Start (or nest) an MLflow run on the project store, named and tagged by :func:`run_name`/:func:`run_tags`.
+
+    The run is tagged with the process that owns it (:data:`OWNER_TAGS`), and runs of the same ``stage`` that a
+    killed process of this machine left RUNNING are first closed as KILLED (:func:`close_stale_runs`).
+    """
     import mlflow
 
-    setup(params)
+    experiment_id = setup(params)
     all_tags = run_tags(stage) | {k: str(v) for k, v in (tags or {}).items()}
+    if stage not in SHARED_RUNS:
+        close_stale_runs(experiment_id, all_tags["gac.stage"])
+        all_tags |= dict(zip(OWNER_TAGS, _owner(os.getpid()), strict=True))
     with mlflow.start_run(run_name=run_name(stage, detail), tags=all_tags, **kwargs) as run:
         yield run
+
+
+#: Run tags naming the process that owns a run: host name, process id, the process's start (so a reused id is not
+#: taken for it).
+OWNER_TAGS = ("gac.host", "gac.pid", "gac.pid_start")
+#: Stages whose runs other processes reopen (every worker of a sweep logs to its parent run): their owner is unknown.
+SHARED_RUNS = frozenset({"sweep"})
+
+
+def _owner(pid: int) -> tuple[str, str, str]:
+    """``(host, pid, start)`` of a process of this machine; start is the kernel's start time of the process (ticks
+    since boot, from ``/proc``), empty where there is no ``/proc``."""
+    import socket
+
+    try:
+        start = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        start = ""
+    return socket.gethostname(), str(pid), start
+
+
+def _alive(pid: str, start: str) -> bool:
+    """Whether the process ``pid`` of this machine that started at ``start`` (:func:`_owner`) still runs."""
+    if not pid.isdigit():
+        return True  # not ours to judge
+    if start:
+        return _owner(int(pid))[2] == start
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def close_stale_runs(experiment_id: str, stage: str) -> list[str]:
+    """Mark KILLED each run of ``stage`` still RUNNING whose owner (:data:`OWNER_TAGS`) was a process of this machine
+    that no longer runs, print one line each and return their ids.
+
+    Why: a process killed inside ``with mlflow.start_run()`` never ends its run, which then shows as running for good
+    (the UI, ``gac promote``'s history). Only runs this machine can judge are closed: a run of another host, or one
+    without owner tags (an earlier GAC's, a sweep's), is left as it is.
+    """
+    import socket
+
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    host = socket.gethostname()
+    found = client.search_runs(
+        [experiment_id],
+        f"attributes.status = 'RUNNING' and tags.`gac.stage` = '{stage}' and tags.`gac.host` = '{host}'",
+    )
+    closed = []
+    for run in found:
+        pid, start = (run.data.tags.get(key, "") for key in OWNER_TAGS[1:])
+        if not _alive(pid, start):
+            client.set_terminated(run.info.run_id, status="KILLED")
+            print(f"{stage}: run {run.info.run_id} ({run.info.run_name}) was left RUNNING by process {pid}, which "
+                  f"is gone: marked KILLED")  # fmt: skip
+            closed.append(run.info.run_id)
+    return closed
 
 
 def run_url(params: MlflowParams, experiment_id: str, run_id: str) -> str:

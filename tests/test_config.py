@@ -36,8 +36,9 @@ def test_repo_params_load():
     assert isinstance(params.stage3.train, config.TrainParams)
 
 
-def test_empty_file_and_missing_sections_are_the_defaults(tmp_path):
-    assert _load(tmp_path, "") == config.Params()
+def test_missing_sections_are_the_defaults_but_an_empty_file_is_an_error(tmp_path):
+    with pytest.raises(GacError, match="no parameters"):  # a lost file must not run on silent defaults
+        _load(tmp_path, "")
     params = _load(tmp_path, "catalog:\n  max_tiles: 5\n")
     assert params.catalog.max_tiles == 5
     assert params.catalog.shard_size == config.CatalogParams().shard_size

@@ -27,8 +27,14 @@ def run(args: argparse.Namespace) -> None:
         cfg.catalog, out=args.output_dir, max_tiles=args.max_tiles, splits=args.splits, workers=args.workers
     )
     report = catalog.build(section, args.data_dir or cfg.data.root)
+    for note in report.notes:
+        print(f"note: {note}")
     for rec in report.rejected.itertuples():
-        print(f"rejected {rec.patch_id}: {rec.reason}")
+        # A metadata row with no usable patch_id is rejected too; its reason names the row.
+        label = rec.patch_id if isinstance(rec.patch_id, str) and rec.patch_id else "(no patch_id)"
+        print(f"rejected {label}: {rec.reason}")
+    if report.shards_kept:
+        print(f"Shards: {report.shards_written} written, {report.shards_kept} kept (their source files are unchanged)")
     summary = report.summary()
     write_json(args.metrics, summary)
     print(

@@ -63,25 +63,29 @@ def run(args: argparse.Namespace) -> None:
 
     cfg = params(args)
     if args.data_dir is not None:
-        from gac.evaluate_root import evaluate_root
+        from gac.evaluate_root import default_output_dir, evaluate_root
+        from gac.lock import exclusive
 
-        evaluate_root(cfg, args.data_dir, out=args.output_dir, stage2=args.stage2_checkpoint,
-                      stage3=args.stage3_checkpoint, split=args.split, max_tiles=args.max_tiles,
-                      metrics_path=args.metrics, baseline_catalog=args.baseline_catalog)  # fmt: skip
+        with exclusive(args.output_dir or default_output_dir(args.data_dir)):
+            evaluate_root(cfg, args.data_dir, out=args.output_dir, stage2=args.stage2_checkpoint,
+                          stage3=args.stage3_checkpoint, split=args.split, max_tiles=args.max_tiles,
+                          metrics_path=args.metrics, baseline_catalog=args.baseline_catalog)  # fmt: skip
         return
     for name in EXTERNAL_ONLY:
         if getattr(args, name) is not None:
             flag = "--" + name.replace("_", "-")
             raise GacError(f"{flag} needs --data-dir (without it gac evaluate scores the DVC pipeline's own caches)")
     from gac.evaluate import evaluate
+    from gac.lock import exclusive
 
     section = config.override(cfg.evaluate, split=args.split, out=args.output_dir)
-    evaluate(
-        cfg.model_copy(update={"evaluate": section}),
-        section.out,
-        metrics_path=args.metrics or "metrics/evaluate.json",
-        attention_maps=stage3_attention(f"{cfg.stage3.out}/model"),
-    )
+    with exclusive(section.out):
+        evaluate(
+            cfg.model_copy(update={"evaluate": section}),
+            section.out,
+            metrics_path=args.metrics or "metrics/evaluate.json",
+            attention_maps=stage3_attention(f"{cfg.stage3.out}/model"),
+        )
 
 
 def stage3_attention(model_dir: str):

@@ -23,7 +23,9 @@ def run(args: argparse.Namespace) -> None:
 
     if args.version is not None and len(args.model or []) != 1:
         raise GacError("--version needs exactly one --model (a version number means nothing across models)")
-    decisions = promote_models(params(args), args.model, args.version)
-    for decision in decisions:
+
+    def record(decisions) -> None:  # in the promote run, before it counts as recorded (see promote_models)
+        write_json(args.metrics, {d.model: {k: d.to_dict()[k] for k in HEADLINE} for d in decisions})
+
+    for decision in promote_models(params(args), args.model, args.version, record=record):
         print("\n".join(decision.lines()))
-    write_json(args.metrics, {d.model: {k: d.to_dict()[k] for k in HEADLINE} for d in decisions})

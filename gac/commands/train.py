@@ -70,7 +70,14 @@ def section_with_overrides(section, args: argparse.Namespace, **extra):
 
 
 def run_stage(stage: str, args: argparse.Namespace, section, source_root: str, next_cache: str) -> None:
-    """Train, register, write the next cache and the DVC metrics of one stage."""
+    """Train, register, write the next cache and the DVC metrics of one stage (holding ``<out>``'s lock)."""
+    from gac.lock import exclusive_first_rank
+
+    with exclusive_first_rank(section.out):
+        _run_stage(stage, args, section, source_root, next_cache)
+
+
+def _run_stage(stage: str, args: argparse.Namespace, section, source_root: str, next_cache: str) -> None:
     from pathlib import Path
 
     from gac import engine, tracking

@@ -11,6 +11,9 @@ and the catalog agree with torchgeo's ``BigEarthNetV2`` reader byte for byte::
 
 from __future__ import annotations
 
+import datetime
+import functools
+import re
 from pathlib import Path
 
 #: Sentinel-2 L2A bands in BigEarthNet v2 / torchgeo / TerraMind ``S2L2A`` order (B10 is not in L2A).
@@ -29,6 +32,17 @@ METADATA_COLUMNS: tuple[str, ...] = (
     "patch_id", "labels", "split", "country", "s1_name", "s2v1_name",
     "contains_seasonal_snow", "contains_cloud_or_shadow",
 )  # fmt: skip
+#: The columns a root must have: what torchgeo's ``BigEarthNetV2`` itself reads to pair files (``labels`` too feeds its
+#: targets, not ours). torchgeo's own test data has exactly these and ``labels``.
+REQUIRED_COLUMNS: tuple[str, ...] = ("patch_id", "s1_name", "split")
+#: Value of each other column when a root lacks it: country unknown, no labels, not flagged cloudy or snowy.
+OPTIONAL_COLUMNS: dict[str, object] = {
+    "labels": (),
+    "country": "unknown",
+    "s2v1_name": None,
+    "contains_seasonal_snow": False,
+    "contains_cloud_or_shadow": False,
+}
 SPLITS: tuple[str, ...] = ("train", "validation", "test")
 
 S2_DIR = "BigEarthNet-S2"
@@ -60,6 +74,28 @@ def s1_band_path(root: str | Path, s1_name: str, band: str) -> Path:
 def reference_map_path(root: str | Path, patch_id: str) -> Path:
     """Path of the CORINE reference map of ``patch_id`` under ``root``."""
     return Path(root, REFERENCE_DIR, s2_tile_dir(patch_id), patch_id, f"{patch_id}_reference_map.tif")
+
+
+def acquisition_date(patch_id: str) -> datetime.date:
+    """The acquisition date an S2 patch id carries in its third ``_`` part (``S2A_MSIL2A_<YYYYMMDD>T<hhmmss>_…``).
+
+    Raises:
+        ValueError: with a one-line reason when the id has no such part or it is no real date and time.
+    """
+    parts = patch_id.split("_")
+    return _stamp_date(parts[2] if len(parts) >= 5 else "", len(parts))
+
+
+@functools.lru_cache(maxsize=65536)
+def _stamp_date(stamp: str, n_parts: int) -> datetime.date:
+    """Parse one product time stamp; cached, since 550k patch ids share a few thousand products (12 s → 1 s)."""
+    try:
+        if not re.fullmatch(r"\d{8}T\d{6}", stamp):  # strptime alone accepts '201761T1010' (one-digit fields)
+            raise ValueError(stamp)
+        return datetime.datetime.strptime(stamp, "%Y%m%dT%H%M%S").date()
+    except ValueError:
+        got = f"{stamp!r} as its third '_' part" if stamp else f"{n_parts} '_' parts"
+        raise ValueError(f"no acquisition date (expected S2x_MSIL2A_<YYYYMMDD>T<hhmmss>_…, got {got})") from None
 
 
 def s2_tile_name(patch_id: str) -> str:

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from gac.atomic import atomic_path
+from gac.atomic import atomic_path, read_json
 from gac.errors import GacError
 from gac.training.stages import TRAINED_STAGES
 
@@ -40,7 +40,9 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu") -> tuple[
     folder = Path(folder)
     if not (folder / WEIGHTS).is_file() or not (folder / PARAMS).is_file():
         raise GacError(f"{folder}: not a GAC model folder (expected {WEIGHTS} and {PARAMS})")
-    meta = json.loads((folder / PARAMS).read_text())
+    meta = read_json(folder / PARAMS, "the model's stage and parameters")
+    if meta.get("stage") not in TRAINED_STAGES:
+        raise GacError(f"{folder / PARAMS}: stage {meta.get('stage')!r} (expected one of {sorted(TRAINED_STAGES)})")
     spec = TRAINED_STAGES[meta["stage"]]
     section = spec.params.model_validate(meta["section"])
     model = spec.load(section, load_file(folder / WEIGHTS), device)
