@@ -147,6 +147,32 @@ def test_a_rerun_rebuilds_exactly_the_shards_whose_files_changed(synthetic_root,
     assert (report.shards_written, report.shards_kept) == (0, 2)
 
 
+def test_unchanged_files_are_confirmed_by_their_stat_without_reading_them(synthetic_root, tmp_path, monkeypatch):
+    """At 550k tiles a rerun must not read 118 GB to learn that nothing changed: the stat cache (beside the catalog
+    folder, never inside the DVC output) confirms shards whose files kept their stat; only the others are hashed."""
+    root, out = _root(synthetic_root, tmp_path), tmp_path / "cat"
+    params = CatalogParams(out=str(out), workers=1, shard_size=4, max_tiles=8)
+    catalog.build(params, root, progress=False)
+    assert catalog.StatCache(out).path.parent == tmp_path and set(catalog.StatCache(out).entries) == {"00000", "00001"}
+    assert not list(out.rglob("*stat*"))
+    hashed = []
+    real = catalog._sources_digest
+    monkeypatch.setattr(catalog, "_sources_digest", lambda r, rows: hashed.append(len(rows)) or real(r, rows))
+
+    report = catalog.build(params, root, progress=False)
+    assert (report.shards_written, report.shards_kept, hashed) == (0, 2, [])  # no file was opened
+
+    meta = catalog.read_metadata(root)
+    band = layout.s2_band_path(root, meta.loc[5, "patch_id"], "B04")
+    band.write_bytes(band.read_bytes())  # same bytes, new mtime: shard 00001 is hashed, found unchanged, kept
+    report = catalog.build(params, root, progress=False)
+    assert (report.shards_written, report.shards_kept, hashed) == (0, 2, [4])
+
+    catalog.StatCache(out).path.unlink()  # a lost cache costs one rehash, never a wrong answer
+    report = catalog.build(params, root, progress=False)
+    assert (report.shards_written, report.shards_kept, hashed) == (0, 2, [4, 4, 4])
+
+
 # -- case 7: one line, never a traceback -----------------------------------------------------------------------------
 def test_a_null_s1_name_rejects_that_row_and_the_rest_go_on(synthetic_root, tmp_path, capsys):
     root = _root(synthetic_root, tmp_path)
