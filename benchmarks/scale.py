@@ -101,14 +101,15 @@ def index_store(folder: Path, n: int) -> Path:
 
 # -- steps (each runs in a fresh process) ----------------------------------------------------------------------------
 def step_metadata(work: Path, n: int, index_only: bool = True) -> None:
-    from gac.data import catalog, layout
+    from gac.data import layout
+    from gac.data import metadata as reben
 
     meta = metadata(n, __import__("pandas").read_parquet(work / "seed" / layout.METADATA_FILE))
     root = work / f"meta{n}"
     root.mkdir(exist_ok=True)
     meta.to_parquet(root / layout.METADATA_FILE, index=False)
-    selected = catalog.select(catalog.read_metadata(root), ["train", "validation", "test"], None)
-    assert len({catalog._acquisition(p) for p in selected["patch_id"]}) > 0
+    selected = reben.select(reben.read_metadata(root), ["train", "validation", "test"], None)
+    assert len({reben.acquisition(p) for p in selected["patch_id"]}) > 0
 
 
 def step_dataset(work: Path, n: int, index_only: bool = False) -> None:
@@ -166,8 +167,14 @@ def step_aggregation(work: Path, n: int, index_only: bool = False) -> None:
     from gac import evaluate
 
     rng = np.random.default_rng(0)
-    rows = pd.DataFrame({"patch_id": [f"t{i:07d}" for i in range(n)], "split": "test",
-                         "country": rng.choice(["AT", "FI", "PT", "IE"], n), "season": rng.choice(["DJF", "JJA"], n)})
+    rows = pd.DataFrame(
+        {
+            "patch_id": [f"t{i:07d}" for i in range(n)],
+            "split": "test",
+            "country": rng.choice(["AT", "FI", "PT", "IE"], n),
+            "season": rng.choice(["DJF", "JJA"], n),
+        }
+    )
     per_tile = pd.concat([rows.assign(row=row, **{m: rng.random(n) for m in ("psnr", "ssim", "sam_deg", "sar_edge")})
                           for row in evaluate.ROWS], ignore_index=True)  # fmt: skip
     names = ["psnr", "ssim", "sam_deg", "sar_edge"]
@@ -250,8 +257,9 @@ def folder_bytes(folder: Path) -> int:
 def geotiff_rate(work: Path) -> float:
     """Tiles per second per core of the catalog's GeoTIFF reader (14 files per tile, 20/60 m bands resampled)."""
     from gac.data import catalog
+    from gac.data.metadata import read_metadata
 
-    meta = catalog.read_metadata(work / "seed")
+    meta = read_metadata(work / "seed")
     start = time.perf_counter()
     for rec in meta.to_dict("records"):
         catalog.read_tile(work / "seed", rec["patch_id"], rec["s1_name"])
@@ -311,10 +319,13 @@ def report(results: dict, small: int, large: int, big: int, rate: float) -> int:
         hours += at_real / 3600
         print(f"{'':30s} growth {large // small}x tiles: {growth:5.2f}x; at {REAL:,} tiles: {at_real / 3600:7.3f} h")
     cores = os.cpu_count()
-    print(f"GeoTIFF decoding (reported apart): {rate:.1f} tiles/s per core -> {REAL / rate / 3600:.1f} core-hours "
-          f"for {REAL:,} tiles ({REAL / rate / 3600 / cores:.1f} h on this machine's {cores} cores)")
-    print(f"scale: worst growth {worst:.1f}x for 10x tiles, max open files {files}, "
-          f"machinery hours at 550k {hours:.2f}")
+    print(
+        f"GeoTIFF decoding (reported apart): {rate:.1f} tiles/s per core -> {REAL / rate / 3600:.1f} core-hours "
+        f"for {REAL:,} tiles ({REAL / rate / 3600 / cores:.1f} h on this machine's {cores} cores)"
+    )
+    print(
+        f"scale: worst growth {worst:.1f}x for 10x tiles, max open files {files}, machinery hours at 550k {hours:.2f}"
+    )
     return 0
 
 

@@ -62,7 +62,7 @@ import pandas as pd
 
 from gac.atomic import atomic_path, write_text
 from gac.config import Params
-from gac.data.catalog import flagged, keep_unflagged
+from gac.data.metadata import flagged, keep_unflagged
 from gac.errors import GacError
 from gac.figures import save_attention, save_comparison, save_grounding
 from gac.provenance import read_provenance

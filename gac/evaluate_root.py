@@ -61,8 +61,8 @@ def default_checkpoints(cfg: Params) -> dict[str, str]:
 
 def check_root(data_dir: str | Path) -> Any:
     """The root's ``metadata.parquet`` as a frame, or one line saying why ``data_dir`` is not a BigEarthNet v2 root."""
-    from gac.data.catalog import read_metadata
     from gac.data.layout import METADATA_FILE
+    from gac.data.metadata import read_metadata
 
     root = Path(data_dir)
     if not root.is_dir():

@@ -237,7 +237,7 @@ def test_a_full_disk_while_writing_a_shard_is_one_line_and_the_rerun_resumes(tmp
 
 def test_a_catalog_whose_every_tile_is_rejected_exits_non_zero_and_keeps_nothing(tmp_path, synthetic_root, capsys):
     from gac.data import layout
-    from gac.data.catalog import read_metadata
+    from gac.data.metadata import read_metadata
 
     root = tmp_path / "root"
     shutil.copytree(synthetic_root, root)

@@ -17,7 +17,7 @@ import rasterio
 
 from gac import cli
 from gac.config import CatalogParams
-from gac.data import catalog, layout
+from gac.data import catalog, layout, metadata
 from gac.data.synthetic import broken_patches, generate, geotiff_bytes
 from gac.errors import GacError
 from gac.store import SHARDS, ShardStore
@@ -71,7 +71,7 @@ def broken_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 # -- the real sample -------------------------------------------------------------------------------------------------
 def test_sample_catalog_has_every_tile_with_its_georeference(sample_root, sample_catalog):
     report, out = sample_catalog
-    meta = catalog.read_metadata(sample_root)
+    meta = metadata.read_metadata(sample_root)
     store = ShardStore(out)
     index = store.index
 
@@ -98,7 +98,7 @@ def test_sample_catalog_has_every_tile_with_its_georeference(sample_root, sample
 def test_pairing_comes_from_metadata(sample_root, sample_catalog):
     """S1 pixels are those of the metadata's ``s1_name``, not of a name derived from the patch id."""
     _, out = sample_catalog
-    meta = catalog.read_metadata(sample_root).set_index("patch_id")
+    meta = metadata.read_metadata(sample_root).set_index("patch_id")
     store = ShardStore(out)
     index = store.index
     assert (index["s1_name"].to_numpy() == meta.loc[index["patch_id"], "s1_name"].to_numpy()).all()
@@ -121,7 +121,7 @@ def torchgeo_root(sample_root: Path, tmp_path_factory: pytest.TempPathFactory) -
     sample has none (the wheel ships no CORINE maps). The maps only feed torchgeo's ``mask``, which is not compared."""
     root = tmp_path_factory.mktemp("torchgeo") / "sample"
     shutil.copytree(sample_root, root)
-    for patch_id in catalog.read_metadata(root)["patch_id"]:
+    for patch_id in metadata.read_metadata(root)["patch_id"]:
         path = layout.reference_map_path(root, patch_id)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(geotiff_bytes(np.full((120, 120), 311, np.uint16), 32633, 0.0, 0.0, {}))
@@ -160,9 +160,9 @@ def test_catalog_matches_torchgeo_bigearthnetv2(torchgeo_root, sample_catalog):
 # -- selection -------------------------------------------------------------------------------------------------------
 def test_select_keeps_metadata_order_within_splits():
     meta = pd.DataFrame({"patch_id": list("abcdef"), "split": ["train", "test", "validation", "test", "train", "test"]})
-    assert list(catalog.select(meta, ["test"], None)["patch_id"]) == ["b", "d", "f"]
-    assert list(catalog.select(meta, ["train", "test"], 3)["patch_id"]) == ["a", "b", "d"]
-    assert catalog.select(meta, ["validation"], 5).index.tolist() == [0]
+    assert list(metadata.select(meta, ["test"], None)["patch_id"]) == ["b", "d", "f"]
+    assert list(metadata.select(meta, ["train", "test"], 3)["patch_id"]) == ["a", "b", "d"]
+    assert metadata.select(meta, ["validation"], 5).index.tolist() == [0]
 
 
 def test_cli_honours_max_tiles_and_splits(sample_root, tmp_path, capsys):
@@ -172,7 +172,7 @@ def test_cli_honours_max_tiles_and_splits(sample_root, tmp_path, capsys):
         capsys, "--params", REPO / "params.yaml", "catalog", *args, "--max-tiles", "4", "--splits", "validation"
     )
     assert code == 0, stderr
-    meta = catalog.read_metadata(sample_root)
+    meta = metadata.read_metadata(sample_root)
     expected = meta[meta["split"] == "validation"]["patch_id"].head(4).tolist()
     index = ShardStore(tmp_path / "cat").index
     assert index["patch_id"].tolist() == expected
@@ -194,7 +194,7 @@ def test_broken_tiles_are_rejected_with_a_line_naming_the_file(broken_root, tmp_
         bad_file = reason.split(": ", 1)[0]
         assert bad_file.endswith(BROKEN_FILE[kind]) and Path(bad_file).parent.name in (
             patch_id,
-            catalog.read_metadata(broken_root).set_index("patch_id").loc[patch_id, "s1_name"],
+            metadata.read_metadata(broken_root).set_index("patch_id").loc[patch_id, "s1_name"],
         ), reason
     assert "NaN" in reasons[next(p for p, k in broken.items() if k == "nan_sar")]
     # The stage went on: every other tile is in the catalog, with its pixels.
@@ -220,7 +220,7 @@ def test_cli_reports_rejected_tiles_and_goes_on(broken_root, tmp_path, capsys):
 def test_read_tile_rejects_all_nodata_band(synthetic_root, tmp_path):
     root = tmp_path / "root"
     shutil.copytree(synthetic_root, root)
-    meta = catalog.read_metadata(root)
+    meta = metadata.read_metadata(root)
     patch_id, s1_name = meta.loc[0, "patch_id"], meta.loc[0, "s1_name"]
     path = layout.s2_band_path(root, patch_id, "B08")
     with rasterio.open(path) as src:
@@ -251,9 +251,9 @@ def test_output_dir_that_is_not_a_catalog_is_never_deleted(synthetic_root, tmp_p
 
 
 def test_metadata_without_a_column_is_one_clear_error(synthetic_root, tmp_path):
-    catalog.read_metadata(synthetic_root).drop(columns="s1_name").to_parquet(tmp_path / layout.METADATA_FILE)
+    metadata.read_metadata(synthetic_root).drop(columns="s1_name").to_parquet(tmp_path / layout.METADATA_FILE)
     with pytest.raises(GacError, match=r"metadata\.parquet: missing column\(s\) \['s1_name'\]"):
-        catalog.read_metadata(tmp_path)
+        metadata.read_metadata(tmp_path)
 
 
 def test_bad_params_key_exits_2_with_one_line(tmp_path):
@@ -334,7 +334,7 @@ def test_changing_the_selection_rebuilds(synthetic_root, tmp_path):
     first = _mtimes(out)
     report, store = _build(synthetic_root, out, shard_size=4, max_tiles=8)
     assert report.tiles == 8 and store.shard_names() == ["00000", "00001"]
-    assert store.index["patch_id"].tolist() == catalog.read_metadata(synthetic_root)["patch_id"].head(8).tolist()
+    assert store.index["patch_id"].tolist() == metadata.read_metadata(synthetic_root)["patch_id"].head(8).tolist()
     again = _mtimes(out)
     assert all(again[k] != first[k] for k in again)  # same shard names, but every file written anew
     assert not [p for p in out.rglob("*") if p.name.startswith(".tmp-")]

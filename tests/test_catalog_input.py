@@ -21,7 +21,7 @@ import pytest
 
 from gac import cli
 from gac.config import CatalogParams
-from gac.data import catalog, layout
+from gac.data import catalog, layout, metadata
 from gac.data.synthetic import broken_patches, generate
 from gac.errors import GacError
 from gac.store import REJECTED, SHARDS, ShardStore
@@ -122,7 +122,7 @@ def test_a_rerun_rebuilds_exactly_the_shards_whose_files_changed(synthetic_root,
     params = CatalogParams(out=str(out), workers=1, shard_size=4, max_tiles=8)
     report = catalog.build(params, root, progress=False)
     assert (report.tiles, report.shards_written, report.shards_kept) == (8, 2, 0)
-    meta = catalog.read_metadata(root)
+    meta = metadata.read_metadata(root)
     victim, s1_name = meta.loc[5, "patch_id"], meta.loc[5, "s1_name"]  # in shard 00001
     band = layout.s2_band_path(root, victim, "B04")
     good = band.read_bytes()
@@ -162,7 +162,7 @@ def test_unchanged_files_are_confirmed_by_their_stat_without_reading_them(synthe
     report = catalog.build(params, root, progress=False)
     assert (report.shards_written, report.shards_kept, hashed) == (0, 2, [])  # no file was opened
 
-    meta = catalog.read_metadata(root)
+    meta = metadata.read_metadata(root)
     band = layout.s2_band_path(root, meta.loc[5, "patch_id"], "B04")
     band.write_bytes(band.read_bytes())  # same bytes, new mtime: shard 00001 is hashed, found unchanged, kept
     report = catalog.build(params, root, progress=False)
@@ -182,7 +182,7 @@ def test_a_null_s1_name_rejects_that_row_and_the_rest_go_on(synthetic_root, tmp_
     assert code == 0, stderr
     assert _rejected_lines(stdout) == {
         meta.loc[3, "patch_id"]: f"{root / layout.METADATA_FILE} row 3: s1_name is null (expected the paired S1 patch "
-        f"name, e.g. {catalog.EXAMPLE_S1_NAME})"
+        f"name, e.g. {metadata.EXAMPLE_S1_NAME})"
     }
     assert "Catalog: 23 tiles, 1 rejected" in stdout
 
@@ -216,7 +216,7 @@ def test_a_null_patch_id_is_rejected_naming_its_row(synthetic_root, tmp_path, ca
     assert code == 0, stderr
     assert _rejected_lines(stdout) == {
         "(no patch_id)": f"{root / layout.METADATA_FILE} row 0: patch_id is null (expected the S2 patch name, e.g. "
-        f"{catalog.EXAMPLE_PATCH_ID})"
+        f"{metadata.EXAMPLE_PATCH_ID})"
     }
 
 

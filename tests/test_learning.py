@@ -54,7 +54,7 @@ from gac.config import (
     Stage3Params,
 )
 from gac.config import TrainParams as Train
-from gac.data.catalog import keep_unflagged
+from gac.data.metadata import keep_unflagged
 from gac.store import ShardStore
 
 N_TILES = 48

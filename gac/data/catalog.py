@@ -9,12 +9,8 @@ from the BigEarthNet v2 layout (:mod:`gac.data.layout`), validated and stored in
 * ``s1``: ``(2, 120, 120) float32`` σ0 in dB, ``[VV, VH]`` (TerraMind's order; torchgeo returns ``[VH, VV]`` read
   as int32, which GDAL rounds half away from zero: up to 0.5 dB off).
 
-The metadata is checked before any tile is read. A ``patch_id`` on two rows (and so one tile in two splits: leakage)
-refuses the whole root in one line, since no row can be trusted over the other. A row with a null or empty
-``patch_id``/``s1_name``, a patch id without a real acquisition date, or a split that is no BigEarthNet split
-(``holdout``, ``Train``) is rejected with a one-line reason naming the row, like a broken tile. Only ``patch_id,
-s1_name, split`` are required (what torchgeo's reader needs); a missing ``country``, ``labels``, ``s2v1_name`` or
-quality flag gets a default (country ``unknown``, no labels, flags false), said once per run.
+The metadata is checked first (:mod:`gac.data.metadata`): duplicate ids refuse the root, a bad row is rejected
+with its reason like a broken tile, missing optional columns are defaulted.
 
 A tile is rejected, with a one-line reason, when a file is missing or unreadable, holds more than one band, S2 is not
 integer DN within uint16 or S1 not real-valued, a band has no CRS, S1 holds NaN/inf, an S2 band is all nodata (0), the
@@ -42,26 +38,11 @@ import pandas as pd
 
 from gac.atomic import write_text
 from gac.config import CatalogParams
-from gac.data import layout
+from gac.data import layout, metadata
 from gac.errors import GacError
 from gac.lock import exclusive
 from gac.store import ShardStore
 
-#: Season of a northern-hemisphere acquisition month (BigEarthNet covers Europe only).
-SEASONS = {
-    12: "winter",
-    1: "winter",
-    2: "winter",
-    3: "spring",
-    4: "spring",
-    5: "spring",
-    6: "summer",
-    7: "summer",
-    8: "summer",
-    9: "autumn",
-    10: "autumn",
-    11: "autumn",
-}
 #: Bounds of S1 and S2 may differ by at most this many metres (half a 10 m pixel); compared with ``rtol=0``, since
 #: ``np.allclose``'s default relative tolerance alone would let a band 50 m off pass at UTM northings (~5e6 m).
 BOUNDS_TOLERANCE_M = 5.0
@@ -70,9 +51,6 @@ TILE_EXTENT_M = layout.TILE_SIZE * 10.0
 CONFIG_FILE = "catalog.json"
 #: Kept in each shard: the digest of the source files its tiles were read from (see :func:`_sources_digest`).
 SOURCES_FILE = "sources.sha256"
-#: Names as BigEarthNet v2 spells them, for the reasons that reject a row.
-EXAMPLE_PATCH_ID = "S2A_MSIL2A_20170613T101031_N9999_R022_T33UUP_26_57"
-EXAMPLE_S1_NAME = "S1A_IW_GRDH_1SDV_20170613T165043_33UUP_61_39"
 
 
 class TileError(Exception):
@@ -151,29 +129,6 @@ def _read_band(path: Path, blob: Blob, sensor: str) -> tuple[np.ndarray, object,
     return data.astype(np.uint16), crs, bounds, georef
 
 
-#: ``data.exclude`` names → the reBEN metadata column that flags them.
-FLAG_COLUMNS = {"cloud_or_shadow": "contains_cloud_or_shadow", "seasonal_snow": "contains_seasonal_snow"}
-
-
-def flagged(index: pd.DataFrame, exclude: Sequence[str]) -> dict[str, pd.Series]:
-    """``{flag: boolean mask}`` of the rows of a catalog index each flag of ``exclude`` removes (``data.exclude``)."""
-    masks = {}
-    for flag in exclude:
-        column = FLAG_COLUMNS[flag]
-        if column not in index:
-            raise GacError(f"data.exclude: the catalog has no '{column}' column to filter '{flag}' on; rebuild it")
-        masks[flag] = index[column].fillna(False).astype(bool)
-    return masks
-
-
-def keep_unflagged(index: pd.DataFrame, exclude: Sequence[str]) -> pd.DataFrame:
-    """``index`` without the rows any flag of ``exclude`` marks."""
-    drop = np.zeros(len(index), dtype=bool)
-    for mask in flagged(index, exclude).values():
-        drop |= mask.to_numpy()
-    return index[~drop]
-
-
 def tile_files(root: str | Path, patch_id: str, s1_name: str) -> list[Path]:
     """The files a tile is read from: its 12 S2 bands, then its 2 S1 polarisations (the reference map is not read)."""
     s2 = [layout.s2_band_path(root, patch_id, band) for band in layout.S2_BANDS]
@@ -218,124 +173,6 @@ def read_tile(root: str | Path, patch_id: str, s1_name: str, blobs: dict[Path, B
             raise TileError(f"{path}: bounds {s1_bounds} differ from its S2 patch's {bounds}")
     transform = rasterio.transform.from_bounds(*bounds, layout.TILE_SIZE, layout.TILE_SIZE)
     return Tile(s2=s2, s1=s1, crs=crs.to_string(), transform=tuple(transform)[:6], georeference=georef)
-
-
-def read_metadata(root: str | Path) -> pd.DataFrame:
-    """Load ``metadata.parquet``: one clear line if it is missing, not a parquet file, empty or lacks a column.
-
-    Only :data:`~gac.data.layout.REQUIRED_COLUMNS` are required (what torchgeo's reader needs too); the others are
-    filled in by :func:`with_defaults`.
-    """
-    path = Path(root, layout.METADATA_FILE)
-    expected = f"BigEarthNet v2's metadata.parquet with at least the columns {list(layout.REQUIRED_COLUMNS)}"
-    if not path.is_file():
-        raise GacError(f"{path}: not found (expected {expected}; set data.root in params.yaml)")
-    try:
-        meta = pd.read_parquet(path)
-    except Exception as e:  # pyarrow raises ArrowInvalid, OSError, ... for empty, truncated or foreign bytes.
-        why = str(e).splitlines()[0].replace(f" '{path}'", "").rstrip(".")  # pyarrow repeats the path
-        raise GacError(f"{path}: not a readable parquet file ({why}; expected {expected})") from None
-    missing = [c for c in layout.REQUIRED_COLUMNS if c not in meta.columns]
-    if missing:
-        raise GacError(f"{path}: missing column(s) {missing} (expected {expected})")
-    if meta.empty:
-        raise GacError(f"{path}: no rows (expected {expected}, one row per tile)")
-    return meta.reset_index(drop=True)
-
-
-def with_defaults(meta: pd.DataFrame, path: str | Path) -> tuple[pd.DataFrame, list[str]]:
-    """``meta`` with every optional column (:data:`~gac.data.layout.OPTIONAL_COLUMNS`) present and no nulls in them,
-    and the note to print once when a column was missing (e.g. torchgeo's own test data, which has only ``patch_id,
-    s1_name, split, labels``): an unknown country or an absent flag is no reason to refuse a tile, but the user must
-    know that per-country tables and ``data.exclude`` then see defaults."""
-    meta = meta.copy()
-    absent = [c for c in layout.OPTIONAL_COLUMNS if c not in meta.columns]
-    for column, default in layout.OPTIONAL_COLUMNS.items():
-        values = meta[column] if column in meta.columns else pd.Series([None] * len(meta), index=meta.index)
-        if column == "labels":
-            meta[column] = [[] if v is None or _is_null(v) else v for v in values]
-        elif default is None:
-            meta[column] = values.astype(object).where(values.notna(), None)
-        else:
-            meta[column] = values.astype(object).where(values.notna(), default).astype(type(default))
-    if not absent:
-        return meta, []
-    said = ", ".join(f"{c} {_show(layout.OPTIONAL_COLUMNS[c])}" for c in absent)
-    return meta, [f"{path}: no column(s) {', '.join(absent)}; every tile gets {said}"]
-
-
-def _is_null(value: object) -> bool:
-    return value is None or (isinstance(value, float) and np.isnan(value))
-
-
-def _show(value: object) -> str:
-    """A default as the note prints it: ``'unknown'``, ``false``, ``none``, ``[]``."""
-    if isinstance(value, bool):
-        return str(value).lower()
-    return "[]" if value == () else "none" if value is None else repr(value)
-
-
-def refuse_duplicates(meta: pd.DataFrame, path: str | Path) -> None:
-    """Refuse ``meta`` when a ``patch_id`` is on two rows: there is no way to know which row is right, and one tile in
-    two splits (train and test) is leakage. Rows count from 0; the first id is named, the rest are counted."""
-    ids = meta["patch_id"]
-    twice = meta[ids.notna() & ids.duplicated(keep=False)]
-    if twice.empty:
-        return
-    splits = twice.groupby("patch_id", sort=False)["split"].nunique(dropna=False)
-    leaked = splits[splits > 1]
-    patch_id = leaked.index[0] if len(leaked) else splits.index[0]
-    rows = twice.index[twice["patch_id"] == patch_id]
-    where = " and ".join(f"{r} ({meta.at[r, 'split']})" for r in rows)
-    what = "leakage: one tile in two splits" if len(leaked) else "the same tile twice"
-    raise GacError(
-        f"{path}: patch_id {patch_id!r} is on rows {where} ({what}); {len(splits)} repeated id(s) in all, "
-        f"{len(leaked)} in two splits (expected each patch_id once: fix the metadata, neither row can be trusted)"
-    )
-
-
-def _describe(value: object) -> str:
-    """What a bad name cell holds, for a reason: ``null``, ``empty``, or its type and value."""
-    if _is_null(value):
-        return "null"
-    return "empty" if value == "" else f"{type(value).__name__} {value!r}"
-
-
-def row_problem(patch_id: object, s1_name: object, split: object) -> str | None:
-    """Why one metadata row cannot be a tile (a null or malformed name, an unknown split), or ``None``.
-
-    Checked before any file is read: such a row is rejected with this reason like a broken tile, never dropped and
-    never allowed to abort the catalog (a malformed date used to raise deep inside a worker).
-    """
-    if not isinstance(patch_id, str) or not patch_id:
-        return f"patch_id is {_describe(patch_id)} (expected the S2 patch name, e.g. {EXAMPLE_PATCH_ID})"
-    try:
-        layout.acquisition_date(patch_id)
-    except ValueError as e:
-        return f"patch_id {patch_id!r}: {e}"
-    if not isinstance(s1_name, str) or not s1_name:
-        return f"s1_name is {_describe(s1_name)} (expected the paired S1 patch name, e.g. {EXAMPLE_S1_NAME})"
-    if split not in layout.SPLITS:
-        return f"split {split!r} is not a BigEarthNet split (expected one of {', '.join(layout.SPLITS)})"
-    return None
-
-
-def select(meta: pd.DataFrame, splits: Sequence[str], max_tiles: int | None) -> pd.DataFrame:
-    """The rows the catalog looks at, in metadata order, at most ``max_tiles`` (the first ones: deterministic).
-
-    Those are the rows of ``splits`` and the rows whose split is no BigEarthNet split at all (``holdout``, ``Train``,
-    null): the latter are rejected with a reason rather than left out, so a typo cannot lose tiles without a word.
-    Rows of a real split that was not asked for are left out. ``max_tiles`` counts rows, rejected ones included.
-    """
-    other_split = meta["split"].isin(layout.SPLITS) & ~meta["split"].isin(list(splits))
-    rows = meta[~other_split]
-    return (rows if max_tiles is None else rows.head(max_tiles)).reset_index(drop=True)
-
-
-def _acquisition(patch_id: str) -> tuple[str, str]:
-    """Acquisition date (``YYYY-MM-DD``) and season from an S2 product-style patch id."""
-    date = layout.acquisition_date(patch_id)
-    return date.isoformat(), SEASONS[date.month]
 
 
 def _sources_digest(root: str | Path, rows: pd.DataFrame) -> str:
@@ -431,7 +268,7 @@ def _build_shard(
         except TileError as e:
             rejected.append({"patch_id": rec["patch_id"], "reason": str(e)})
             continue
-        date, season = _acquisition(rec["patch_id"])
+        date, season = metadata.acquisition(rec["patch_id"])
         kept.append(
             {
                 "patch_id": rec["patch_id"],
@@ -498,21 +335,22 @@ class CatalogReport:
 def build(params: CatalogParams, root: str | Path, progress: bool = True) -> CatalogReport:
     """Build (or resume) the catalog of ``root`` into ``params.out``.
 
-    The metadata is checked before any tile is read: duplicate ids refuse the whole root (:func:`refuse_duplicates`),
-    a bad row is rejected with its reason (:func:`row_problem`). Shards already written are kept when the files they
-    were read from are unchanged (:func:`_sources_digest`) and rebuilt otherwise.
+    The metadata is checked before any tile is read (:mod:`gac.data.metadata`): duplicate ids refuse the whole root,
+    a bad row is rejected with its reason. Shards already written are kept when the files they were read from are
+    unchanged (:func:`_sources_digest`, :class:`StatCache`) and rebuilt otherwise.
     """
     import shutil
 
     start = time.perf_counter()
     path = Path(root, layout.METADATA_FILE)
-    meta, notes = with_defaults(read_metadata(root), path)
-    refuse_duplicates(meta, path)
+    meta, notes = metadata.with_defaults(metadata.read_metadata(root), path)
+    metadata.refuse_duplicates(meta, path)
     meta["problem"] = [
-        "" if (why := row_problem(*names)) is None else f"{path} row {i}: {why}"  # "": a null would read back as NaN
+        # "" rather than None: a null would read back as NaN
+        "" if (why := metadata.row_problem(*names)) is None else f"{path} row {i}: {why}"
         for i, names in enumerate(zip(meta["patch_id"], meta["s1_name"], meta["split"], strict=True))
     ]  # zip, not to_dict("records"): 0.8 s instead of 7 s for 550k rows
-    selected = select(meta, params.splits, params.max_tiles)
+    selected = metadata.select(meta, params.splits, params.max_tiles)
     if selected.empty:
         raise GacError(f"{root}: no tiles in splits {params.splits} (check catalog.splits in params.yaml)")
     out = Path(params.out)

@@ -16,7 +16,7 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from gac.data.catalog import keep_unflagged
+from gac.data.metadata import keep_unflagged
 from gac.errors import GacError
 from gac.metrics import DN_SCALE
 from gac.store import ShardStore
