@@ -8,7 +8,13 @@ compared with the naive loop (the same call on one tile at a time) over the same
 * achieved FLOP/s of the batched path: FLOPs per tile counted by ``torch.utils.flop_counter.FlopCounterMode`` over
   one batched call (matmuls, convolutions, attention) times the batched tiles/s, as a share of this machine's matmul
   peak measured in the same run (a large ``torch.matmul``, fp32 and bf16, best of several reps);
-* where the time goes: the TerraMind sampler (token generation) vs the tokenizer's diffusion decoder.
+* where the time goes: the TerraMind sampler (token generation) vs the tokenizer's diffusion decoder;
+* with ``--mosaic``, the mosaic path (``stage1.mosaic: true``, :func:`gac.stage1.generate_scenes`) beside them on a
+  synthetic scene of ``--scene-side`` x ``--scene-side`` adjacent tiles (the synthetic tiles placed on one product's
+  grid, grouped by :func:`gac.mosaic.scenes`): FLOPs per tile and tiles/s of both, and a last line
+  ``mosaic vs per-tile at <px> px: FLOPs per tile <r>x, tiles/s <s>x`` against the batched per-tile path (each tile
+  padded to ``img_size`` on its own, ``--batch-size`` tiles per call; the mosaic path puts ``--batch-size`` windows
+  in a call). Windows of 224 px overlapping by 32 px cover (192/120)^2 = 2.6 tiles each, where a padded tile is one.
 
 Both paths run alternately, best of ``--repeats`` each, so that load from other processes hits both alike. On a CPU
 the diffusion decoder's convolutions are compute-bound even for one tile, so the batched path's gain is bounded by how
@@ -18,6 +24,7 @@ Usage::
 
     python benchmarks/stage1_throughput.py                       # 8 synthetic tiles, 2 steps, 128 px, batch 4
     python benchmarks/stage1_throughput.py --tiles 16 --batch-size 8 --device cuda
+    python benchmarks/stage1_throughput.py --mosaic --img-size 224   # + the mosaic path on a 5 x 5 tile scene
 """
 
 from __future__ import annotations
@@ -44,6 +51,29 @@ def synthetic_s1(n_tiles: int, seed: int) -> np.ndarray:
         generate(Path(tmp, "raw"), n_tiles, seed=seed)
         build(CatalogParams(out=str(Path(tmp, "catalog")), workers=0), Path(tmp, "raw"), progress=False)
         return ShardStore(Path(tmp, "catalog")).read("s1")
+
+
+def scene_places(side: int) -> list:
+    """The :class:`gac.mosaic.Place` of ``side`` x ``side`` adjacent tiles of one product (row-major), found by
+    :func:`gac.mosaic.scenes` from catalog-like rows: patch ids on the grid and the transforms that agree with it."""
+    import pandas as pd
+
+    from gac import mosaic
+
+    product = "S2A_MSIL2A_20170613T101031_N9999_R022_T33UUP"
+    cells = [(r, c) for r in range(side) for c in range(side)]
+    index = pd.DataFrame(
+        {
+            "patch_id": [f"{product}_{40 + c}_{50 + r}" for r, c in cells],
+            "crs": "EPSG:32633",
+            "transform": [
+                [10.0, 0.0, 300000.0 + 1200 * (40 + c), 0.0, -10.0, 5400000.0 - 1200 * (50 + r)] for r, c in cells
+            ],
+        }
+    )
+    rows, places = mosaic.scenes(index, max_side=side)
+    assert rows[mosaic.SCENE].nunique() == 1 and list(rows["patch_id"]) == list(index["patch_id"])
+    return [places[pid] for pid in rows["patch_id"]]
 
 
 def sync(device) -> None:
@@ -132,7 +162,8 @@ def run(args: argparse.Namespace) -> dict:
     peaks = {"32": matmul_peak(device, torch.float32, reps=10), "bf16": matmul_peak(device, torch.bfloat16, reps=3)}
     if p.precision == "16":
         peaks["16"] = matmul_peak(device, torch.float16, reps=3)
-    s1 = torch.from_numpy(synthetic_s1(args.tiles, args.seed))
+    places = scene_places(args.scene_side) if args.mosaic else []
+    s1 = torch.from_numpy(synthetic_s1(len(places) or args.tiles, args.seed))
     start = time.perf_counter()
     torch.manual_seed(args.seed)
     model = build_generator(p).to(device)
@@ -150,22 +181,37 @@ def run(args: argparse.Namespace) -> dict:
             stage1.seed_batch(args.seed, "bench", i)
             stage1.generate(model, s1[i : i + 1], p, device)
 
-    # Warm-up at both shapes (oneDNN/cuDNN pick and cache kernels per shape on the first call), then the two paths
-    # alternately, best of --repeats each, so that load from other processes hits both alike.
+    def scene() -> None:  # the whole scene is one engine batch: seeded once, like gac stage1 seeds it
+        stage1.seed_batch(args.seed, "bench", 0)
+        stage1.generate_scenes(model, s1, places, p, device)
+
+    paths = {"batched": batched, "naive": naive} | ({"mosaic": scene} if args.mosaic else {})
+    # Warm-up at every shape (oneDNN/cuDNN pick and cache kernels per shape on the first call), then the paths
+    # alternately, best of --repeats each, so that load from other processes hits all alike.
     stage1.generate(model, s1[: p.batch_size], p, device)
     stage1.generate(model, s1[:1], p, device)
-    passes: dict[str, list[dict[str, float]]] = {"batched": [], "naive": []}
+    if args.mosaic:
+        stage1.generate_scenes(model, s1, places, p, device)
+    passes: dict[str, list[dict[str, float]]] = {path: [] for path in paths}
     for _ in range(args.repeats):
-        passes["batched"].append(split_time(model, batched, device))
-        passes["naive"].append(split_time(model, naive, device))
+        for path, fn in paths.items():
+            passes[path].append(split_time(model, fn, device))
     best = {path: min(runs, key=lambda r: r["total"]) for path, runs in passes.items()}
 
     with FlopCounterMode(display=False) as counter:
         stage1.generate(model, s1[: p.batch_size], p, device)
     flops_per_tile = counter.get_total_flops() / p.batch_size
+    mosaic_flops = None
+    if args.mosaic:
+        with FlopCounterMode(display=False) as counter:
+            stage1.generate_scenes(model, s1, places, p, device)
+        mosaic_flops = counter.get_total_flops() / len(s1)
     batched_tps = len(s1) / best["batched"]["total"]
     naive_tps = len(s1) / best["naive"]["total"]
     return {
+        "tiles": len(s1),
+        "mosaic_tps": len(s1) / best["mosaic"]["total"] if args.mosaic else None,
+        "mosaic_flops_per_tile": mosaic_flops,
         "p": p,
         "device": device,
         "threads": torch.get_num_threads(),
@@ -193,17 +239,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--precision", default="32", choices=["32", "bf16", "16"], help="as stage1.precision")
     parser.add_argument("--repeats", type=int, default=2, help="timed passes per path, best kept (%(default)s)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--mosaic", action="store_true", help="also the mosaic path, on a synthetic scene")
+    parser.add_argument("--scene-side", type=int, default=5, help="tiles per side of that scene (%(default)s)")
     args = parser.parse_args(argv)
 
     r = run(args)
     p, giga = r["p"], 1e9
     layout = "channels_last" if args.channels_last else "NCHW"
-    print(f"{p.variant}, random init, {p.img_size} px, {p.timesteps} diffusion steps, {args.tiles} synthetic tiles, "
-          f"device {r['device']}, {r['threads']} threads, {layout}, precision {p.precision}; "
+    scene = f" ({args.scene_side} x {args.scene_side} adjacent)" if args.mosaic else ""
+    print(f"{p.variant}, random init, {p.img_size} px, {p.timesteps} diffusion steps, {r['tiles']} synthetic "
+          f"tiles{scene}, device {r['device']}, {r['threads']} threads, {layout}, precision {p.precision}; "
           f"model built in {r['build_s']:.1f} s")  # fmt: skip
     print(f"{'path':<28}{'tiles/s':>10}{'s/tile':>10}")
     print(f"{'batched (batch ' + str(p.batch_size) + ')':<28}{r['batched_tps']:>10.3f}{1 / r['batched_tps']:>10.2f}")
     print(f"{'naive per-tile loop':<28}{r['naive_tps']:>10.3f}{1 / r['naive_tps']:>10.2f}")
+    if args.mosaic:
+        name = f"mosaic (batch {p.batch_size} windows)"
+        print(f"{name:<28}{r['mosaic_tps']:>10.3f}{1 / r['mosaic_tps']:>10.2f}")
     ratio = r["batched_tps"] / r["naive_tps"]
     print(f"batched / naive: {ratio:.2f}x (target >= 2x: {'met' if ratio >= 2 else 'NOT met'})")
     print(f"FLOPs (FlopCounterMode, one batch of {p.batch_size}): {r['flops_per_tile'] / giga:.1f} GFLOP per tile")
@@ -220,8 +272,13 @@ def main(argv: list[str] | None = None) -> int:
           f"the most batching can give in {name} on this machine")  # fmt: skip
     for path, parts in r["parts"].items():
         decoder = 100 * parts["decoder"] / parts["total"]
-        print(f"time split, {path}: TerraMind sampler {parts['sampler'] / args.tiles:.2f} s/tile, diffusion decoder "
-              f"{parts['decoder'] / args.tiles:.2f} s/tile ({decoder:.0f} % of the time)")  # fmt: skip
+        print(f"time split, {path}: TerraMind sampler {parts['sampler'] / r['tiles']:.2f} s/tile, diffusion decoder "
+              f"{parts['decoder'] / r['tiles']:.2f} s/tile ({decoder:.0f} % of the time)")  # fmt: skip
+    if args.mosaic:
+        flops, speed = r["mosaic_flops_per_tile"] / r["flops_per_tile"], r["mosaic_tps"] / r["batched_tps"]
+        print(f"FLOPs (FlopCounterMode, the whole scene): mosaic {r['mosaic_flops_per_tile'] / giga:.1f} GFLOP per "
+              f"tile; mosaic vs naive loop: tiles/s {r['mosaic_tps'] / r['naive_tps']:.2f}x")  # fmt: skip
+        print(f"mosaic vs per-tile at {p.img_size} px: FLOPs per tile {flops:.2f}x, tiles/s {speed:.2f}x")
     return 0
 
 

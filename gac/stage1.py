@@ -6,9 +6,11 @@ without going back to the catalog.
 
 The cache is written by :func:`gac.engine.run` (sharded, resumable after a kill, ``torchrun`` ranks, per-batch
 seeding, bad tiles recorded). What is Stage 1's own: the TerraMind generator
-(:func:`gac.models.terramind.build_generator`), the exact pad/crop geometry around it (:func:`generate`) and the
-``stage1.json`` fingerprint (:func:`fingerprint`) of everything that determines opt_v1 (model, weights, timesteps,
-size, seed, shard and batch size, catalog tiles). Bit for bit only at the same intra-op thread count per process
+(:func:`gac.models.terramind.build_generator`), the exact pad/crop geometry around it (:func:`generate`), or with
+``stage1.mosaic: true`` the scenes of adjacent tiles generated in blended windows (:func:`generate_scenes`,
+:mod:`gac.mosaic`; a scene is never split across batches, shards or ranks), and the ``stage1.json`` fingerprint
+(:func:`fingerprint`) of everything that determines opt_v1 (model, weights, timesteps, size, seed, shard and batch
+size, mosaic, catalog tiles). Bit for bit only at the same intra-op thread count per process
 (``torchrun`` gives each rank ``OMP_NUM_THREADS=1``).
 """
 
@@ -19,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from gac import engine, geometry
+from gac import engine, geometry, mosaic
 from gac.config import Stage1Params
 from gac.engine import autocast, check_precision, native_bf16, plan, resolve_device, seed_batch, to_dn  # noqa: F401
 from gac.errors import GacError
@@ -32,13 +34,34 @@ Stage1Report = engine.Report
 _dist = engine.dist
 
 
+def _forward(model: torch.nn.Module, x: torch.Tensor, p: Stage1Params, device: torch.device) -> torch.Tensor:
+    """TerraMind on model-size S1 dB (B, 2, img_size, img_size) → S2L2A DN float32 on ``device``."""
+    with torch.inference_mode(), autocast(device, p.precision):
+        out = model({"S1GRD": x.to(device, non_blocking=True)}, timesteps=p.timesteps)["S2L2A"]
+    return out.float()
+
+
 def generate(model: torch.nn.Module, s1_db: torch.Tensor, p: Stage1Params, device: torch.device) -> torch.Tensor:
     """Generate S2L2A DN (B, 12, 120, 120) float32 for S1 dB (B, 2, 120, 120), exactly aligned with the input."""
-    size = s1_db.shape[-1]
     x = geometry.pad_to(s1_db.to(device, non_blocking=True), p.img_size)
-    with torch.inference_mode(), autocast(device, p.precision):
-        out = model({"S1GRD": x}, timesteps=p.timesteps)["S2L2A"]
-    return geometry.crop_from(out.float(), size).cpu()
+    return geometry.crop_from(_forward(model, x, p, device), s1_db.shape[-1]).cpu()
+
+
+def generate_scenes(
+    model: torch.nn.Module,
+    s1_db: torch.Tensor,
+    places: list[mosaic.Place],
+    p: Stage1Params,
+    device: torch.device,
+) -> torch.Tensor:
+    """:func:`generate` over scenes: the tiles of each complete scene as one mosaic in blended windows of
+    ``img_size`` (:func:`gac.mosaic.generate`, ``batch_size`` windows per model call); a one-tile scene gives
+    exactly :func:`generate`'s result."""
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        return _forward(model, x, p, device)
+
+    return mosaic.generate(forward, s1_db.to(device, non_blocking=True), places, p.img_size, p.batch_size).cpu()
 
 
 def fingerprint(p: Stage1Params, catalog_ids: list[str]) -> dict:
@@ -54,7 +77,7 @@ def fingerprint(p: Stage1Params, catalog_ids: list[str]) -> dict:
         weights = "hub"
     if p.tokenizer_ckpt_path:
         weights += f"+tokenizer:{file_sha(p.tokenizer_ckpt_path)}"
-    keys = ("variant", "timesteps", "img_size", "seed", "shard_size", "batch_size", "precision")
+    keys = ("variant", "timesteps", "img_size", "seed", "shard_size", "batch_size", "precision", "mosaic")
     ident = {k: getattr(p, k) for k in keys} | {"weights": weights}
     ident["tiles"] = hashlib.sha256("\n".join(catalog_ids).encode()).hexdigest()
     return ident
@@ -78,12 +101,22 @@ def run(
 
         return build_generator(p)
 
+    stamp = fingerprint(p, list(index["patch_id"]))
+    places: dict[str, mosaic.Place] = {}
+    if p.mosaic:  # scenes contiguous, in the order of their first tile: the engine keeps each in one batch and shard
+        index, places = mosaic.scenes(index)
+
+    def step(m: torch.nn.Module, s1: torch.Tensor, _opt: None, ids: list[str]) -> torch.Tensor:
+        if p.mosaic:
+            return generate_scenes(m, s1, [places[i] for i in ids], p, device)
+        return generate(m, s1, p, device)
+
     return engine.run(
         out=p.out,
-        stamp=fingerprint(p, list(index["patch_id"])),
+        stamp=stamp,
         catalog_root=catalog_root,
         index=index,
-        step=lambda m, s1, _opt, _ids: generate(m, s1, p, device),
+        step=step,
         model=model if model is not None else build,
         shard_size=p.shard_size,
         batch_size=p.batch_size,
@@ -93,6 +126,7 @@ def run(
         config_file=CONFIG_FILE,
         progress=progress,
         label="stage1",
+        group=mosaic.SCENE if p.mosaic else None,
     )
 
 
