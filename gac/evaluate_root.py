@@ -221,17 +221,20 @@ def evaluate_root(
     tracking.setup(cfg.mlflow)  # registry URIs are looked up in the project's store
     check_models(sources, defaults)
 
-    ext = external_params(cfg, root, out / "caches", out / "evaluate", split, max_tiles)
-    print(f"Evaluating {sources['stage2']} + {sources['stage3']} on the '{split}' tiles of {root} into {out}")
-    infer.run(ext, str(root), out / "caches", sources["stage2"], sources["stage3"])
-    attention = attention_hook(sources["stage3"])
-    result = evaluate(ext, ext.evaluate.out, metrics_path=metrics_path, attention_maps=attention,
-                      baseline_catalog=baseline_catalog or cfg.catalog.out)  # fmt: skip
-    extra = {"data_root": str(root.resolve()), "output_dir": str(out), "models": sources}
-    result["provenance"] = {**result["provenance"], **extra}
-    write_text(Path(ext.evaluate.out) / DETAILS, json.dumps(result, indent=2, sort_keys=True, default=str) + "\n")
-    run_id = result["provenance"].get("mlflow_run_id")
-    if run_id:
-        mlflow.MlflowClient().set_tag(run_id, "gac.data_root", extra["data_root"])
-    print(f"Metrics: {metrics_path}; every figure ({DETAILS}), plots, figures and GeoTIFFs: {ext.evaluate.out}")
+    from gac.lock import exclusive
+
+    with exclusive(out):  # taken after every check, so bad input leaves no lock file behind either
+        ext = external_params(cfg, root, out / "caches", out / "evaluate", split, max_tiles)
+        print(f"Evaluating {sources['stage2']} + {sources['stage3']} on the '{split}' tiles of {root} into {out}")
+        infer.run(ext, str(root), out / "caches", sources["stage2"], sources["stage3"])
+        attention = attention_hook(sources["stage3"])
+        result = evaluate(ext, ext.evaluate.out, metrics_path=metrics_path, attention_maps=attention,
+                          baseline_catalog=baseline_catalog or cfg.catalog.out)  # fmt: skip
+        extra = {"data_root": str(root.resolve()), "output_dir": str(out), "models": sources}
+        result["provenance"] = {**result["provenance"], **extra}
+        write_text(Path(ext.evaluate.out) / DETAILS, json.dumps(result, indent=2, sort_keys=True, default=str) + "\n")
+        run_id = result["provenance"].get("mlflow_run_id")
+        if run_id:
+            mlflow.MlflowClient().set_tag(run_id, "gac.data_root", extra["data_root"])
+        print(f"Metrics: {metrics_path}; every figure ({DETAILS}), plots, figures and GeoTIFFs: {ext.evaluate.out}")
     return result

@@ -128,6 +128,7 @@ def run(cfg: Params, data: str, out: str | Path, stage2: str | None, stage3: str
     """
     from gac import config, stage1
     from gac.data import catalog as catalog_mod
+    from gac.lock import exclusive_first_rank
     from gac.refine import write_cache
     from gac.store import ShardStore
 
@@ -136,37 +137,38 @@ def run(cfg: Params, data: str, out: str | Path, stage2: str | None, stage3: str
         stage2, why = paired_stage2(stage3)
         print(f"stage2: {stage2} ({why})")
     check_sources({"stage2": stage2, "stage3": stage3})
-    out = Path(out)
-    if (Path(data) / "metadata.parquet").is_file():  # a raw BigEarthNet v2 root: build its catalog first
-        section = config.override(cfg.catalog, out=str(out / "catalog"))
-        catalog_mod.build(section, data)
-        catalog_root = section.out
-    else:
-        catalog_root = data
-        ShardStore(catalog_root).index  # noqa: B018 - fails early with a clear line if it is not a store
-    caches = {"catalog": catalog_root, "opt_v1": str(out / "opt_v1")}
-    p1 = config.override(cfg.stage1, out=caches["opt_v1"])
-    report = stage1.run(p1, catalog_root)
-    print(report.summary_line())
-    if report.generated:  # what `gac stage1` records beside opt_v1, so that gac evaluate can report it
-        from gac import tracking
-        from gac.provenance import write_provenance, write_timing
+    with exclusive_first_rank(out):  # after the model checks: bad input leaves no lock file behind
+        out = Path(out)
+        if (Path(data) / "metadata.parquet").is_file():  # a raw BigEarthNet v2 root: build its catalog first
+            section = config.override(cfg.catalog, out=str(out / "catalog"))
+            catalog_mod.build(section, data)
+            catalog_root = section.out
+        else:
+            catalog_root = data
+            ShardStore(catalog_root).index  # noqa: B018 - fails early with a clear line if it is not a store
+        caches = {"catalog": catalog_root, "opt_v1": str(out / "opt_v1")}
+        p1 = config.override(cfg.stage1, out=caches["opt_v1"])
+        report = stage1.run(p1, catalog_root)
+        print(report.summary_line())
+        if report.generated:  # what `gac stage1` records beside opt_v1, so that gac evaluate can report it
+            from gac import tracking
+            from gac.provenance import write_provenance, write_timing
 
-        origin = tracking.weights_origin(p1.pretrained, p1.ckpt_path)
-        write_provenance(p1.out, {"stage": "stage1", "weights_origin": origin, "variant": p1.variant,
-                                  "data_source": cfg.data.source})  # fmt: skip
-        write_timing(p1.out, {"seconds_per_tile": report.work_seconds / report.generated})
-    source = caches["opt_v1"]
-    for name, uri in (("opt_v2", stage2), ("opt_v3", stage3)):
-        stage, model = load_stage(uri)
-        caches[name] = str(out / name)
-        cache = getattr(cfg, stage).cache  # this machine's device, batch and shard sizes for that stage
-        write_cache(stage, model, catalog_root, source, caches[name], cache, provenance={"model": uri})
-        source = caches[name]
-    if visualize:
-        from gac.stage1 import export_geotiff
+            origin = tracking.weights_origin(p1.pretrained, p1.ckpt_path)
+            write_provenance(p1.out, {"stage": "stage1", "weights_origin": origin, "variant": p1.variant,
+                                      "data_source": cfg.data.source})  # fmt: skip
+            write_timing(p1.out, {"seconds_per_tile": report.work_seconds / report.generated})
+        source = caches["opt_v1"]
+        for name, uri in (("opt_v2", stage2), ("opt_v3", stage3)):
+            stage, model = load_stage(uri)
+            caches[name] = str(out / name)
+            cache = getattr(cfg, stage).cache  # this machine's device, batch and shard sizes for that stage
+            write_cache(stage, model, catalog_root, source, caches[name], cache, provenance={"model": uri})
+            source = caches[name]
+        if visualize:
+            from gac.stage1 import export_geotiff
 
-        ids = ShardStore(source).index["patch_id"].head(visualize)
-        for pid in ids:
-            export_geotiff(source, pid, out / "geotiff" / f"{pid}_opt_v3.tif")
-    return caches
+            ids = ShardStore(source).index["patch_id"].head(visualize)
+            for pid in ids:
+                export_geotiff(source, pid, out / "geotiff" / f"{pid}_opt_v3.tif")
+        return caches

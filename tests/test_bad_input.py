@@ -72,6 +72,21 @@ def gac(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, list[str]]:
 
 
 @pytest.fixture(scope="module")
+def model_folders(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
+    """Real random-init Stage 2 and Stage 3 model folders, for ``gac infer`` to get past its model checks."""
+    from gac.config import Stage2Params, Stage3Params
+    from gac.models.grounding import build_grounder
+    from gac.models.prithvi import build_refiner
+    from gac.training.export import save_model
+
+    folder = tmp_path_factory.mktemp("models")
+    s2, s3 = Stage2Params(img_size=128), Stage3Params(img_size=128)
+    save_model("stage2", s2, build_refiner(s2), folder / "m2")
+    save_model("stage3", s3, build_grounder(s3), folder / "m3")
+    return ["--stage2-checkpoint", str(folder / "m2"), "--stage3-checkpoint", str(folder / "m3")]
+
+
+@pytest.fixture(scope="module")
 def catalog(synthetic_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     from gac.data.catalog import build
 
@@ -82,13 +97,16 @@ def catalog(synthetic_root: Path, tmp_path_factory: pytest.TempPathFactory) -> P
 
 # -- 1. one writer per output folder ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("command", ["catalog", "stage1", "stage2", "stage3", "evaluate", "infer"])
-def test_a_second_writer_fails_at_once_naming_the_holder(command, tmp_path, synthetic_root, catalog, capsys):
+def test_a_second_writer_fails_at_once_naming_the_holder(command, tmp_path, synthetic_root, catalog, capsys, request):
     out = tmp_path / "out"
     out.mkdir()
     (out / "finished.txt").write_text("the holder's work")
     params = write_params(tmp_path)
     data = {"catalog": synthetic_root, "stage1": catalog, "infer": synthetic_root}.get(command)
     argv = ["--params", params, command, "--output-dir", out, *(["--data-dir", data] if data else [])]
+    if command == "infer":  # it checks its models before it takes the lock (bad input leaves no lock file)
+        argv += request.getfixturevalue("model_folders")
+        shutil.copy(request.getfixturevalue("empty_mlflow_db"), tmp_path / "mlflow.db")  # an existing store
     with held_by_another_process(out) as pid:
         start = time.perf_counter()
         code, err = gac(capsys, *argv)

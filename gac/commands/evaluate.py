@@ -63,13 +63,11 @@ def run(args: argparse.Namespace) -> None:
 
     cfg = params(args)
     if args.data_dir is not None:
-        from gac.evaluate_root import default_output_dir, evaluate_root
-        from gac.lock import exclusive
+        from gac.evaluate_root import evaluate_root
 
-        with exclusive(args.output_dir or default_output_dir(args.data_dir)):
-            evaluate_root(cfg, args.data_dir, out=args.output_dir, stage2=args.stage2_checkpoint,
-                          stage3=args.stage3_checkpoint, split=args.split, max_tiles=args.max_tiles,
-                          metrics_path=args.metrics, baseline_catalog=args.baseline_catalog)  # fmt: skip
+        evaluate_root(cfg, args.data_dir, out=args.output_dir, stage2=args.stage2_checkpoint,
+                      stage3=args.stage3_checkpoint, split=args.split, max_tiles=args.max_tiles,
+                      metrics_path=args.metrics, baseline_catalog=args.baseline_catalog)  # fmt: skip
         return
     for name in EXTERNAL_ONLY:
         if getattr(args, name) is not None:

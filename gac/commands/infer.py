@@ -27,18 +27,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> None:
     from gac import infer, tracking
-    from gac.lock import exclusive_first_rank
 
     cfg = params(args)
-    with exclusive_first_rank(args.output_dir):
-        tracking.setup(cfg.mlflow)
-        caches = infer.run(
-            cfg,
-            args.data_dir,
-            args.output_dir,
-            args.stage2_checkpoint,
-            args.stage3_checkpoint,
-            visualize=args.save_visualizations,
-        )
+    tracking.setup(cfg.mlflow)
+    caches = infer.run(
+        cfg,
+        args.data_dir,
+        args.output_dir,
+        args.stage2_checkpoint,
+        args.stage3_checkpoint,
+        visualize=args.save_visualizations,
+    )
     for name, path in caches.items():
         print(f"{name}: {path}")
