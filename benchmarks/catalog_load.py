@@ -45,7 +45,7 @@ def run(root: Path, out: Path, max_tiles: int | None, workers: int, repeats: int
 
     from gac.config import CatalogParams
     from gac.data import catalog
-    from gac.store import ShardStore
+    from gac.io.store import ShardStore
 
     start = time.perf_counter()
     report = catalog.build(CatalogParams(out=str(out), max_tiles=max_tiles, workers=workers), root, progress=False)

@@ -10,14 +10,15 @@ step                           what runs (the project's own code)
 catalog: metadata pairing      ``read_metadata`` + ``select`` + the per-tile date/season parsing of a metadata.parquet
 dataset construction           ``PairDataModule.setup`` (tile pairing) + ``PairDataset`` (row lookup in both stores)
 dataloader epoch (shuffled)    one shuffled epoch of the training ``DataLoader`` (2 workers, batch 16): every tile read
-cache write (identity model)   :func:`gac.engine.run` with an *identity stand-in* for the model (labelled as such: it
+cache write (identity model)   :func:`gac.inference.engine.run` with an *identity stand-in* for the model (labelled as
+such: it
                                measures the engine — shards, fingerprint, atomic writes — not a network)
 cache read                     every tile of that cache, in order, and its content digest
 evaluation aggregation         ``summarise`` + ``group_tables`` over the ablation rows of every tile
 mlflow step logging            one ``log_batch`` of 5 metrics per training step of an epoch (N/16 steps), SQLite store
 =============================  ========================================================================================
 
-The stores at N tiles are written with the project's own :class:`~gac.store.ShardStore` from real synthetic tiles
+The stores at N tiles are written with the project's own :class:`~gac.io.store.ShardStore` from real synthetic tiles
 (``gac synth`` GeoTIFFs, read by the catalog's reader) repeated under new ids; decoding those GeoTIFFs is reported
 apart, as tiles/s per core, since it is the storage's and the CPU's. Index-only steps also run at 550k rows.
 Each step runs in a fresh process (imports done before the clock starts): seconds, peak RSS of it and its workers
@@ -67,7 +68,7 @@ def write_stores(folder: Path, n: int, catalog_seed: Path) -> dict[str, Path]:
     """Catalog and opt_v1 stores of ``n`` tiles (shards of 256), repeated from the seed catalog's real tiles."""
     import numpy as np
 
-    from gac.store import ShardStore
+    from gac.io.store import ShardStore
 
     seed = ShardStore(catalog_seed)
     rows = seed.index.drop(columns=["shard", "row"])
@@ -136,8 +137,8 @@ def step_dataloader(work: Path, n: int) -> None:
 def step_cache_write(work: Path, n: int) -> None:
     import torch
 
-    from gac import engine
-    from gac.refine import work_index
+    from gac.inference import engine
+    from gac.inference.refine import work_index
 
     class Identity(torch.nn.Module):  # the stand-in: this benchmark measures the engine, not a network
         def forward(self, x):
@@ -151,7 +152,7 @@ def step_cache_write(work: Path, n: int) -> None:
 
 
 def step_cache_read(work: Path, n: int) -> None:
-    from gac.store import ShardStore
+    from gac.io.store import ShardStore
 
     store = ShardStore(work / f"n{n}" / "cache")
     index = store.index
@@ -164,7 +165,7 @@ def step_aggregation(work: Path, n: int, index_only: bool = False) -> None:
     import numpy as np
     import pandas as pd
 
-    from gac import evaluate
+    from gac.evaluation import ablation as evaluate
 
     rng = np.random.default_rng(0)
     rows = pd.DataFrame(
@@ -226,9 +227,9 @@ def _measured(name: str, work: str, n: int, index_only: bool) -> tuple[float, fl
     import mlflow  # noqa: F401
 
     import gac.data.catalog  # noqa: F401 - imports are the process's start-up, not the step: done before the clock
-    import gac.engine  # noqa: F401
-    import gac.evaluate  # noqa: F401
-    import gac.refine  # noqa: F401
+    import gac.evaluation.ablation  # noqa: F401
+    import gac.inference.engine  # noqa: F401
+    import gac.inference.refine  # noqa: F401
     import gac.training.data  # noqa: F401
 
     thread = threading.Thread(target=sample, daemon=True)

@@ -1,7 +1,8 @@
 """Benchmark: Stage 1's batched generation vs a naive per-tile loop, side by side in one run, with FLOP/s.
 
 Why: Stage 1 runs TerraMind once per tile of the catalog (200k tiles for BigEarthNet v2), so its throughput is the
-stage's cost. The batched path (:func:`gac.stage1.generate` on ``--batch-size`` tiles, what ``gac stage1`` runs) is
+stage's cost. The batched path (:func:`gac.inference.generate.generate` on ``--batch-size`` tiles, what ``gac stage1``
+runs) is
 compared with the naive loop (the same call on one tile at a time) over the same model, tiles and per-call seeds:
 
 * tiles/s of both and their ratio;
@@ -9,9 +10,10 @@ compared with the naive loop (the same call on one tile at a time) over the same
   one batched call (matmuls, convolutions, attention) times the batched tiles/s, as a share of this machine's matmul
   peak measured in the same run (a large ``torch.matmul``, fp32 and bf16, best of several reps);
 * where the time goes: the TerraMind sampler (token generation) vs the tokenizer's diffusion decoder;
-* with ``--mosaic``, the mosaic path (``stage1.mosaic: true``, :func:`gac.stage1.generate_scenes`) beside them on a
+* with ``--mosaic``, the mosaic path (``stage1.mosaic: true``, :func:`gac.inference.generate.generate_scenes`) beside
+them on a
   synthetic scene of ``--scene-side`` x ``--scene-side`` adjacent tiles (the synthetic tiles placed on one product's
-  grid, grouped by :func:`gac.mosaic.scenes`): FLOPs per tile and tiles/s of both, and a last line
+  grid, grouped by :func:`gac.inference.mosaic.scenes`): FLOPs per tile and tiles/s of both, and a last line
   ``mosaic vs per-tile at <px> px: FLOPs per tile <r>x, tiles/s <s>x`` against the batched per-tile path (each tile
   padded to ``img_size`` on its own, ``--batch-size`` tiles per call; the mosaic path puts ``--batch-size`` windows
   in a call). Windows of 224 px overlapping by 32 px cover (192/120)^2 = 2.6 tiles each, where a padded tile is one.
@@ -45,7 +47,7 @@ def synthetic_s1(n_tiles: int, seed: int) -> np.ndarray:
     from gac.config import CatalogParams
     from gac.data.catalog import build
     from gac.data.synthetic import generate
-    from gac.store import ShardStore
+    from gac.io.store import ShardStore
 
     with tempfile.TemporaryDirectory(prefix="gac-bench-") as tmp:
         generate(Path(tmp, "raw"), n_tiles, seed=seed)
@@ -54,11 +56,13 @@ def synthetic_s1(n_tiles: int, seed: int) -> np.ndarray:
 
 
 def scene_places(side: int) -> list:
-    """The :class:`gac.mosaic.Place` of ``side`` x ``side`` adjacent tiles of one product (row-major), found by
-    :func:`gac.mosaic.scenes` from catalog-like rows: patch ids on the grid and the transforms that agree with it."""
+    """The :class:`gac.inference.mosaic.Place` of ``side`` x ``side`` adjacent tiles of one product (row-major), found
+    by
+    :func:`gac.inference.mosaic.scenes` from catalog-like rows: patch ids on the grid and the transforms that agree with
+    it."""
     import pandas as pd
 
-    from gac import mosaic
+    from gac.inference import mosaic
 
     product = "S2A_MSIL2A_20170613T101031_N9999_R022_T33UUP"
     cells = [(r, c) for r in range(side) for c in range(side)]
@@ -144,8 +148,8 @@ def run(args: argparse.Namespace) -> dict:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from gac import stage1
     from gac.config import Stage1Params
+    from gac.inference import generate as stage1
     from gac.models.terramind import build_generator
 
     if args.threads:

@@ -91,7 +91,8 @@ class Stage1Params(Section):
     seed: int = 0
     shard_size: int = Field(default=16, gt=0)
     num_workers: int = Field(default=0, ge=0)
-    #: Generate over scenes of adjacent tiles with overlapping, blended windows instead of tile by tile (gac.mosaic).
+    #: Generate over scenes of adjacent tiles with overlapping, blended windows instead of tile by tile
+    #: (gac.inference.mosaic).
     mosaic: bool = False
     out: str = "artifacts/opt_v1"
 
@@ -150,7 +151,8 @@ class TrainParams(Section):
 
 
 class CacheParams(Section):
-    """How a trained stage writes its cache (:mod:`gac.refine`, through :mod:`gac.engine`): where and in what units of
+    """How a trained stage writes its cache (:mod:`gac.inference.refine`, through :mod:`gac.inference.engine`): where
+    and in what units of
     work. None of it changes the model, so none of it restarts a training (see :mod:`gac.training.fit`)."""
 
     device: str = "auto"
@@ -180,7 +182,8 @@ class Stage2Params(Section):
     lpips_weights_path: str | None = None
     #: ``k ≥ 2``: also train ``k`` fold models, each without one fold of the train tiles, and write opt_v2 of every
     #: train tile with the model that did not see it, so Stage 3 trains on inputs as good as unseen tiles get
-    #: (:mod:`gac.crossfit`); ``0`` = off (Stage 3 then trains on in-sample opt_v2; ``gac evaluate`` reports the gap).
+    #: (:mod:`gac.training.crossfit`); ``0`` = off (Stage 3 then trains on in-sample opt_v2; ``gac evaluate`` reports
+    #: the gap).
     cross_fit_folds: int = Field(default=0, ge=0)
     train: TrainParams = TrainParams()
     cache: CacheParams = CacheParams()
@@ -237,10 +240,11 @@ class EvaluateParams(Section):
     split: Literal["train", "validation", "test"] = "test"
     n_visualize: int = Field(default=4, ge=0)
     batch_size: int = Field(default=16, gt=0)
-    #: The ridge baseline (:mod:`gac.baseline`) is fitted in closed form on at most this many train tiles.
+    #: The ridge baseline (:mod:`gac.evaluation.baseline`) is fitted in closed form on at most this many train tiles.
     baseline_max_tiles: int | None = Field(default=2000, gt=0)
     baseline_ridge: float = Field(default=1e-3, ge=0)
-    #: LPIPS is added to the metrics only when local weights are given (nothing is downloaded; see gac.metrics).
+    #: LPIPS is added to the metrics only when local weights are given (nothing is downloaded; see
+    #: gac.evaluation.metrics).
     lpips_weights_path: str | None = None
     lpips_backbone_path: str | None = None
     out: str = "artifacts/evaluate"

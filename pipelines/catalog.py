@@ -1,4 +1,4 @@
-"""DVC stage `catalog`: a thin entry point; the work is in :mod:`gac.commands.catalog`."""
+"""DVC stage `catalog`: a thin entry point; the work is in :mod:`gac.cli.catalog`."""
 
 import sys
 

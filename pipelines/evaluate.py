@@ -1,4 +1,4 @@
-"""DVC stage `evaluate`: a thin entry point; the work is in :mod:`gac.commands.evaluate`."""
+"""DVC stage `evaluate`: a thin entry point; the work is in :mod:`gac.cli.evaluate`."""
 
 import sys
 

@@ -1,4 +1,4 @@
-"""DVC stage `promote`: a thin entry point; the work is in :mod:`gac.commands.promote`."""
+"""DVC stage `promote`: a thin entry point; the work is in :mod:`gac.cli.promote`."""
 
 import sys
 

@@ -1,4 +1,4 @@
-"""DVC stage `stage1`: a thin entry point; the work is in :mod:`gac.commands.stage1`."""
+"""DVC stage `stage1`: a thin entry point; the work is in :mod:`gac.cli.stage1`."""
 
 import sys
 

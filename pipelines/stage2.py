@@ -1,4 +1,4 @@
-"""DVC stage `stage2`: a thin entry point; the work is in :mod:`gac.commands.stage2`."""
+"""DVC stage `stage2`: a thin entry point; the work is in :mod:`gac.cli.stage2`."""
 
 import sys
 

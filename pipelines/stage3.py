@@ -1,4 +1,4 @@
-"""DVC stage `stage3`: a thin entry point; the work is in :mod:`gac.commands.stage3`."""
+"""DVC stage `stage3`: a thin entry point; the work is in :mod:`gac.cli.stage3`."""
 
 import sys
 

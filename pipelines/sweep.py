@@ -1,4 +1,4 @@
-"""DVC stage `sweep`: a thin entry point; the work is in :mod:`gac.commands.sweep`."""
+"""DVC stage `sweep`: a thin entry point; the work is in :mod:`gac.cli.sweep`."""
 
 import sys
 

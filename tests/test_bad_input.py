@@ -23,8 +23,8 @@ import yaml
 from gac import cli
 from gac.config import CatalogParams, Stage1Params
 from gac.errors import GacError
-from gac.lock import lock_path
-from gac.store import ShardStore
+from gac.io.lock import lock_path
+from gac.io.store import ShardStore
 
 REPO = Path(__file__).resolve().parents[1]
 ONE_THREAD = os.environ | {"OMP_NUM_THREADS": "1"}
@@ -33,7 +33,7 @@ STAGE1 = {"timesteps": 1, "img_size": 128, "batch_size": 2, "shard_size": 2, "de
 HOLDER = textwrap.dedent(
     """
     import sys, time
-    from gac.lock import exclusive
+    from gac.io.lock import exclusive
     with exclusive(sys.argv[1], "the test's holder"):
         print("held", flush=True)
         time.sleep(120)
@@ -153,7 +153,7 @@ def test_an_img_size_terramind_cannot_take_is_refused_before_any_work(size, why,
 
 def test_a_stage_whose_every_tile_fails_exits_non_zero_and_keeps_nothing(tmp_path, catalog):
     """What a bad size did before it was validated: every tile fails inside the model; that is no success."""
-    from gac import stage1
+    from gac.inference import generate as stage1
 
     unchecked = Stage1Params(**STAGE1).model_dump() | {"img_size": 144, "out": str(tmp_path / "o")}
     p = Stage1Params.model_construct(**unchecked)

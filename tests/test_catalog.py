@@ -20,7 +20,7 @@ from gac.config import CatalogParams
 from gac.data import catalog, layout, metadata
 from gac.data.synthetic import broken_patches, generate, geotiff_bytes
 from gac.errors import GacError
-from gac.store import SHARDS, ShardStore
+from gac.io.store import SHARDS, ShardStore
 
 REPO = Path(__file__).resolve().parents[1]
 #: Which band file each synthetic breakage damages, so the rejection reason must name it.
@@ -312,7 +312,7 @@ def test_rebuild_keeps_finished_shards_and_ignores_unfinished_ones(synthetic_roo
     first = _mtimes(out)
     ids = store.index["patch_id"].tolist()
 
-    # A writer killed mid-shard leaves a .tmp- folder (see gac.atomic); a killed run also lacks its later shards.
+    # A writer killed mid-shard leaves a .tmp- folder (see gac.io.atomic); a killed run also lacks its later shards.
     junk = out / SHARDS / ".tmp-00003-killed" / "00003"
     junk.mkdir(parents=True)
     store.index.head(2).drop(columns=["shard", "row"]).to_parquet(junk / "index.parquet")

@@ -24,7 +24,7 @@ from gac.config import CatalogParams
 from gac.data import catalog, layout, metadata
 from gac.data.synthetic import broken_patches, generate
 from gac.errors import GacError
-from gac.store import REJECTED, SHARDS, ShardStore
+from gac.io.store import REJECTED, SHARDS, ShardStore
 
 REPO = Path(__file__).resolve().parents[1]
 HERE = Path(__file__).resolve().parent

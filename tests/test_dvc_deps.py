@@ -1,5 +1,7 @@
 """``dvc.yaml`` lists every module a stage runs: a change to any of them reruns the stage (and only those stages).
 
+``python tools/dvc_deps.py --write`` writes the lists; this test re-derives them and fails when they disagree.
+
 Each stage's command is a thin ``pipelines/<stage>.py`` that calls :func:`gac.cli.main` with a subcommand; the CLI
 imports the subcommand's module by name (:data:`gac.cli.COMMANDS`). From there the *import closure* — every ``gac``
 module reachable through ``import``/``from … import`` statements anywhere in a file, including the lazy ones inside
@@ -10,8 +12,8 @@ each file is a dependency of the stage, itself or through a listed folder.
 
 from __future__ import annotations
 
-import ast
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -20,53 +22,10 @@ import yaml
 from gac.cli import COMMANDS
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from tools.dvc_deps import closure, module_file  # noqa: E402  (the derivation `--write` uses)
+
 SPECS = (ROOT / "dvc.yaml", ROOT / "sweeps" / "dvc.yaml")
-CLI = ROOT / "gac" / "cli.py"
-DOTTED = re.compile(r"gac(\.\w+)+")
-
-
-def module_file(name: str) -> Path | None:
-    """The source file of a ``gac`` module name, or ``None`` if it is not one (e.g. a function imported by name)."""
-    path = ROOT.joinpath(*name.split("."))
-    for candidate in (path.with_suffix(".py"), path / "__init__.py"):
-        if candidate.is_file():
-            return candidate
-    return None
-
-
-def imported_modules(path: Path) -> set[str]:
-    """Every ``gac`` module a file imports, at any depth of the file (lazy imports included), and the dotted
-    ``"gac.…"`` strings it names (imported by name, e.g. the stage table of :mod:`gac.training.export`) — except in
-    the CLI, whose command table the test follows for the stage's own command only."""
-    names = set()
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
-        if isinstance(node, ast.Constant) and isinstance(node.value, str) and path != CLI:
-            if DOTTED.fullmatch(node.value):
-                names.add(node.value)
-        elif isinstance(node, ast.Import):
-            names |= {alias.name for alias in node.names if alias.name.split(".")[0] == "gac"}
-        elif isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").split(".")[0] == "gac":
-            names.add(node.module)
-            names |= {f"{node.module}.{alias.name}" for alias in node.names}  # `from gac import metrics`
-    return names
-
-
-def closure(start: list[Path]) -> set[Path]:
-    """Files reachable from ``start`` through ``gac`` imports, with the packages (``__init__.py``) on the way."""
-    seen: set[Path] = set()
-    todo = list(start)
-    while todo:
-        path = todo.pop()
-        if path in seen:
-            continue
-        seen.add(path)
-        for name in imported_modules(path):
-            parts = name.split(".")
-            for i in range(1, len(parts) + 1):  # importing gac.a.b runs gac/__init__.py and gac/a/__init__.py
-                found = module_file(".".join(parts[:i]))
-                if found is not None and found not in seen:
-                    todo.append(found)
-    return seen
 
 
 def stages() -> list[tuple[str, str, dict]]:
@@ -95,5 +54,5 @@ def test_every_module_a_stage_runs_is_one_of_its_dependencies(spec: str, name: s
 
 def test_the_closure_follows_lazy_imports() -> None:
     """The derivation itself: a lazy import inside a function counts, and so do the packages it passes through."""
-    found = {str(f.relative_to(ROOT)) for f in closure([module_file("gac.commands.stage2")])}
-    assert {"gac/commands/train.py", "gac/training/fit.py", "gac/models/prithvi.py", "gac/__init__.py"} <= found
+    found = {str(f.relative_to(ROOT)) for f in closure([module_file("gac.cli.stage2")])}
+    assert {"gac/cli/train.py", "gac/training/fit.py", "gac/models/prithvi.py", "gac/__init__.py"} <= found

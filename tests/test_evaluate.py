@@ -28,8 +28,9 @@ from gac.config import (
     TargetParams,
 )
 from gac.errors import GacError
-from gac.evaluate import DETAILS, HEADLINE, METRICS, ROWS, cache_roots, evaluate, headline, metric_key
-from gac.store import ShardStore
+from gac.evaluation.ablation import DETAILS, HEADLINE, METRICS, ROWS, cache_roots, headline, metric_key
+from gac.io.store import ShardStore
+from gac.stages.evaluate import run as evaluate
 
 NOISE_DN = {"stage1": 1500.0, "stage2": 600.0, "stage3": 150.0}
 N_VISUALIZE = 1
@@ -207,7 +208,7 @@ def test_mlflow_run_and_model_version_tags(world):
     assert run.data.metrics[metric_key("stage1+2", "psnr")] == pytest.approx(r["stage1+2"]["psnr"])
     assert run.data.tags["gac.split"] == "test"
     # the UI's "Datasets": the catalog and the three caches scored, each with its store's content digest
-    from gac.evaluate import LABELS
+    from gac.evaluation.ablation import LABELS
 
     datasets = {i.dataset.name: i.dataset.digest for i in client.get_run(run.info.run_id).inputs.dataset_inputs}
     roots = {"catalog": world["cfg"].catalog.out} | {LABELS[s]: p for s, p in cache_roots(world["cfg"]).items()}
@@ -229,7 +230,7 @@ def test_missing_cache_is_one_line_error(world, tmp_path):
 
 
 def test_baseline_beats_constant_mean_on_train(world):
-    from gac.baseline import Baseline, fit_baseline
+    from gac.evaluation.baseline import Baseline, fit_baseline
 
     catalog = world["catalog"]
     model = fit_baseline(catalog, "train")

@@ -17,8 +17,8 @@ import pytest
 import yaml
 
 from gac.cli import main
-from gac.evaluate import DETAILS, ROWS, headline
-from gac.lock import lock_path
+from gac.evaluation.ablation import DETAILS, ROWS, headline
+from gac.io.lock import lock_path
 
 #: The other root: seed 11 puts Lithuania, Portugal and Serbia, summer and winter, in its 3 test tiles.
 OTHER_SEED, OTHER_TILES = 11, 9

@@ -87,8 +87,8 @@ def test_the_stage3_version_names_what_it_was_trained_on(repo: Path) -> None:
     Stage 1's weights and the content of the catalog and of its input cache."""
     from mlflow import MlflowClient
 
-    from gac.provenance import read_provenance
-    from gac.store import ShardStore
+    from gac.io.provenance import read_provenance
+    from gac.io.store import ShardStore
 
     (base2,), (base3,) = runs(repo, "stage2", "workspace"), runs(repo, "stage3", "workspace")
     c = MlflowClient(yaml.safe_load((repo / "params.yaml").read_text())["mlflow"]["tracking_uri"])

@@ -1,4 +1,4 @@
-"""gac.figures: every panel says what it shows, in what units; the PNGs are written whole.
+"""gac.evaluation.figures: every panel says what it shows, in what units; the PNGs are written whole.
 
 Structure is asserted on the matplotlib objects (titles, colourbars, colour limits, the arrays handed to imshow),
 not on pixels; small synthetic tiles (12 × 120 × 120 DN, 2 × 120 × 120 dB) stand in for real ones.
@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from gac import figures
-from gac.metrics import SAR_DB_RANGE
+from gac.evaluation import figures
+from gac.evaluation.metrics import SAR_DB_RANGE
 
 H = W = 120
 NAMES = ("opt_v1", "opt_v2", "opt_v3")
@@ -141,7 +141,7 @@ def test_attention_figure_says_what_it_shows(tile):
     im = ax.images[0]
     assert im.get_clim() == (0.0, 1.0)
     assert colourbar_label(ax).startswith("share of cross-attention on S1 tokens")
-    margin = (224 - W) // 2  # the tile is centred in the padded input, as gac.geometry pads it
+    margin = (224 - W) // 2  # the tile is centred in the padded input, as gac.models.geometry pads it
     assert im.get_extent() == [-0.5 - margin, 223.5 - margin, 223.5 - margin, -0.5 - margin]
     overlay = by_title(fig, "Sentinel-1 σ⁰ VV + attention share (tile)")
     assert tuple(overlay.get_xlim()) == (-0.5, W - 0.5)

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gac.geometry import crop_from, margins, pad_to
+from gac.models.geometry import crop_from, margins, pad_to
 
 HOT = (3, 7)
 HOT_VALUE = 1000.0

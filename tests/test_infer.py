@@ -98,7 +98,7 @@ def test_model_folders_run_the_whole_pipeline_on_a_bigearthnet_root(workdir: Pat
     done, _ = gac([*args, "--stage3-checkpoint", "m3", "--save-visualizations", "1"], workdir)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "Processed 3/3 tiles, Errors 0" in done.stdout
-    from gac.store import ShardStore
+    from gac.io.store import ShardStore
 
     for cache in ("opt_v1", "opt_v2", "opt_v3"):
         assert len(ShardStore(workdir / "out" / cache).index) == 3

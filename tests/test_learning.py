@@ -8,15 +8,16 @@ stuck at its zero init, a cache written from the untrained model — still passe
   split) are catalogued. Each stage's input cache (opt_v1 for Stage 2, opt_v2 for Stage 3) is the *real* S2 degraded
   in a way a refiner can undo: a Gaussian blur (σ = 1.5 px, which also removes edges the SAR still shows) and a fixed
   per-band colour shift (gain 0.75–1.25, offset ±400 DN), written as uint16 DN in the project's cache format
-  (:class:`gac.store.ShardStore`, key ``opt``, the catalog's index rows). The input scores 29.0–30.9 dB on the
+  (:class:`gac.io.store.ShardStore`, key ``opt``, the catalog's index rows). The input scores 29.0–30.9 dB on the
   held-out tiles: the identity, which both stages are at initialisation, is far from passing.
 * **The real entry point.** ``gac stage2`` / ``gac stage3`` exactly as the DVC stages call them (:func:`gac.cli.main`,
   which ``pipelines/stage2.py``/``stage3.py`` run), with a params file that only shrinks the budget (tiny random-init
   backbones, ``img_size`` 128, batch 4, 2 epochs = 8 optimizer steps, lr 2e-3, the stages' own loss weights):
-  Lightning fit, checkpoint selection, the exported model, and the next cache written by :mod:`gac.refine`.
+  Lightning fit, checkpoint selection, the exported model, and the next cache written by :mod:`gac.inference.refine`.
 * **Held-out tiles.** Training sees the ``train`` split only (checked through the task's seen-tiles audit) and the
   checkpoint is chosen on ``validation``; the assertions read the written cache (opt_v2 / opt_v3) for the ``test``
-  split only and compare it with its input through :func:`gac.metrics.per_tile`: mean PSNR must rise by at least
+  split only and compare it with its input through :func:`gac.evaluation.metrics.per_tile`: mean PSNR must rise by at
+  least
   1 dB, and mean SSIM must not fall. As in every stage, tiles flagged snowy or cloudy (``data.exclude``) are neither
   trained on nor scored (here 1 train, 2 validation and 1 test tile, all snowy).
 
@@ -42,7 +43,6 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from gac import metrics
 from gac.config import (
     CacheParams,
     CatalogParams,
@@ -55,7 +55,8 @@ from gac.config import (
 )
 from gac.config import TrainParams as Train
 from gac.data.metadata import keep_unflagged
-from gac.store import ShardStore
+from gac.evaluation import metrics
+from gac.io.store import ShardStore
 
 N_TILES = 48
 #: Quality flags whose tiles are neither trained on nor scored (the default ``data.exclude``: cloud, seasonal snow).
@@ -146,7 +147,8 @@ def split_ids(catalog: Path, split: str) -> list[str]:
 
 
 def held_out(catalog: Path, store: Path) -> dict:
-    """Mean metrics of ``store``'s ``test`` tiles against the real S2 (:func:`gac.metrics.per_tile`), plus the
+    """Mean metrics of ``store``'s ``test`` tiles against the real S2 (:func:`gac.evaluation.metrics.per_tile`), plus
+    the
     per-tile PSNR under ``psnr_tiles``."""
     cat, src = ShardStore(catalog), ShardStore(store)
     ids = split_ids(catalog, "test")
@@ -250,8 +252,8 @@ def test_stage2_cross_fitting_writes_every_train_tile_with_a_model_that_never_sa
     the fold model that did not train on it, every other tile from the main model (so Stage 3 trains on honest
     inputs)."""
     from gac.cli import main
-    from gac.crossfit import fold_dir, fold_of
-    from gac.engine import to_dn
+    from gac.inference.engine import to_dn
+    from gac.training.crossfit import fold_dir, fold_of
     from gac.training.export import apply, load_model
     from gac.training.task import SEEN_TILES_ENV
 

@@ -1,4 +1,5 @@
-"""gac.metrics against independent references: scikit-image, torchmetrics' class API and plain numpy formulas.
+"""gac.evaluation.metrics against independent references: scikit-image, torchmetrics' class API and plain numpy
+formulas.
 
 The arrays are "random but structured" (a smooth field plus noise) so that SSIM and SAM sit in their informative
 middle range, where a wrong window, constant or crop would show, rather than at 0 or 1.
@@ -15,8 +16,8 @@ from scipy.ndimage import gaussian_filter
 from skimage.metrics import peak_signal_noise_ratio as sk_psnr
 from skimage.metrics import structural_similarity as sk_ssim
 
-from gac import metrics
 from gac.errors import GacError
+from gac.evaluation import metrics
 
 B, C, N = 2, 12, 120
 TOL = 1e-4
@@ -97,7 +98,7 @@ def test_ssim_matches_skimage_and_torchmetrics(pair: tuple[torch.Tensor, torch.T
     # scikit-image filters with scipy's mode="reflect" (edge sample repeated) and then drops a border of the window
     # radius, (11 - 1) // 2 = 5 px, before averaging; torchmetrics reflect-pads without repeating the edge sample and
     # averages the whole map. Inside the 5-px border the window never reaches the padding, so both agree there, and
-    # that interior mean is what gac.metrics.ssim reports.
+    # that interior mean is what gac.evaluation.metrics.ssim reports.
     for i in range(B):
         ref = sk_ssim(
             target[i].double().numpy(),

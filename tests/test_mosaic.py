@@ -1,4 +1,5 @@
-"""Stage 1 over scenes (``stage1.mosaic: true``, :mod:`gac.mosaic`): grouping, exact placement, blending, resume, ranks.
+"""Stage 1 over scenes (``stage1.mosaic: true``, :mod:`gac.inference.mosaic`): grouping, exact placement, blending,
+resume, ranks.
 
 The generator, its checkpoint, the synthetic catalog, the uninterrupted per-tile reference and the process helpers
 are :mod:`test_stage1`'s (same seeded tiny TerraMind at 128 px, 1 step, 2-tile shards and batches), so a mosaic cache
@@ -31,9 +32,10 @@ from test_stage1 import (
     write_params,
 )
 
-from gac import engine, mosaic, stage1
 from gac.config import Stage1Params
-from gac.store import ShardStore
+from gac.inference import engine, mosaic
+from gac.inference import generate as stage1
+from gac.io.store import ShardStore
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # like test_stage1: caches compare byte for byte
 #: test_stage1's fixtures, shared by name: the synthetic catalog, the seeded generator and its checkpoint, the
@@ -109,7 +111,7 @@ def test_blend_weights_sum_to_one_everywhere(height: int, width: int, size: int)
 
 
 def test_a_one_tile_scene_is_exactly_the_padded_tile() -> None:
-    """Any model, a tile alone: the same window as :func:`gac.stage1.generate` feeds it, the same output."""
+    """Any model, a tile alone: the same window as :func:`gac.inference.generate.generate` feeds it, the same output."""
     tiles = pattern_s1(3)
 
     def forward(x: torch.Tensor) -> torch.Tensor:  # deterministic, not an identity, mixes neighbouring pixels

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from gac.config import TargetParams
-from gac.model_card import EVAL_SECTION, describe_version, eval_metrics, model_card, tag_evaluation
-from gac.promote import promote
+from gac.mlops.model_card import EVAL_SECTION, describe_version, eval_metrics, model_card, tag_evaluation
+from gac.mlops.promote import promote
 
 NAME = "gac-stage2"
 LOW = TargetParams(psnr=10.0, ssim=0.1, sam_deg=60.0, sar_edge=0.9)
@@ -168,7 +168,7 @@ def sample_tiles(sample_root, tmp_path_factory):
     """(s2 DN, s1 dB) of every tile of the real reBEN sample, through the project's own catalog."""
     from gac.config import CatalogParams
     from gac.data.catalog import build
-    from gac.store import ShardStore
+    from gac.io.store import ShardStore
 
     out = tmp_path_factory.mktemp("gate") / "catalog"
     build(CatalogParams(out=str(out), workers=0), sample_root, progress=False)
@@ -182,7 +182,8 @@ def test_the_committed_targets_pass_a_perfect_model_and_fail_a_flat_one(client, 
     import numpy as np
     import torch
 
-    from gac import config, metrics
+    from gac import config
+    from gac.evaluation import metrics
 
     targets = config.load(Path(__file__).parents[1] / "params.yaml").promote.targets
     s2, s1 = sample_tiles
@@ -210,7 +211,7 @@ S3 = "gac-stage3"
 
 
 def trained_on(version: str) -> dict:
-    """The lineage tags training writes on a Stage 3 version (:func:`gac.commands.train.lineage`)."""
+    """The lineage tags training writes on a Stage 3 version (:func:`gac.cli.train.lineage`)."""
     return {"gac.stage2_model": NAME, "gac.stage2_version": version}
 
 
@@ -267,7 +268,7 @@ def test_the_cli_moves_the_pair_and_infer_runs_the_stage2_that_stage3_names(tmp_
     import mlflow
 
     from gac.cli import main
-    from gac.infer import paired_stage2
+    from gac.stages.infer import paired_stage2
 
     write_params(tmp_path)
     v1 = register(GOOD)

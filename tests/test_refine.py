@@ -1,4 +1,5 @@
-"""Stage 2/3 cache writing (:mod:`gac.refine` through :mod:`gac.engine`): resumable, split across ``torchrun`` ranks,
+"""Stage 2/3 cache writing (:mod:`gac.inference.refine` through :mod:`gac.inference.engine`): resumable, split across
+``torchrun`` ranks,
 and bounded in open files however many shards the stores have.
 
 The model is a real Stage 3 grounder (TerraMind tiny, random init) whose zero-initialised pixel head is given small
@@ -26,7 +27,7 @@ import yaml
 
 from gac.config import CacheParams, CatalogParams, DataParams, MlflowParams, Params, Stage2Params, Stage3Params
 from gac.config import TrainParams as Train
-from gac.store import ShardStore
+from gac.io.store import ShardStore
 
 ONE_THREAD = os.environ | {"OMP_NUM_THREADS": "1", "GAC_PROGRESS": "0"}
 CACHE = CacheParams(device="cpu", batch_size=2, shard_size=2)
@@ -61,7 +62,7 @@ def inputs(synthetic_root: Path, tmp_path_factory: pytest.TempPathFactory) -> di
 @pytest.fixture(scope="module")
 def reference(inputs: dict[str, Path]) -> Path:
     """opt_v3 written in process, uninterrupted: what every other way of writing it must equal."""
-    from gac.refine import write_cache
+    from gac.inference.refine import write_cache
     from gac.training.export import load_model
 
     stage, _, model = load_model(inputs["model"])
@@ -81,7 +82,7 @@ def assert_same_cache(root: Path, expected: Path) -> None:
 
 
 def test_the_cache_moves_with_its_input_and_a_rerun_computes_nothing(inputs: dict[str, Path], reference: Path):
-    from gac.refine import write_cache
+    from gac.inference.refine import write_cache
     from gac.training.export import load_model
 
     opt_v3, opt_v2 = ShardStore(reference).read("opt"), ShardStore(inputs["source"]).read("opt")
@@ -97,7 +98,7 @@ def test_the_cache_moves_with_its_input_and_a_rerun_computes_nothing(inputs: dic
 def test_other_weights_or_other_input_content_rebuild_the_cache(inputs: dict[str, Path], reference: Path, tmp_path):
     """The fingerprint holds the weights' and the inputs' content: neither a changed model nor a changed opt_v2 at
     the same path can leave stale shards behind."""
-    from gac.refine import write_cache
+    from gac.inference.refine import write_cache
     from gac.training.export import load_model
 
     out = tmp_path / "opt_v3"

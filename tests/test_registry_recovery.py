@@ -74,8 +74,8 @@ def registrar(tmp_path: Path, empty_mlflow_db: Path, model_dir: Path):
     """``(register the model in a run of its own, client)`` on a fresh store."""
     import mlflow
 
-    from gac import tracking
-    from gac.registry import log_and_register
+    from gac.io import tracking
+    from gac.mlops.registry import log_and_register
 
     shutil.copyfile(empty_mlflow_db, tmp_path / "mlflow.db")
     store = MlflowParams(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db", artifact_location=str(tmp_path / "artifacts"))
@@ -95,7 +95,7 @@ def versions(client, name: str = S3) -> list[str]:
 
 def assert_finished(client, version: str) -> None:
     """Version ``version`` is the only one, ``@challenger``, with its card and every tag a registration writes."""
-    from gac.registry import CONTENT_TAG
+    from gac.mlops.registry import CONTENT_TAG
 
     assert versions(client) == [version]
     tags = client.get_model_version(S3, version).tags
@@ -193,7 +193,8 @@ def test_runs_left_running_by_a_dead_process_of_this_machine_are_closed_and_only
     stage's and one with no owner are left running."""
     import socket
 
-    from gac import config, tracking
+    from gac import config
+    from gac.io import tracking
 
     write_params(tmp_path)
     cfg = config.load(tmp_path / "params.yaml")
@@ -225,10 +226,10 @@ def test_registry_updates_exclude_each_other_and_name_the_holder(tmp_path):
     import mlflow
 
     from gac.errors import GacError
-    from gac.registry import lock_target, registry_lock
+    from gac.mlops.registry import lock_target, registry_lock
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    hold = (f"import mlflow, sys; from gac.registry import registry_lock; mlflow.set_tracking_uri({uri!r})\n"
+    hold = (f"import mlflow, sys; from gac.mlops.registry import registry_lock; mlflow.set_tracking_uri({uri!r})\n"
             f"with registry_lock([{NAME!r}], 'gac promote'):\n"
             f"    print('held', flush=True); sys.stdin.read()")  # fmt: skip
     holder = subprocess.Popen([sys.executable, "-c", hold], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)

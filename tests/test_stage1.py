@@ -1,7 +1,8 @@
 """Stage 1 (TerraMind S1 → S2L2A into the opt_v1 cache): alignment, reproducibility, resume, sharding, bad tiles.
 
 One seeded random-init ``terramind_v1_tiny_generate`` (img_size 128, 1 diffusion step) is built per module, saved as
-a local checkpoint (``stage1.ckpt_path``) and passed to :func:`gac.stage1.run` as ``model=``; the CLI in a subprocess
+a local checkpoint (``stage1.ckpt_path``) and passed to :func:`gac.inference.generate.run` as ``model=``; the CLI in a
+subprocess
 loads the same checkpoint, so in-process caches are byte-comparable with the caches the CLI writes. Subprocesses are
 used only where the behaviour is about processes: a SIGKILL and resume, ``torchrun`` sharding, the CLI's summary line
 and its MLflow run.
@@ -32,10 +33,10 @@ import pytest
 import torch
 import yaml
 
-from gac import stage1
 from gac.config import CatalogParams, DataParams, MlflowParams, Params, Stage1Params
 from gac.errors import GacError
-from gac.store import ShardStore
+from gac.inference import generate as stage1
+from gac.io.store import ShardStore
 
 N_TILES = 4
 #: What every test generates with: 2 shards of 2 tiles, one batch per shard, 1 diffusion step, CPU.
@@ -183,7 +184,8 @@ def cli_params(p: Stage1Params) -> Stage1Params:
 # -- alignment -----------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("img_size", [128, 224])
 def test_generate_returns_each_pixel_where_its_input_was(img_size: int) -> None:
-    """Through the real padding/cropping of :func:`gac.stage1.generate`, an identity model gives back its input."""
+    """Through the real padding/cropping of :func:`gac.inference.generate.generate`, an identity model gives back
+    its input."""
     s1 = pattern_s1(3)
     tiler = BandTiler()
     out = stage1.generate(tiler, s1, BASE.model_copy(update={"img_size": img_size}), CPU)

@@ -23,7 +23,7 @@ import yaml
 from gac.config import CatalogParams, Params
 from gac.data import synthetic
 from gac.data.catalog import build
-from gac.store import ShardStore
+from gac.io.store import ShardStore
 
 pytestmark = pytest.mark.slow
 
@@ -86,8 +86,8 @@ def test_sweep_pareto_mlflow_and_registration(tmp_path, stores):
     import mlflow
     import optuna
 
-    from gac import tracking
-    from gac.sweep import OBJECTIVES, RUN_ID, RUN_URL
+    from gac.io import tracking
+    from gac.mlops.sweep import OBJECTIVES, RUN_ID, RUN_URL
 
     storage = f"sqlite:///{tmp_path}/optuna.db"
     params = _params(tmp_path, stores, storage, n_trials=2)
@@ -135,12 +135,13 @@ def test_sweep_pareto_mlflow_and_registration(tmp_path, stores):
 
 def _scored_like_evaluate(model_dir: str, stores: dict[str, str], cache: Path) -> dict[str, float]:
     """The test-split means ``gac evaluate`` reports for Stage 1+2: the model writes its cache, evaluation's own tile
-    selection picks the scored tiles, :func:`gac.metrics.per_tile` scores the cache's DN against the catalog's."""
+    selection picks the scored tiles, :func:`gac.evaluation.metrics.per_tile` scores the cache's DN against the
+    catalog's."""
     import torch
 
-    from gac import metrics
-    from gac.evaluate import Cache, common_tiles
-    from gac.refine import write_cache
+    from gac.evaluation import metrics
+    from gac.evaluation.ablation import Cache, common_tiles
+    from gac.inference.refine import write_cache
     from gac.training.export import load_model
 
     stage, _, model = load_model(model_dir)
@@ -166,7 +167,7 @@ def test_kill_and_continue(tmp_path, stores):
         time.sleep(0.5)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    time.sleep(12)  # longer than gac.sweep.GRACE_S: the dead worker's heartbeat is stale
+    time.sleep(12)  # longer than gac.mlops.sweep.GRACE_S: the dead worker's heartbeat is stale
     again = subprocess.run(_sweep_cmd(params, "--no-register"), env=ENV, capture_output=True, text=True, timeout=900)
     assert again.returncode == 0, again.stderr[-3000:]
     trials = _trials(storage)

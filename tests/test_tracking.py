@@ -1,4 +1,4 @@
-"""MLflow surfaces of :mod:`gac.tracking` and :mod:`gac.training.run_media`: a store that survives being copied, run
+"""MLflow surfaces of :mod:`gac.io.tracking` and :mod:`gac.training.run_media`: a store that survives being copied, run
 names, dataset inputs and training curves. Real MLflow on SQLite files in temporary folders.
 
 The stage and sweep runs themselves are checked where they are made (``test_training.py``, ``test_sweep.py``).
@@ -16,9 +16,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from gac import tracking
 from gac.config import MlflowParams
-from gac.store import ShardStore
+from gac.io import tracking
+from gac.io.store import ShardStore
 
 #: A models-from-code pyfunc model: what the registry holds is loaded without any GAC code.
 DOUBLER = """
@@ -152,7 +152,7 @@ def test_training_curves_keep_each_metric_on_its_own_rows(
     """Lightning's CSV leaves a metric blank on the other metrics' rows: those blanks are no points of its curve."""
     import mlflow
 
-    from gac.figures import curve_figure
+    from gac.evaluation.figures import curve_figure
     from gac.training.run_media import log_curves, read_curves
 
     csv = tmp_path / "metrics.csv"

@@ -28,7 +28,7 @@ import yaml
 
 from gac.config import CatalogParams, DataParams, MlflowParams, Params, Stage1Params, Stage2Params, Stage3Params
 from gac.config import TrainParams as Train
-from gac.store import ShardStore
+from gac.io.store import ShardStore
 from gac.training.export import apply
 from gac.training.stages import TRAINED_STAGES
 
@@ -193,7 +193,7 @@ def test_the_mlflow_run_is_named_shows_its_datasets_curves_and_validation_tiles_
     fitted: dict, catalog: Path, opt_v1: Path, mlflow_params: MlflowParams
 ) -> None:
     """What the MLflow UI shows of a training run besides numbers (see gac.training.run_media)."""
-    from gac import tracking
+    from gac.io import tracking
     from gac.training.run_media import N_TILES
 
     stage, result = fitted["stage"], fitted["result"]
@@ -216,7 +216,7 @@ def test_the_mlflow_run_is_named_shows_its_datasets_curves_and_validation_tiles_
 
 
 def test_the_model_is_registered_as_challenger_with_a_model_card(fitted: dict, mlflow_params: MlflowParams) -> None:
-    from gac.registry import CHALLENGER, MODEL_NAMES
+    from gac.mlops.registry import CHALLENGER, MODEL_NAMES
 
     stage, result = fitted["stage"], fitted["result"]
     version = client(mlflow_params).get_model_version_by_alias(MODEL_NAMES[stage], CHALLENGER)
@@ -230,7 +230,7 @@ def test_the_registry_model_predicts_what_the_best_checkpoint_does(
 ) -> None:
     import mlflow
 
-    from gac.registry import CHALLENGER, MODEL_NAMES
+    from gac.mlops.registry import CHALLENGER, MODEL_NAMES
 
     stage = fitted["stage"]
     task, _ = rebuilt
@@ -248,8 +248,8 @@ def test_rewriting_a_cache_with_the_same_model_gives_the_same_bytes(
     fitted: dict, catalog: Path, opt_v1: Path, tmp_path: Path
 ) -> None:
     """A cache is a DVC output: the same tiles must hash the same, or every stage downstream reruns for nothing."""
-    from gac.provenance import read_provenance, timing_path
-    from gac.refine import write_cache
+    from gac.inference.refine import write_cache
+    from gac.io.provenance import read_provenance, timing_path
     from gac.training.export import load_model
 
     stage, _, model = load_model(fitted["result"].model_dir)
@@ -271,8 +271,8 @@ def test_registering_the_same_model_again_reuses_its_version(
     import mlflow
     from safetensors.torch import load_file, save_file
 
-    from gac import tracking
-    from gac.registry import CHALLENGER, MODEL_NAMES, log_and_register
+    from gac.io import tracking
+    from gac.mlops.registry import CHALLENGER, MODEL_NAMES, log_and_register
 
     result, section = fitted["result"], fitted["section"]
     changed = tmp_path / "changed"  # the same model with one weight nudged
@@ -316,7 +316,7 @@ def test_a_fit_with_nothing_left_to_train_scores_the_best_weights_again(
 def test_stage3_lora_is_on_cross_attention_only_by_default(tmp_path: Path) -> None:
     """The flag defaults on and wins over ``stage3.lora.target_modules``; ``--no-…`` hands the choice to params."""
     from gac.cli import build_parser
-    from gac.commands.stage3 import section_for
+    from gac.cli.stage3 import section_for
 
     self_attention = r".*decoder\.\d+\.attn\.(qkv|proj)"
     cfg = Params(stage3=Stage3Params(lora=Stage3Params().lora.model_copy(update={"target_modules": self_attention})))
@@ -549,7 +549,7 @@ def test_stage2_load_in_8bit_trains_registers_writes_opt_v2_and_its_registered_m
     refuses it in the trained one), the model is registered, opt_v2 is written, the registry model predicts."""
     import mlflow
 
-    from gac.registry import example_input
+    from gac.mlops.registry import example_input
 
     params = write_params(tmp_path, catalog, opt_v1, empty_mlflow_db)
     cmd = [

@@ -1,7 +1,7 @@
 """The tile catalog: BigEarthNet v2 GeoTIFFs → validated, resampled, packed shards that every later stage reads.
 
 Pairing comes from ``metadata.parquet`` (``patch_id`` ↔ ``s1_name``), never from guessing names. Each tile is read
-from the BigEarthNet v2 layout (:mod:`gac.data.layout`), validated and stored in a :class:`~gac.store.ShardStore`:
+from the BigEarthNet v2 layout (:mod:`gac.data.layout`), validated and stored in a :class:`~gac.io.store.ShardStore`:
 
 * ``s2``: ``(12, 120, 120) uint16`` L2A DN in :data:`~gac.data.layout.S2_BANDS` order. 20 m and 60 m bands are
   resampled to the 10 m grid on read with GDAL's *bilinear* resampling (``rasterio`` ``out_shape``), the same call
@@ -36,12 +36,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from gac.atomic import write_text
 from gac.config import CatalogParams
 from gac.data import layout, metadata
 from gac.errors import GacError
-from gac.lock import exclusive
-from gac.store import ShardStore
+from gac.io.atomic import write_text
+from gac.io.lock import exclusive
+from gac.io.store import ShardStore
 
 #: Bounds of S1 and S2 may differ by at most this many metres (half a 10 m pixel); compared with ``rtol=0``, since
 #: ``np.allclose``'s default relative tolerance alone would let a band 50 m off pass at UTM northings (~5e6 m).

@@ -16,15 +16,15 @@ import functools
 import re
 from pathlib import Path
 
-#: Sentinel-2 L2A bands in BigEarthNet v2 / torchgeo / TerraMind ``S2L2A`` order (B10 is not in L2A).
-S2_BANDS: tuple[str, ...] = ("B01", "B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B09", "B11", "B12")
+from gac.sensors import S1_BANDS, S2_BANDS
+
+__all__ = ["S1_BANDS", "S2_BANDS"]  # re-exported: the layout names files by band
+
 #: Native ground sampling distance of each S2 band in metres (10 m bands are 120 px, 20 m 60 px, 60 m 20 px).
 S2_GSD: dict[str, int] = {
     "B01": 60, "B02": 10, "B03": 10, "B04": 10, "B05": 20, "B06": 20,
     "B07": 20, "B08": 10, "B8A": 20, "B09": 60, "B11": 20, "B12": 20,
 }  # fmt: skip
-#: Sentinel-1 GRD polarisations in TerraMind ``S1GRD`` order (torchgeo returns them the other way round).
-S1_BANDS: tuple[str, ...] = ("VV", "VH")
 #: Tile size in pixels at 10 m.
 TILE_SIZE = 120
 #: Columns of the real ``metadata.parquet``.

@@ -52,7 +52,6 @@ from pathlib import Path
 
 import numpy as np
 
-from gac.atomic import atomic_path
 from gac.data.layout import (
     METADATA_COLUMNS,
     METADATA_FILE,
@@ -69,6 +68,7 @@ from gac.data.layout import (
     write_metadata,
 )
 from gac.errors import GacError
+from gac.io.atomic import atomic_path
 
 WHEEL_PROJECT = "configilm"
 WHEEL_VERSION = "0.7.1"

@@ -45,7 +45,6 @@ from pathlib import Path
 
 import numpy as np
 
-from gac.atomic import atomic_path
 from gac.data.layout import (
     METADATA_FILE,
     REFERENCE_DIR,
@@ -62,6 +61,7 @@ from gac.data.layout import (
     write_metadata,
 )
 from gac.errors import GacError
+from gac.io.atomic import atomic_path
 
 #: Kinds of deliberately broken tiles :func:`generate` can produce.
 BROKEN_KINDS: tuple[str, ...] = ("missing_band", "corrupt_tiff", "wrong_shape", "nan_sar")

@@ -6,7 +6,8 @@ differentiable pass, with no tokenizer anywhere:
 
 * **Encoder (what is attended to).** Raw-pixel patch tokens of two image modalities: S1GRD (σ0 in dB, ``[VV, VH]``)
   and S2L2A (opt_v2 as DN). Each is standardised with TerraMind's pretraining mean/std, reflect-padded 120 px →
-  ``img_size`` (:mod:`gac.geometry`) and embedded by TerraMind's own ``untok_sen1grd@224`` / ``untok_sen2l2a@224``
+  ``img_size`` (:mod:`gac.models.geometry`) and embedded by TerraMind's own ``untok_sen1grd@224`` /
+  ``untok_sen2l2a@224``
   patch embeddings (linear projection of a 16×16 patch + 2-D sin-cos position + modality embedding). The encoder
   self-attends over all ``2·(img_size/16)²`` tokens; its output, projected by ``decoder_proj_context`` plus the same
   position/modality embeddings, is the context of every decoder block.
@@ -46,16 +47,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from gac import geometry
 from gac.config import Stage3Params
 from gac.errors import GacError
+from gac.models import geometry
 from gac.models.checkpoints import load_published
 from gac.models.heads import TokenPixelDecoder
+from gac.sensors import DN_SCALE
 
 #: BigEarthNet tiles are 120×120 px.
 TILE = 120
-#: S2L2A DN per unit of reflectance (``gac.metrics.to_reflectance`` divides by this).
-DN_PER_REFLECTANCE = 10_000.0
+#: S2L2A DN per unit of reflectance (``gac.evaluation.metrics.to_reflectance`` divides by this).
+DN_PER_REFLECTANCE = DN_SCALE
 #: Modality names as TerraMind's embedding builders know them.
 SAR, OPTICAL = "S1GRD", "S2L2A"
 #: Raw-pixel modalities the encoder embeds, and tokenised modalities whose decoder embeddings make the queries.

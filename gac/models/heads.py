@@ -3,7 +3,8 @@
 A ViT sees the image as 16×16 patch tokens. The obvious head — one linear layer per token that writes that token's
 16·16·C pixels — has no receptive field across token borders, so whatever it adds repeats with the token grid: GAC's
 first heads did exactly that, and what Stage 3 added to opt_v2 correlated 1.000 with itself shifted by 16 px (see
-:func:`gac.metrics.block_periodicity`). TerraTorch's decoders (UperNet, UNet, FCN) assume a feature pyramid or end
+:func:`gac.evaluation.metrics.block_periodicity`). TerraTorch's decoders (UperNet, UNet, FCN) assume a feature pyramid
+or end
 at token scale; the refiners need little more than a smooth, token-free upsampling that can be combined with
 pixel detail, so this head is written here:
 

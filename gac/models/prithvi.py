@@ -38,7 +38,7 @@ TerraMind v1's S2L2A pretraining mean/std (``v1_pretraining_mean/std['untok_sen2
 statistics TerraTorch ships for them. Both are in DN (reflectance × 10000) and are divided by 10000 here.
 
 **Geometry.** The 120 px tile is reflect-padded symmetrically to ``img_size`` (a multiple of the patch size) with
-:func:`gac.geometry.pad_to` and the residual is centre-cropped back with :func:`gac.geometry.crop_from`.
+:func:`gac.models.geometry.pad_to` and the residual is centre-cropped back with :func:`gac.models.geometry.crop_from`.
 
 **Head.** The backbone returns one token sequence per block; the last (layer-normed) one, without its cls token, goes
 to :class:`gac.models.heads.TokenPixelDecoder` with the standardised input as its guide: token features are upsampled
@@ -81,12 +81,12 @@ from torch import Tensor, nn
 
 from gac.config import Stage2Params
 from gac.errors import GacError
-from gac.geometry import crop_from, pad_to
 from gac.models.checkpoints import load_published, load_state_dict, read_state_dict
+from gac.models.geometry import crop_from, pad_to
 from gac.models.heads import TokenPixelDecoder
+from gac.sensors import DN_SCALE
 
 #: BigEarthNet v2 S2 band order (Stage 1's output and the catalog's ``s2``) and the band name Prithvi is given.
-S2_BANDS = ("B01", "B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B09", "B11", "B12")
 BAND_NAMES = (
     "COASTAL_AEROSOL",
     "BLUE",
@@ -101,7 +101,7 @@ BAND_NAMES = (
     "SWIR_1",
     "SWIR_2",
 )
-DN_PER_REFLECTANCE = 10000.0
+DN_PER_REFLECTANCE = DN_SCALE
 #: Where LoRA adapters may live (attention of a transformer block); :func:`trainable_report` users assert on it.
 LORA_SITE = re.compile(r"(?:.*\.)?blocks\.\d+\.attn\.(qkv|proj)$")
 

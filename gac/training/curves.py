@@ -39,7 +39,7 @@ def write_curves(log_csv: str | Path, out_dir: str | Path) -> dict[str, int]:
     """
     import pandas as pd
 
-    from gac.atomic import write_text
+    from gac.io.atomic import write_text
 
     log_csv, out_dir = Path(log_csv), Path(out_dir)
     log = pd.read_csv(log_csv) if log_csv.is_file() and log_csv.stat().st_size else pd.DataFrame({"step": []})

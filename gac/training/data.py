@@ -3,7 +3,7 @@
 A stage trains on the catalog's ``train`` split and validates on ``validation``; tiles a previous stage rejected are
 simply absent from its cache and are skipped, and tiles whose target is flagged cloudy or snowy (``data.exclude``)
 are left out. Values leave here in the units the models use: S1 in dB, optical as
-reflectance (:func:`gac.metrics.to_reflectance`, DN/10000 clipped to [0, 1]).
+reflectance (:func:`gac.evaluation.metrics.to_reflectance`, DN/10000 clipped to [0, 1]).
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from gac.data.metadata import keep_unflagged
 from gac.errors import GacError
-from gac.metrics import DN_SCALE
-from gac.store import ShardStore
+from gac.evaluation.metrics import DN_SCALE
+from gac.io.store import ShardStore
 
 
 def rows_of(
@@ -68,7 +68,7 @@ class PairDataset(Dataset):
 
 
 def reflectance(dn: np.ndarray) -> torch.Tensor:
-    """L2A DN → reflectance in [0, 1] (the one convention of :mod:`gac.metrics`)."""
+    """L2A DN → reflectance in [0, 1] (the one convention of :mod:`gac.evaluation.metrics`)."""
     return torch.from_numpy(np.clip(np.asarray(dn, dtype=np.float32) / DN_SCALE, 0.0, 1.0))
 
 

@@ -13,8 +13,8 @@ from typing import Any
 
 import torch
 
-from gac.atomic import atomic_path, read_json
 from gac.errors import GacError
+from gac.io.atomic import atomic_path, read_json
 from gac.training.stages import TRAINED_STAGES
 
 WEIGHTS = "weights.safetensors"

@@ -2,14 +2,15 @@
 
 One call of :func:`fit` trains (or continues) one model: params (once, flat), per-step losses, validation metrics, the
 best checkpoint, the data it read as MLflow dataset inputs, its curves and two validation tiles as PNGs
-(:mod:`gac.training.run_media`), and the exported model (see :mod:`gac.registry_model`) registered as a new version of
+(:mod:`gac.training.run_media`), and the exported model (see :mod:`gac.mlops.registry_model`) registered as a new
+version of
 ``gac-stage2``/``gac-stage3`` with the alias ``challenger``.
 
 **When a training continues and when it starts again** (the one place this rule lives). ``checkpoints/fit.json``
 records the training's *identity*:
 
 * the content digests of what it consumes — the catalog and the previous stage's cache
-  (:meth:`gac.store.ShardStore.content_digest`; never their paths, so a new opt_v2 at the same path is new input);
+  (:meth:`gac.io.store.ShardStore.content_digest`; never their paths, so a new opt_v2 at the same path is new input);
 * every param of the stage section that can change the model (architecture, weights, LoRA, loss weights, lr and
   schedule, batch size, precision, devices, validation cadence, early stopping, seed, ``max_tiles``).
 
@@ -23,7 +24,7 @@ training**: the old checkpoints are removed and a new MLflow run begins.
 **MLflow runs.** A continued training logs into the run that started it when it runs in the same DVC experiment (a
 killed ``dvc repro`` resumed); in another experiment (``dvc exp run -S stage3.train.epochs=…``) it gets a run of its
 own, tagged ``gac.resumed_from_run``. Every run is named and tagged with its stage, DVC experiment and git revision
-(:func:`gac.tracking.run_name`).
+(:func:`gac.io.tracking.run_name`).
 """
 
 from __future__ import annotations
@@ -33,18 +34,21 @@ import hashlib
 import json
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from gac.atomic import atomic_path, write_text
 from gac.config import MlflowParams, Stage2Params, Stage3Params
+from gac.io.atomic import atomic_path, write_text
 from gac.training.export import save_model
 from gac.training.stages import TRAINED_STAGES
 
 CHECKPOINTS = "checkpoints"
+#: ``(model_dir, section, metrics, trainable, register=, tags=) -> registered version or None``: how a fitted model
+#: is logged in its run (:func:`gac.mlops.registry.log_and_register`).
+LogModel = Callable[..., "str | None"]
 #: Section fields (dotted) that cannot change what has been trained so far: changing them continues the training.
 #: ``train.epochs``/``train.max_steps`` continue only when they grow (see :func:`_continues`).
 CONTINUABLE = (
@@ -135,17 +139,20 @@ def fit(
     run_id: str | None = None,
     exclude: Sequence[str] = (),
     holdout: Sequence[str] = (),
+    log_model: LogModel | None = None,
 ) -> FitResult | None:
     """Train ``stage`` (``stage2``/``stage3``) on the catalog + previous cache; resume if ``last.ckpt`` exists.
 
     ``run_id`` logs into an existing MLflow run (a sweep trial's nested run) instead of a new one; ``exclude`` names
     the quality flags (``data.exclude``) whose tiles are left out and ``holdout`` train tiles not to train on (a
-    cross-fitting fold, :mod:`gac.crossfit`); both are part of the training's identity.
+    cross-fitting fold, :mod:`gac.training.crossfit`); both are part of the training's identity. ``log_model``
+    logs the exported model folder in the run (and registers it when ``register``): the caller passes
+    :func:`gac.mlops.registry.log_and_register`, so training needs no registry of its own.
     """
     import lightning as L
     from lightning.pytorch.loggers import CSVLogger, MLFlowLogger
 
-    from gac import tracking
+    from gac.io import tracking
     from gac.training.data import PairDataModule
 
     spec = TRAINED_STAGES[stage]
@@ -240,7 +247,7 @@ def fit(
         run_media.log_curves(csv_file, stage)
         run_media.log_validation_tiles(stage, task.model, catalog_root, source_root, exclude)
 
-    _log_result(result, mlflow_params, section, register, tags or {}, media)
+    _log_result(result, mlflow_params, section, register, tags or {}, media, log_model)
     return result
 
 
@@ -253,7 +260,7 @@ def identity(
     holdout: Sequence[str] = (),
 ) -> dict:
     """What a training *is*: its inputs' content, the tiles left out and the params that change the model."""
-    from gac.store import ShardStore
+    from gac.io.store import ShardStore
 
     params = _flat(section.model_dump())
     return {
@@ -315,12 +322,16 @@ def _flat(d: dict, prefix: str = "") -> dict:
 
 
 def _log_result(
-    result: FitResult, mlflow_params: MlflowParams, section, register: bool, tags: dict, media=lambda: None
+    result: FitResult,
+    mlflow_params: MlflowParams,
+    section,
+    register: bool,
+    tags: dict,
+    media=lambda: None,
+    log_model: LogModel | None = None,
 ) -> None:
-    """Log the best checkpoint, ``media`` (called in the run) and the model to the run; register it ``challenger``."""
+    """Log the best checkpoint, ``media`` (called in the run) and, through ``log_model``, the model to the run."""
     import mlflow
-
-    from gac import registry
 
     mlflow.set_tracking_uri(mlflow_params.tracking_uri)
     active = mlflow.active_run()
@@ -336,8 +347,10 @@ def _log_result(
         mlflow.log_artifact(result.best_checkpoint, "checkpoints")
         mlflow.log_text(json.dumps(result.trainable, indent=2), "trainable.json")
         media()
-        version = registry.log_and_register(
-            result.model_dir, section, result.metrics, result.trainable, register=register, tags=tags
-        )
+        version = None
+        if log_model is not None:
+            version = log_model(
+                result.model_dir, section, result.metrics, result.trainable, register=register, tags=tags
+            )
     if version:  # metrics stay numbers (and strict JSON): no entry when nothing was registered
         result.metrics["registered_version"] = int(version)

@@ -3,12 +3,13 @@
 A run that holds only ``best.ckpt`` and ``trainable.json`` says nothing at a glance; these are what a reader opens
 first in the MLflow UI (the run's "Artifacts"):
 
-* ``curves/<metric>.png`` — one figure per metric Lightning logged (:func:`gac.figures.curve_figure`), from the CSV
+* ``curves/<metric>.png`` — one figure per metric Lightning logged (:func:`gac.evaluation.figures.curve_figure`), from
+the CSV
   it writes at ``<out>/logs/metrics.csv``. Lightning writes one row per logging call, so a metric's column is blank on
   the other rows: each metric keeps only its own rows (NaN dropped), and blanks are never drawn as 0.
 * ``validation/<patch id>.png`` — the first :data:`N_TILES` validation tiles: σ⁰ VV/VH, the stage's input, its
   prediction and the truth in true colour with one stretch, and the error map
-  (:func:`gac.figures.comparison_figure`), each titled with its per-tile scores.
+  (:func:`gac.evaluation.figures.comparison_figure`), each titled with its per-tile scores.
 
 It is kept cheap on purpose: a dozen small line plots and two tiles through the model, once per fit.
 """
@@ -48,7 +49,7 @@ def log_curves(csv_file: str | Path, title: str = "") -> list[str]:
     """Log one ``curves/<metric>.png`` per metric of :func:`read_curves`; return the artifact paths."""
     import mlflow
 
-    from gac.figures import curve_figure
+    from gac.evaluation.figures import curve_figure
 
     logged = []
     for metric, (steps, values) in read_curves(csv_file).items():
@@ -69,9 +70,9 @@ def log_validation_tiles(
     """Log ``validation/<patch id>.png`` for the first ``n`` validation tiles through ``model``; return the paths."""
     import mlflow
 
-    from gac import metrics
-    from gac.figures import comparison_figure
-    from gac.store import ShardStore
+    from gac.evaluation import metrics
+    from gac.evaluation.figures import comparison_figure
+    from gac.io.store import ShardStore
     from gac.training.data import PairDataset, rows_of
     from gac.training.export import apply
 

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import torch
 
-from gac import metrics
 from gac.config import Stage2Params
+from gac.evaluation import metrics
 from gac.training.task import RefineTask
 
 

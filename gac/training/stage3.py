@@ -1,6 +1,7 @@
 """Stage 3 task: TerraMind with cross-attention LoRA grounds opt_v2 in the SAR → opt_v3.
 
-Losses: reconstruction (L1 to the real S2), SAR-edge agreement (:func:`gac.metrics.sar_edge_agreement`, the same
+Losses: reconstruction (L1 to the real S2), SAR-edge agreement (:func:`gac.evaluation.metrics.sar_edge_agreement`, the
+same
 function the evaluation reports and the promotion gate checks) and cycle consistency — the grounder's own S2→S1 path
 must give back the SAR the tile came from (L1 in dB / 10). The best checkpoint, and early stopping, follow
 :func:`gac.training.task.selection_score` (fidelity and SAR consistency together).
@@ -10,8 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from gac import metrics
 from gac.config import Stage3Params
+from gac.evaluation import metrics
 from gac.training.task import RefineTask
 
 #: dB errors are divided by this so the cycle term is on the scale of reflectance errors.

@@ -24,7 +24,7 @@ from typing import Any
 import lightning as L
 import torch
 
-from gac import metrics
+from gac.evaluation import metrics
 
 #: Environment variable naming the folder of the per-rank seen-tiles audit files (see the module docstring).
 SEEN_TILES_ENV = "GAC_SEEN_TILES_DIR"

@@ -1,0 +1,272 @@
+"""MLflow in one place: the tracking store, experiments and runs every stage logs to.
+
+The store is SQLite plus an artifact folder, both under ``mlruns/`` (MLflow 3's file store is legacy). Stages call
+:func:`start_run`; nothing else sets the tracking URI, so the UI command in the README always shows every run.
+
+**A store that can be moved or copied.** The tracking URI ``sqlite:///mlruns/mlflow.db`` is relative to the working
+directory (the project root, where DVC runs every stage and the README starts the UI), but MLflow writes the
+experiment's artifact location — and from it every run's ``artifact_uri`` and every logged model's location — as an
+absolute path (``resolve_uri_if_local`` in its SQL store), so a copied or moved ``mlruns/`` pointed at the old
+folder's artifacts. MLflow itself reads a relative location as relative to the working directory (its local artifact
+repository and the UI server's artifact endpoints both do), so :func:`setup` stores a relative
+``mlflow.artifact_location`` as given, relative, beside the relative database path: copying the project folder keeps
+runs, artifacts and registered models loadable. An absolute ``artifact_location`` is stored absolute, as asked.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from gac.config import MlflowParams
+
+
+def setup(params: MlflowParams) -> str:
+    """Point MLflow at the project store and make sure the experiment exists; return its id.
+
+    Creating a SQLite store migrates its schema; two processes doing that at once (sweep workers, DDP ranks) break
+    each other, so for SQLite the first use is serialised with a lock file beside the database. A relative
+    ``artifact_location`` is stored relative (see the module docstring); an experiment an earlier version created with
+    that folder's absolute path is rewritten to the relative one, with its runs, logged models and model versions.
+    """
+    import mlflow
+
+    lock = contextlib.nullcontext()
+    if params.tracking_uri.startswith("sqlite:///"):
+        db = Path(params.tracking_uri.removeprefix("sqlite:///"))
+        db.parent.mkdir(parents=True, exist_ok=True)
+        lock = _file_lock(db.with_name(db.name + ".lock"))
+    mlflow.set_tracking_uri(params.tracking_uri)
+    location = Path(params.artifact_location)
+    relative = not location.is_absolute() and _is_sql(params.tracking_uri)
+    with lock:
+        experiment = mlflow.get_experiment_by_name(params.experiment)
+        if experiment is None:
+            location.resolve().mkdir(parents=True, exist_ok=True)
+            experiment_id = mlflow.create_experiment(params.experiment, artifact_location=location.resolve().as_uri())
+            experiment = mlflow.get_experiment(experiment_id)
+        if relative and experiment.artifact_location == location.resolve().as_uri():
+            _relocate(params.tracking_uri, experiment.experiment_id, experiment.artifact_location, location.as_posix())
+    return mlflow.set_experiment(params.experiment).experiment_id
+
+
+def _is_sql(tracking_uri: str) -> bool:
+    """Whether MLflow keeps this store in a SQL database (SQLite, PostgreSQL, MySQL, SQL Server)."""
+    scheme = tracking_uri.split(":", 1)[0].split("+", 1)[0]
+    return scheme in {"sqlite", "postgresql", "mysql", "mssql"}
+
+
+def _relocate(tracking_uri: str, experiment_id: str, old: str, new: str) -> None:
+    """Replace the location prefix ``old`` by ``new`` in the experiment, its runs, its logged models and the model
+    versions stored under it.
+
+    MLflow has no API to change an artifact location (it is fixed when the experiment is made), so this is four SQL
+    updates on MLflow's own tables, in one transaction; only values that start with ``old`` change.
+    """
+    import sqlalchemy
+
+    columns = (("experiments", "artifact_location", True), ("runs", "artifact_uri", True),
+               ("logged_models", "artifact_location", True), ("model_versions", "storage_location", False))  # fmt: skip
+    engine = sqlalchemy.create_engine(tracking_uri)
+    try:
+        with engine.begin() as db:
+            for table, column, by_experiment in columns:
+                where = f"substr({column}, 1, :n) = :old" + (" AND experiment_id = :id" if by_experiment else "")
+                db.execute(
+                    sqlalchemy.text(f"UPDATE {table} SET {column} = :new || substr({column}, :n + 1) WHERE {where}"),
+                    {"new": new, "old": old, "n": len(old), "id": int(experiment_id)},
+                )
+    finally:
+        engine.dispose()
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    """An exclusive ``flock`` on ``path`` for the duration of the block."""
+    import fcntl
+
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def git_commit() -> str:
+    """The commit the code ran at (``unknown`` outside a git checkout)."""
+    import subprocess
+
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+#: What a run was made in when no ``dvc exp run`` made it (``dvc repro`` or a direct ``gac`` command).
+WORKSPACE = "workspace"
+
+
+def dvc_experiment() -> str:
+    """The DVC experiment this process runs in (``dvc exp run`` sets ``DVC_EXP_NAME``), else ``workspace``."""
+    return os.environ.get("DVC_EXP_NAME") or WORKSPACE
+
+
+def run_name(stage: str, detail: str | None = None) -> str:
+    """A run name a person can tell apart in the MLflow UI: stage, what it is within the stage, DVC experiment and git
+    revision.
+
+    e.g. ``stage2 · exp bushy-ruin @ 6f4a854`` under ``dvc exp run``, ``stage2 · workspace @ 6f4a854`` otherwise, and
+    ``stage2 · trial 3 · exp bushy-ruin @ 6f4a854`` for a sweep trial (``detail="trial 3"``).
+    """
+    exp = dvc_experiment()
+    where = WORKSPACE if exp == WORKSPACE else f"exp {exp}"
+    return " · ".join(p for p in (stage, detail, f"{where} @ {git_commit()[:7]}") if p)
+
+
+def run_tags(stage: str) -> dict[str, str]:
+    """Tags every GAC run carries: stage, git commit, DVC stage, DVC experiment (and its baseline revision)."""
+    tags = {
+        "gac.stage": stage,
+        "gac.git_commit": git_commit(),
+        "gac.dvc_stage": os.environ.get("DVC_STAGE", stage),
+        "gac.dvc_experiment": dvc_experiment(),
+    }
+    if os.environ.get("DVC_EXP_BASELINE_REV"):
+        tags["gac.dvc_baseline_rev"] = os.environ["DVC_EXP_BASELINE_REV"]
+    return tags
+
+
+@contextlib.contextmanager
+def start_run(
+    params: MlflowParams, stage: str, tags: dict[str, Any] | None = None, detail: str | None = None, **kwargs: Any
+) -> Iterator:
+    """Start (or nest) an MLflow run on the project store, named and tagged by :func:`run_name`/:func:`run_tags`.
+
+    The run is tagged with the process that owns it (:data:`OWNER_TAGS`), and runs of the same ``stage`` that a
+    killed process of this machine left RUNNING are first closed as KILLED (:func:`close_stale_runs`).
+    """
+    import mlflow
+
+    experiment_id = setup(params)
+    all_tags = run_tags(stage) | {k: str(v) for k, v in (tags or {}).items()}
+    if stage not in SHARED_RUNS:
+        close_stale_runs(experiment_id, all_tags["gac.stage"])
+        all_tags |= dict(zip(OWNER_TAGS, _owner(os.getpid()), strict=True))
+    with mlflow.start_run(run_name=run_name(stage, detail), tags=all_tags, **kwargs) as run:
+        yield run
+
+
+#: Run tags naming the process that owns a run: host name, process id, the process's start (so a reused id is not
+#: taken for it).
+OWNER_TAGS = ("gac.host", "gac.pid", "gac.pid_start")
+#: Stages whose runs other processes reopen (every worker of a sweep logs to its parent run): their owner is unknown.
+SHARED_RUNS = frozenset({"sweep"})
+
+
+def _owner(pid: int) -> tuple[str, str, str]:
+    """``(host, pid, start)`` of a process of this machine; start is the kernel's start time of the process (ticks
+    since boot, from ``/proc``), empty where there is no ``/proc``."""
+    import socket
+
+    try:
+        start = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        start = ""
+    return socket.gethostname(), str(pid), start
+
+
+def _alive(pid: str, start: str) -> bool:
+    """Whether the process ``pid`` of this machine that started at ``start`` (:func:`_owner`) still runs."""
+    if not pid.isdigit():
+        return True  # not ours to judge
+    if start:
+        return _owner(int(pid))[2] == start
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def close_stale_runs(experiment_id: str, stage: str) -> list[str]:
+    """Mark KILLED each run of ``stage`` still RUNNING whose owner (:data:`OWNER_TAGS`) was a process of this machine
+    that no longer runs, print one line each and return their ids.
+
+    Why: a process killed inside ``with mlflow.start_run()`` never ends its run, which then shows as running for good
+    (the UI, ``gac promote``'s history). Only runs this machine can judge are closed: a run of another host, or one
+    without owner tags (an earlier GAC's, a sweep's), is left as it is.
+    """
+    import socket
+
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    host = socket.gethostname()
+    found = client.search_runs(
+        [experiment_id],
+        f"attributes.status = 'RUNNING' and tags.`gac.stage` = '{stage}' and tags.`gac.host` = '{host}'",
+    )
+    closed = []
+    for run in found:
+        pid, start = (run.data.tags.get(key, "") for key in OWNER_TAGS[1:])
+        if not _alive(pid, start):
+            client.set_terminated(run.info.run_id, status="KILLED")
+            print(f"{stage}: run {run.info.run_id} ({run.info.run_name}) was left RUNNING by process {pid}, which "
+                  f"is gone: marked KILLED")  # fmt: skip
+            closed.append(run.info.run_id)
+    return closed
+
+
+def run_url(params: MlflowParams, experiment_id: str, run_id: str) -> str:
+    """The run's page in the MLflow UI at ``mlflow.ui_url`` (the README's ``mlflow ui`` command serves it)."""
+    return f"{params.ui_url.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+
+
+#: Digest characters an MLflow dataset keeps (its limit is 36); the whole sha256 is an input tag.
+DATASET_DIGEST_CHARS = 16
+
+
+def log_datasets(stores: dict[str, str | Path], context: str) -> None:
+    """Log each GAC store as a dataset input of the active run, so the run's "Datasets" name what it read.
+
+    ``stores`` maps a dataset name (``catalog``, ``opt_v1``, …) to a store folder. Each becomes an MLflow
+    ``MetaDataset`` (the tiles stay where they are): its digest is the store's content digest
+    (:meth:`gac.io.store.ShardStore.content_digest`, the identity training fingerprints use, independent of the folder),
+    its source the folder as given (relative in the project, so it survives a copy), and the input's tags hold
+    ``context`` (``training``/``evaluation``), the whole sha256 and the number of tiles per split.
+    """
+    import warnings
+
+    import mlflow
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+
+    from gac.io.store import ShardStore
+
+    datasets, tags_list = [], []
+    for name, root in stores.items():
+        store = ShardStore(root)
+        digest = store.content_digest()
+        with warnings.catch_warnings():  # MLflow registers local paths twice (with and without file://) and says so
+            warnings.simplefilter("ignore", UserWarning)
+            source = resolve_dataset_source(str(root))
+        datasets.append(MetaDataset(source, name=name, digest=digest[:DATASET_DIGEST_CHARS]))
+        index = store.index
+        counts = index["split"].value_counts() if "split" in index else {}
+        tags = {"gac.content_sha256": digest, "tiles": str(len(index))}
+        tags |= {f"tiles.{split}": str(int(n)) for split, n in sorted(dict(counts).items())}
+        tags_list.append(tags)
+    mlflow.log_inputs(datasets=datasets, contexts=[context] * len(datasets), tags_list=tags_list)
+
+
+def weights_origin(pretrained: bool, ckpt_path: str | None) -> str:
+    """Where a model's weights came from, for every metrics record and model card."""
+    if ckpt_path:
+        return f"local checkpoint: {ckpt_path}"
+    return "hub (pretrained)" if pretrained else "random init"

@@ -1,0 +1,59 @@
+"""The ``evaluate`` stage: score the ablation (:mod:`gac.evaluation.ablation`), then tell the registry.
+
+Scoring is evaluation's job and knows nothing of the registry; this stage adds what makes the result reach users:
+``eval.<metric>`` tags and an updated model card on every registered version whose cache was scored.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+from gac.config import Params
+from gac.evaluation import ablation
+from gac.mlops.model_card import tag_evaluation
+
+
+def run(
+    cfg: Params,
+    out_dir: str | Path | None = None,
+    metrics_path: str | Path = "metrics/evaluate.json",
+    attention_maps: ablation.AttentionMaps | None = None,
+    verbose: bool = True,
+    baseline_catalog: str | Path | None = None,
+) -> dict[str, Any]:
+    """:func:`gac.evaluation.ablation.evaluate` with the same arguments, then :func:`tag_versions`."""
+    result = ablation.evaluate(cfg, out_dir, metrics_path, attention_maps, verbose, baseline_catalog)
+    tagged = tag_versions(cfg, result)
+    if verbose and tagged:
+        print(f"Tagged eval.* on {', '.join(tagged)}")
+    return result
+
+
+def tag_versions(cfg: Params, result: dict[str, Any]) -> list[str]:
+    """Write each scored row's figures as ``eval.*`` tags on the registered version that made its cache.
+
+    Returns ``name/version`` of each version tagged. A cache made by a version since deleted is reported and
+    skipped: the evaluation itself stands.
+    """
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    caches = ablation.open_caches(cfg)
+    provenance = result["provenance"]
+    context = {"split": provenance["split"], "data_source": provenance["data_source"],
+               "run_id": provenance["mlflow_run_id"]}  # fmt: skip
+    client = mlflow.MlflowClient()
+    tagged = []
+    for row, stage in ablation.ROWS.items():
+        if stage is None or row not in result or caches[stage].registered is None:
+            continue
+        name, version = caches[stage].registered
+        try:
+            tag_evaluation(client, name, version, result[row], context)
+        except MlflowException as e:
+            print(f"warning: cannot tag {name} version {version}: {str(e).splitlines()[0]}", file=sys.stderr)
+            continue
+        tagged.append(f"{name}/{version}")
+    return tagged

@@ -1,0 +1,175 @@
+"""The whole pipeline on new tiles: catalog → Stage 1 → Stage 2 → Stage 3, from registry aliases or model folders.
+
+Models come from the MLflow registry (``models:/gac-stage2@champion``; loaded as code + safetensors, see
+:mod:`gac.mlops.registry_model`) or from local model folders (``artifacts/stage2/model``). Every stage writes its usual
+cache under the output folder, so a run can be inspected, evaluated or exported tile by tile.
+
+Every model source is checked before any stage runs (:func:`check_sources`): a missing alias, version, registered
+model or folder is one line that says what exists instead — not a traceback after minutes of Stage 1.
+
+Stage 2 and Stage 3 are a pair: a Stage 3 model only works on the opt_v2 of the Stage 2 version it was trained on.
+Without an explicit Stage 2 source, :func:`paired_stage2` takes the Stage 2 version the Stage 3 registry version names
+(tag ``gac.stage2_version``) — so the default, ``gac-stage3@champion``, runs with its own Stage 2, whatever
+``gac-stage2@champion`` says (``gac promote`` keeps the two aliases together anyway).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from gac.config import Params
+from gac.errors import GacError
+
+
+def load_stage(source: str) -> tuple[str, torch.nn.Module]:
+    """``(stage, model)`` from a ``models:/…`` URI or a local model folder."""
+    if source.startswith("models:/") or source.startswith("runs:/"):
+        import mlflow
+
+        pyfunc = mlflow.pyfunc.load_model(source)
+        wrapped = pyfunc.unwrap_python_model()
+        return wrapped.stage, wrapped.model
+    from gac.training.export import load_model
+
+    stage, _, model = load_model(source)
+    return stage, model
+
+
+def paired_stage2(stage3: str) -> tuple[str, str]:
+    """``(Stage 2 source, why)`` to run with the Stage 3 source ``stage3`` when no Stage 2 source is given.
+
+    A ``models:/gac-stage3@…`` or ``models:/gac-stage3/…`` version names the Stage 2 it was trained on: that
+    registered version (``models:/gac-stage2/<v>``), or the model folder of an unregistered Stage 2 if it is still
+    there. A Stage 3 that names none (a model folder, a ``runs:/`` URI, a version registered before lineage was
+    recorded) falls back to ``models:/gac-stage2@champion``, and ``why`` says so. Call after :func:`check_sources` of
+    ``stage3``, which makes a missing alias one clear line.
+    """
+    from gac.mlops.registry import CHAMPION, MODEL_NAMES, TRAINED_ON, trained_on
+
+    name, fallback = MODEL_NAMES["stage3"], f"models:/{MODEL_NAMES['stage2']}@{CHAMPION}"
+    if not stage3.startswith(f"models:/{name}@") and not stage3.startswith(f"models:/{name}/"):
+        return fallback, f"{stage3} names no Stage 2 version"
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    ref = stage3.removeprefix(f"models:/{name}")
+    mv = client.get_model_version_by_alias(name, ref[1:]) if ref[0] == "@" else client.get_model_version(name, ref[1:])
+    version, why = trained_on(name, mv.tags)
+    if version is not None:
+        return f"models:/{TRAINED_ON[name][0]}/{version}", f"{name} version {mv.version} was {why}"
+    folder = mv.tags.get(TRAINED_ON[name][1])  # an unregistered Stage 2: the tag holds its model folder
+    if folder and Path(folder).is_dir():
+        return folder, f"{name} version {mv.version} was trained on the Stage 2 model folder {folder}"
+    return fallback, f"{name} version {mv.version} {why}"
+
+
+def check_sources(sources: dict[str, str]) -> None:
+    """Fail fast, in one line, if a model source (``{stage: models:/… URI or folder}``) cannot be loaded as that stage.
+
+    ``models:/<name>@<alias>`` needs the alias (the error names the aliases that exist), ``models:/<name>/<version>``
+    the version; a folder must be a GAC model folder of the right stage.
+    """
+    for stage, source in sources.items():
+        option = f"--{stage}-checkpoint"
+        if source.startswith("models:/"):
+            _check_registry_uri(option, source)
+        elif not source.startswith("runs:/"):
+            _check_folder(option, stage, Path(source))
+
+
+def _check_registry_uri(option: str, uri: str) -> None:
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    ref = uri.removeprefix("models:/")
+    name, alias, version = ref, None, None
+    if "@" in ref:
+        name, alias = ref.split("@", 1)
+    elif "/" in ref:
+        name, version = ref.rsplit("/", 1)
+    client = mlflow.MlflowClient()
+    try:
+        model = client.get_registered_model(name)
+    except MlflowException:
+        names = sorted(m.name for m in client.search_registered_models())
+        raise GacError(
+            f"{option}: {uri}: no registered model {name!r} in {mlflow.get_tracking_uri()} (registered: "
+            f"{', '.join(names) or 'none'}; run dvc repro or pass a model folder)"
+        ) from None
+    aliases = {a: str(v) for a, v in (model.aliases or {}).items()}
+    if alias is not None and alias not in aliases:
+        have = ", ".join(f"{name}@{a} (v{v})" for a, v in sorted(aliases.items())) or "none"
+        hint = "; gac promote moves @champion when a challenger meets the targets" if alias == "champion" else ""
+        raise GacError(f"{option}: {uri}: {name} has no @{alias} (aliases that exist: {have}{hint})")
+    if version is not None:
+        try:
+            client.get_model_version(name, version)
+        except MlflowException:
+            raise GacError(f"{option}: {uri}: {name} has no version {version!r}") from None
+
+
+def _check_folder(option: str, stage: str, folder: Path) -> None:
+    from gac.io.atomic import read_json
+    from gac.training.export import PARAMS, WEIGHTS
+
+    if not (folder / WEIGHTS).is_file() or not (folder / PARAMS).is_file():
+        raise GacError(f"{option}: {folder}: not a models:/ URI or a GAC model folder (expected {WEIGHTS}, {PARAMS})")
+    made_by = read_json(folder / PARAMS, "the model's stage and parameters").get("stage")
+    if made_by != stage:
+        raise GacError(f"{option}: {folder}: a {made_by} model, expected a {stage} model")
+
+
+def run(cfg: Params, data: str, out: str | Path, stage2: str | None, stage3: str, visualize: int = 0) -> dict:
+    """Run every stage on ``data`` (a BigEarthNet v2 root or a catalog folder) into ``out``; return the caches.
+
+    ``stage2`` ``None``: the Stage 2 that ``stage3`` was trained on (:func:`paired_stage2`).
+    """
+    from gac import config
+    from gac.data import catalog as catalog_mod
+    from gac.inference import generate as stage1
+    from gac.inference.refine import write_cache
+    from gac.io.lock import exclusive_first_rank
+    from gac.io.store import ShardStore
+
+    if stage2 is None:
+        check_sources({"stage3": stage3})
+        stage2, why = paired_stage2(stage3)
+        print(f"stage2: {stage2} ({why})")
+    check_sources({"stage2": stage2, "stage3": stage3})
+    with exclusive_first_rank(out):  # after the model checks: bad input leaves no lock file behind
+        out = Path(out)
+        if (Path(data) / "metadata.parquet").is_file():  # a raw BigEarthNet v2 root: build its catalog first
+            section = config.override(cfg.catalog, out=str(out / "catalog"))
+            catalog_mod.build(section, data)
+            catalog_root = section.out
+        else:
+            catalog_root = data
+            ShardStore(catalog_root).index  # noqa: B018 - fails early with a clear line if it is not a store
+        caches = {"catalog": catalog_root, "opt_v1": str(out / "opt_v1")}
+        p1 = config.override(cfg.stage1, out=caches["opt_v1"])
+        report = stage1.run(p1, catalog_root)
+        print(report.summary_line())
+        if report.generated:  # what `gac stage1` records beside opt_v1, so that gac evaluate can report it
+            from gac.io import tracking
+            from gac.io.provenance import write_provenance, write_timing
+
+            origin = tracking.weights_origin(p1.pretrained, p1.ckpt_path)
+            write_provenance(p1.out, {"stage": "stage1", "weights_origin": origin, "variant": p1.variant,
+                                      "data_source": cfg.data.source})  # fmt: skip
+            write_timing(p1.out, {"seconds_per_tile": report.work_seconds / report.generated})
+        source = caches["opt_v1"]
+        for name, uri in (("opt_v2", stage2), ("opt_v3", stage3)):
+            stage, model = load_stage(uri)
+            caches[name] = str(out / name)
+            cache = getattr(cfg, stage).cache  # this machine's device, batch and shard sizes for that stage
+            write_cache(stage, model, catalog_root, source, caches[name], cache, provenance={"model": uri})
+            source = caches[name]
+        if visualize:
+            from gac.io.geotiff import export_geotiff
+
+            ids = ShardStore(source).index["patch_id"].head(visualize)
+            for pid in ids:
+                export_geotiff(source, pid, out / "geotiff" / f"{pid}_opt_v3.tif")
+        return caches

@@ -1,0 +1,52 @@
+"""Stage 1: TerraMind generates opt_v1 for every catalog tile (:mod:`gac.inference.generate`), then the stage records
+what made the cache (provenance), how fast (timing), the DVC metrics and an MLflow run. Works under ``torchrun``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from gac.config import Params, Stage1Params
+from gac.inference import engine, generate
+from gac.io import tracking
+from gac.io.atomic import write_json
+from gac.io.lock import exclusive_first_rank
+from gac.io.provenance import read_timing, write_provenance, write_timing
+from gac.pipeline import StageName
+
+NAME = StageName.STAGE1
+
+
+def run(cfg: Params, section: Stage1Params, catalog_root: str, metrics: str, progress: bool = True) -> dict[str, Any]:
+    """Generate ``section.out`` from ``catalog_root``; returns the summary written to ``metrics`` (rank 0; ``{}`` on
+    the other ranks)."""
+    with exclusive_first_rank(section.out):  # the cache, its provenance and timing: one writer at a time
+        report = generate.run(section, catalog_root, progress=progress)
+        if engine.dist()[0] != 0:
+            return {}
+        for err in report.errors:
+            print(f"error {err['patch_id']}: {err['reason']}")
+        print(report.summary_line())
+        origin = tracking.weights_origin(section.pretrained, section.ckpt_path)
+        if report.generated:
+            seconds = report.work_seconds / report.generated
+            info = {"stage": NAME, "weights_origin": origin, "variant": section.variant, "data_source": cfg.data.source}
+            write_provenance(section.out, info)
+            write_timing(section.out, {"seconds_per_tile": seconds})
+        else:  # a run that generated nothing (all shards done) reports the speed of the run that did
+            seconds = read_timing(section.out).get("seconds_per_tile")
+        summary = {
+            "processed": report.processed,
+            "total": report.total,
+            "errors": len(report.errors),
+            "generated_this_run": report.generated,
+            "tiles_per_s": round(1 / seconds, 4) if seconds else 0.0,
+            "seconds": round(report.seconds, 2),
+        }
+        write_json(metrics, summary)
+        with tracking.start_run(cfg.mlflow, NAME, tags={"gac.stage": NAME, "gac.data": cfg.data.source}):
+            import mlflow
+
+            mlflow.log_params(section.model_dump() | {"weights_origin": origin, "data_source": cfg.data.source})
+            mlflow.log_metrics({k: float(v) for k, v in summary.items()})
+            mlflow.log_text(report.summary_line() + "\n", "summary.txt")
+        return summary
