@@ -36,6 +36,8 @@ postgres:
 
 # pytest exits 5 when it collects no test: make fails on any non-zero status, so that cannot pass silently.
 test: $(STAMP) postgres
+	$(BIN)/lint-imports
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict -q -d $(CURDIR)/.cache/site
 	GAC_WHEEL_CACHE=$(CURDIR)/.cache $(BIN)/python -m pytest
 
 lint: $(STAMP)

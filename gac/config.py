@@ -14,6 +14,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from gac.errors import GacError
+from gac.pipeline import TRAINED, StageName
 
 PARAMS_FILE = "params.yaml"
 
@@ -264,7 +265,7 @@ class SearchSpace(Section):
 class SweepParams(Section):
     """Multi-objective Optuna sweep."""
 
-    stage: Literal["stage2", "stage3"] = "stage2"
+    stage: Literal[tuple(str(s) for s in TRAINED)] = str(StageName.STAGE2)  # type: ignore[valid-type]
     study: str = "gac-sweep"
     storage: str = "sqlite:///mlruns/optuna.db"
     n_trials: int = Field(default=3, gt=0)

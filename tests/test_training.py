@@ -29,6 +29,7 @@ import yaml
 from gac.config import CatalogParams, DataParams, MlflowParams, Params, Stage1Params, Stage2Params, Stage3Params
 from gac.config import TrainParams as Train
 from gac.io.store import ShardStore
+from gac.mlops.registry import log_and_register
 from gac.training.export import apply
 from gac.training.stages import TRAINED_STAGES
 
@@ -112,7 +113,8 @@ def fitted(request, catalog: Path, opt_v1: Path, mlflow_params: MlflowParams) ->
 
     stage = request.param
     section = SECTIONS[stage].model_copy(update={"out": str(catalog.parent / stage)})
-    result = fit(stage, section, mlflow_params, str(catalog), str(opt_v1), tags={"gac.data": "synthetic"})
+    result = fit(stage, section, mlflow_params, str(catalog), str(opt_v1), tags={"gac.data": "synthetic"},
+                 log_model=log_and_register)
     assert result is not None
     return {"stage": stage, "section": section, "result": result}
 
@@ -302,8 +304,8 @@ def test_a_fit_with_nothing_left_to_train_scores_the_best_weights_again(
 
     store = mlflow_store(tmp_path, empty_mlflow_db)
     section = SECTIONS["stage2"].model_copy(update={"out": str(tmp_path / "stage2")})
-    first = fit("stage2", section, store, str(catalog), str(opt_v1), register=False)
-    again = fit("stage2", section, store, str(catalog), str(opt_v1), register=False)
+    first = fit("stage2", section, store, str(catalog), str(opt_v1), register=False, log_model=log_and_register)
+    again = fit("stage2", section, store, str(catalog), str(opt_v1), register=False, log_model=log_and_register)
     assert first is not None and again is not None
     assert (again.global_step, again.run_id) == (first.global_step, first.run_id)  # resumed, in the same run
     assert history(client(store), first.run_id, "train/loss") == list(range(TRAIN.max_steps))  # nothing retrained
@@ -313,20 +315,21 @@ def test_a_fit_with_nothing_left_to_train_scores_the_best_weights_again(
     assert again.best_score == again.metrics[monitor] == pytest.approx(first.best_score, rel=1e-5, abs=1e-6)
 
 
-def test_stage3_lora_is_on_cross_attention_only_by_default(tmp_path: Path) -> None:
-    """The flag defaults on and wins over ``stage3.lora.target_modules``; ``--no-…`` hands the choice to params."""
+def test_stage3_lora_cross_attention_flag(tmp_path: Path) -> None:
+    """The committed params put Stage 3's LoRA on cross-attention; the flag forces that, and only when passed."""
     from gac.cli import build_parser
-    from gac.cli.stage3 import section_for
+    from gac.cli.flags import apply, passed
 
     self_attention = r".*decoder\.\d+\.attn\.(qkv|proj)"
     cfg = Params(stage3=Stage3Params(lora=Stage3Params().lora.model_copy(update={"target_modules": self_attention})))
     parser = build_parser()
-    default = parser.parse_args(["stage3"])
-    assert default.lora_cross_attention_only is True
-    assert section_for(cfg, default).lora.target_modules == Stage3Params().lora.target_modules
     assert "cross_attn" in Stage3Params().lora.target_modules
+    # not passed: the params file decides (no flag changes a setting the user did not pass)
+    assert apply(cfg, passed(parser.parse_args(["stage3"]), "stage3")).stage3.lora.target_modules == self_attention
+    on = parser.parse_args(["stage3", "--lora-cross-attention-only"])
+    assert apply(cfg, passed(on, "stage3")).stage3.lora.target_modules == Stage3Params().lora.target_modules
     opted_out = parser.parse_args(["stage3", "--no-lora-cross-attention-only", "--lora-rank", "4"])
-    section = section_for(cfg, opted_out)
+    section = apply(cfg, passed(opted_out, "stage3")).stage3
     assert (section.lora.target_modules, section.lora.rank) == (self_attention, 4)
 
 
@@ -509,7 +512,7 @@ def test_a_training_continues_only_with_the_same_inputs_and_model_settings(
 
     def run(max_steps: int, **train):
         section = base.model_copy(update={"train": base.train.model_copy(update={"max_steps": max_steps, **train})})
-        result = fit("stage2", section, store, str(catalog), str(source), register=False)
+        result = fit("stage2", section, store, str(catalog), str(source), register=False, log_model=log_and_register)
         assert result is not None
         return result
 

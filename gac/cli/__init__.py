@@ -15,15 +15,16 @@ import sys
 from collections.abc import Callable, Sequence
 
 from gac.errors import GacError
+from gac.pipeline import StageName as S
 
 #: subcommand → (module with ``add_arguments(parser)`` and ``run(args)``, one-line help).
 COMMANDS: dict[str, tuple[str, str]] = {
     "sample": ("gac.cli.sample", "materialise the embedded BigEarthNet v2 sample (real reBEN tiles) into data/"),
     "synth": ("gac.cli.synth", "write seeded synthetic tiles in the BigEarthNet v2 layout (tests, benchmarks)"),
     "catalog": ("gac.cli.catalog", "validate, resample and pack BigEarthNet v2 tiles into the tile catalog"),
-    "stage1": ("gac.cli.stage1", "Stage 1: TerraMind S1→S2 generation into the opt_v1 cache"),
-    "stage2": ("gac.cli.stage2", "Stage 2: train Prithvi-EO + LoRA refinement (opt_v1 → opt_v2)"),
-    "stage3": ("gac.cli.stage3", "Stage 3: train TerraMind cross-attention LoRA grounding (opt_v2 → opt_v3)"),
+    S.STAGE1: ("gac.cli.stage1", "Stage 1: TerraMind S1→S2 generation into the opt_v1 cache"),
+    S.STAGE2: ("gac.cli.stage2", "Stage 2: train Prithvi-EO + LoRA refinement (opt_v1 → opt_v2)"),
+    S.STAGE3: ("gac.cli.stage3", "Stage 3: train TerraMind cross-attention LoRA grounding (opt_v2 → opt_v3)"),
     "evaluate": ("gac.cli.evaluate", "metrics, ablation, pictures and GeoTIFFs over a split"),
     "infer": ("gac.cli.infer", "run the whole pipeline on a catalog or BigEarthNet root"),
     "promote": ("gac.cli.promote", "move the 'champion' alias when a challenger beats it and meets the targets"),

@@ -6,13 +6,14 @@ from __future__ import annotations
 import argparse
 
 from gac.cli.common import params, write_json
+from gac.pipeline import TRAINED
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n-trials", type=int, help="total trial budget of the study (default: sweep.n_trials)")
     p.add_argument("--storage", help="Optuna storage URL, e.g. postgresql://… (default: sweep.storage)")
     p.add_argument("--study", help="study name (default: sweep.study)")
-    p.add_argument("--stage", choices=["stage2", "stage3"], help="stage to tune (default: sweep.stage)")
+    p.add_argument("--stage", choices=[str(s) for s in TRAINED], help="stage to tune (default: sweep.stage)")
     p.add_argument("--max-steps", type=int, help="optimizer steps per trial (default: the stage's train.max_steps)")
     p.add_argument("--no-register", action="store_true", help="do not register the best trial")
     p.add_argument("--metrics", default="metrics/sweep.json", help="summary JSON (default: %(default)s)")

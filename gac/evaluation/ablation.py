@@ -72,15 +72,17 @@ from gac.evaluation.figures import save_attention, save_comparison, save_groundi
 from gac.io.atomic import atomic_path, write_text
 from gac.io.provenance import read_provenance
 from gac.io.store import ShardStore
+from gac.pipeline import GENERATING, output
+from gac.pipeline import StageName as S
 
 #: Ablation row → the stage whose cache it reads (``None``: computed here).
 ROWS: dict[str, str | None] = {
-    "stage1": "stage1", "stage1+2": "stage2", "full": "stage3", "baseline": None, "truth": None,
+    S.STAGE1: S.STAGE1, "stage1+2": S.STAGE2, "full": S.STAGE3, "baseline": None, "truth": None,
 }  # fmt: skip
 #: The row whose output each stage row refines: its block periodicity is scored on the difference.
-INPUT_ROW: dict[str, str] = {"stage1+2": "stage1", "full": "stage1+2"}
+INPUT_ROW: dict[str, str] = {"stage1+2": S.STAGE1, "full": "stage1+2"}
 #: Cache name of each stage's output, for labels.
-LABELS: dict[str, str] = {"stage1": "opt_v1", "stage2": "opt_v2", "stage3": "opt_v3"}
+LABELS: dict[str, str] = {s: output(s) for s in GENERATING}
 #: Index columns the per-group tables are made over.
 GROUPS: tuple[str, ...] = ("country", "season")
 #: Metric keys of :func:`gac.evaluation.metrics.per_tile` in table order (``lpips`` is added when configured).
@@ -133,8 +135,8 @@ def cache_roots(cfg: Params) -> dict[str, Path]:
     """Where the stages write their caches: opt_v1 is Stage 1's whole output folder; opt_v2 and opt_v3 live inside
     the training stages' folders, beside their checkpoints and logs (as ``gac stage2``/``gac stage3`` and ``dvc.yaml``
     have them)."""
-    return {"stage1": Path(cfg.stage1.out), "stage2": Path(cfg.stage2.out) / LABELS["stage2"],
-            "stage3": Path(cfg.stage3.out) / LABELS["stage3"]}  # fmt: skip
+    return {S.STAGE1: Path(cfg.stage1.out), S.STAGE2: Path(cfg.stage2.out) / LABELS[S.STAGE2],
+            S.STAGE3: Path(cfg.stage3.out) / LABELS[S.STAGE3]}  # fmt: skip
 
 
 def open_caches(cfg: Params) -> dict[str, Cache]:
@@ -285,7 +287,7 @@ def visualise(out: Path, rows: pd.DataFrame, catalog: ShardStore, caches: dict[s
     (out / "figures").mkdir(parents=True, exist_ok=True)
     s1, truth = catalog.read("s1", rows), catalog.read("s2", rows)
     opts = {stage: c.store.read("opt", c.store.rows_for(rows["patch_id"])) for stage, c in caches.items()}
-    attention = attention_maps(s1, opts["stage2"]) if attention_maps is not None else None
+    attention = attention_maps(s1, opts[S.STAGE2]) if attention_maps is not None else None
     scores = per_tile.set_index(["patch_id", "row"])
     shown = {row: LABELS[stage] for row, stage in ROWS.items() if stage is not None}  # ablation row -> opt_vN
     for i, pid in enumerate(rows["patch_id"]):
@@ -293,10 +295,10 @@ def visualise(out: Path, rows: pd.DataFrame, catalog: ShardStore, caches: dict[s
         tile_scores = {label: scores.loc[(pid, row)].to_dict() for row, label in shown.items()}
         title = " · ".join([pid, *(str(rows[g].iloc[i]) for g in GROUPS if g in rows)])  # where and when
         save_comparison(out / "figures" / f"{pid}_compare.png", s1[i], named, truth[i], title, tile_scores)
-        save_grounding(out / "figures" / f"{pid}_grounding.png", s1[i], opts["stage2"][i], opts["stage3"][i], title)
+        save_grounding(out / "figures" / f"{pid}_grounding.png", s1[i], opts[S.STAGE2][i], opts[S.STAGE3][i], title)
         if attention is not None:
             save_attention(out / "figures" / f"{pid}_attention.png", s1[i], np.asarray(attention[i]), title)
-        export_geotiff(caches["stage3"].store.root, pid, out / "geotiff" / f"{pid}_opt_v3.tif")
+        export_geotiff(caches[S.STAGE3].store.root, pid, out / "geotiff" / f"{pid}_opt_v3.tif")
     return list(rows["patch_id"])
 
 
@@ -327,21 +329,21 @@ def leakage_gap(
 
     index = keep_unflagged(catalog.index, exclude)
     train = index[index["split"] == "train"]
-    train = train[train["patch_id"].isin(caches["stage1"].store.index["patch_id"])
-                  & train["patch_id"].isin(caches["stage2"].store.index["patch_id"])]  # fmt: skip
+    train = train[train["patch_id"].isin(caches[S.STAGE1].store.index["patch_id"])
+                  & train["patch_id"].isin(caches[S.STAGE2].store.index["patch_id"])]  # fmt: skip
     if train.empty:
         return {}
-    v1, v2 = (caches[s].store.rows_for(train["patch_id"]) for s in ("stage1", "stage2"))
+    v1, v2 = (caches[s].store.rows_for(train["patch_id"]) for s in (S.STAGE1, S.STAGE2))
     gains = []
     for start in range(0, len(train), batch_size):
         end = start + batch_size
         truth = metrics.to_reflectance(torch.from_numpy(catalog.read("s2", train.iloc[start:end]).astype(np.float32)))
         p1, p2 = (metrics.to_reflectance(torch.from_numpy(caches[s].store.read("opt", rows.iloc[start:end])
                                                           .astype(np.float32)))
-                  for s, rows in (("stage1", v1), ("stage2", v2)))  # fmt: skip
+                  for s, rows in ((S.STAGE1, v1), (S.STAGE2, v2)))  # fmt: skip
         gains.append(metrics.psnr(p2, truth) - metrics.psnr(p1, truth))
     scored = per_tile.set_index(["row", "patch_id"])["psnr"]
-    gain_scored = float((scored["stage1+2"] - scored["stage1"]).mean())
+    gain_scored = float((scored["stage1+2"] - scored[S.STAGE1]).mean())
     gain_train = float(torch.cat(gains).mean())
     return {"stage2_gain_train_db": gain_train, "stage2_gain_scored_db": gain_scored,
             "gap_db": gain_train - gain_scored, "train_tiles": len(train)}  # fmt: skip

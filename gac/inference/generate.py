@@ -28,6 +28,7 @@ from gac.inference import engine, mosaic
 from gac.inference.engine import autocast, check_precision, native_bf16, plan, resolve_device, seed_batch, to_dn  # noqa: F401
 from gac.io.store import ShardStore
 from gac.models import geometry
+from gac.pipeline import StageName as S
 
 CONFIG_FILE = "stage1.json"
 DN_MAX = engine.DN_MAX
@@ -128,6 +129,6 @@ def run(
         seed=p.seed,
         config_file=CONFIG_FILE,
         progress=progress,
-        label="stage1",
+        label=S.STAGE1,
         group=mosaic.SCENE if p.mosaic else None,
     )

@@ -13,8 +13,10 @@ import json
 from pathlib import Path
 from typing import Any
 
+from gac import pipeline
 from gac.errors import GacError
 from gac.io.atomic import write_text
+from gac.pipeline import StageName as S
 
 PROVENANCE = "provenance.json"
 TIMING_SUFFIX = ".timing.json"
@@ -61,8 +63,6 @@ def read_timing(root: str | Path) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
-#: The cache each trained stage reads, by the stage that made it.
-PREVIOUS = {"stage2": "stage1", "stage3": "stage2"}
 
 
 def lineage(stage: str, catalog_root: str, source_root: str) -> dict[str, str]:
@@ -72,14 +72,14 @@ def lineage(stage: str, catalog_root: str, source_root: str) -> dict[str, str]:
     The git revision and DVC experiment come with every run (:func:`gac.io.tracking.run_tags`)."""
     from gac.io.store import ShardStore
 
-    previous = PREVIOUS[stage]
+    previous = pipeline.previous(stage)
     made_by = read_provenance(source_root, previous)
     tags = {
         "gac.catalog_sha256": ShardStore(catalog_root).content_digest(),
         f"gac.{previous}_cache_sha256": ShardStore(source_root).content_digest(),
         **{k: v for k, v in (made_by.get("lineage") or {}).items() if k.startswith(("gac.stage1_", "gac.stage2_"))},
     }
-    if previous == "stage1":
+    if previous == S.STAGE1:
         made = {"gac.stage1_weights": made_by.get("weights_origin"), "gac.stage1_variant": made_by.get("variant")}
     else:
         made = {"gac.stage2_model": made_by.get("registered_model") or made_by.get("model_dir"),

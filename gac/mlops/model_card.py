@@ -19,17 +19,14 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
+from gac.pipeline import TRAINED, output, previous, trained_model
+
 #: Prefix of the model-version tags holding evaluation results.
 EVAL_TAG = "eval."
 #: Heading of the model-card section that evaluation rewrites.
 EVAL_SECTION = "## Evaluation"
 #: What each registered stage does, for the model card (units: those of the pyfunc signature, see :data:`SIGNATURE`).
-STAGE_PURPOSE: dict[str, str] = {
-    "stage2": "Stage 2: Prithvi-EO + LoRA refinement of TerraMind's opt_v1 into opt_v2 (Sentinel-2 L2A reflectance "
-    "in [0, 1], 12 bands).",
-    "stage3": "Stage 3: TerraMind + LoRA on decoder cross-attention, grounding opt_v2 in the SAR into opt_v3 "
-    "(Sentinel-2 L2A reflectance in [0, 1], 12 bands).",
-}
+STAGE_PURPOSE: dict[str, str] = {s: trained_model(s).purpose for s in TRAINED}
 #: The pyfunc's input and output in words (they are what :func:`gac.mlops.registry.example_input` and the signature
 #: hold).
 SIGNATURE: dict[str, str] = {
@@ -39,7 +36,7 @@ SIGNATURE: dict[str, str] = {
     "output": "float32 (N, 12, 120, 120): the refined optical, same bands, reflectance clipped to [0, 1]",
 }
 #: What each stage's ``opt`` input and output are in the pipeline.
-STAGE_IO: dict[str, tuple[str, str]] = {"stage2": ("opt_v1", "opt_v2"), "stage3": ("opt_v2", "opt_v3")}
+STAGE_IO: dict[str, tuple[str, str]] = {s: (output(previous(s)), output(s)) for s in TRAINED}
 
 
 def _cell(text: str) -> str:
@@ -66,7 +63,8 @@ def io_section(stage: str | None) -> list[str]:
     from gac.data.layout import S1_BANDS, S2_BANDS
 
     opt_in, opt_out = STAGE_IO.get(stage or "", ("optical", "refined optical"))
-    ignored = " (Stage 2 ignores it; pass any array of that shape)" if stage == "stage2" else ""
+    sees_sar = stage in TRAINED and trained_model(stage).sees_sar
+    ignored = "" if sees_sar or stage not in TRAINED else " (this stage ignores it; pass any array of that shape)"
     return [
         "## Input and output",
         "A dict of two arrays in, one array out (the MLflow signature holds the shapes; the units are these):",

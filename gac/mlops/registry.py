@@ -27,7 +27,9 @@ from typing import Any
 
 import numpy as np
 
-MODEL_NAMES = {"stage2": "gac-stage2", "stage3": "gac-stage3"}
+from gac.pipeline import TRAINED, previous, registry_names
+
+MODEL_NAMES = registry_names()
 CHALLENGER = "challenger"
 CHAMPION = "champion"
 #: Model-version tag: sha256 of what a registry model is made of (its code, requirements and the files of its folder).
@@ -38,7 +40,11 @@ DONE_TAG = "stage"
 LOCK_WAIT_S = 300.0
 #: Registered model → (the registered model whose output it was trained on, version tags naming that model and
 #: version). A Stage 3 version is trained on the opt_v2 one Stage 2 version wrote: the two only work as a pair.
-TRAINED_ON = {"gac-stage3": ("gac-stage2", "gac.stage2_model", "gac.stage2_version")}
+TRAINED_ON = {
+    MODEL_NAMES[s]: (MODEL_NAMES[previous(s)], f"gac.{previous(s)}_model", f"gac.{previous(s)}_version")
+    for s in TRAINED
+    if previous(s) in TRAINED
+}
 #: Where the package's modules are: the root of the code a registry model ships.
 PACKAGE_DIR = Path(__file__).resolve().parents[1]
 

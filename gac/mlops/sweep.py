@@ -41,6 +41,8 @@ from typing import Any
 from gac.config import Params, TargetParams
 from gac.errors import GacError
 from gac.evaluation.direction import direction
+from gac.pipeline import StageName as S
+from gac.pipeline import output
 
 OBJECTIVES = ("psnr", "ssim", "sam_deg", "sar_edge")
 DIRECTIONS = tuple(direction(m) for m in OBJECTIVES)
@@ -73,7 +75,7 @@ def suggest(trial, cfg: Params):
     section = getattr(cfg, stage)
     rank = trial.suggest_categorical("lora_rank", list(space.lora_rank))
     lr = trial.suggest_float("lr", *space.lr, log=True)
-    if stage == "stage2":
+    if stage == S.STAGE2:
         weights = {"l1_weight": trial.suggest_float("l1_weight", *space.l1_weight),
                    "ms_ssim_weight": trial.suggest_float("ms_ssim_weight", *space.ms_ssim_weight)}  # fmt: skip
     else:
@@ -118,7 +120,7 @@ def score(
 
 def source_of(cfg: Params) -> str:
     """The cache a swept stage trains on."""
-    return cfg.stage1.out if cfg.sweep.stage == "stage2" else f"{cfg.stage2.out}/opt_v2"
+    return cfg.stage1.out if cfg.sweep.stage == S.STAGE2 else f"{cfg.stage2.out}/{output(S.STAGE2)}"
 
 
 def counted(study) -> int:

@@ -44,6 +44,7 @@ from typing import Any
 
 from gac.config import Params
 from gac.errors import GacError
+from gac.pipeline import StageName as S
 
 #: Parent of the default output folders, one per root: ``<EXTERNAL_DIR>/<root folder name>``.
 EXTERNAL_DIR = "artifacts/evaluate-external"
@@ -60,7 +61,7 @@ def default_output_dir(root: str | Path) -> Path:
 
 def default_checkpoints(cfg: Params) -> dict[str, str]:
     """The DVC pipeline's own model folders, ``{stage: <stageN.out>/model}``."""
-    return {"stage2": f"{cfg.stage2.out}/model", "stage3": f"{cfg.stage3.out}/model"}
+    return {S.STAGE2: f"{cfg.stage2.out}/model", S.STAGE3: f"{cfg.stage3.out}/model"}
 
 
 def check_root(data_dir: str | Path) -> Any:
@@ -147,9 +148,9 @@ def external_params(cfg: Params, root: str | Path, caches: Path, report: Path, s
         update={
             "data": config.override(cfg.data, root=str(root), source=data_source(root)),
             "catalog": catalog.model_copy(update={"max_tiles": max_tiles}),  # None: every tile of the split
-            "stage1": cfg.stage1.model_copy(update={"out": str(caches / "opt_v1"), "max_tiles": None}),
-            "stage2": config.override(cfg.stage2, out=str(caches)),  # → caches/opt_v2
-            "stage3": config.override(cfg.stage3, out=str(caches)),  # → caches/opt_v3
+            S.STAGE1: cfg.stage1.model_copy(update={"out": str(caches / "opt_v1"), "max_tiles": None}),
+            S.STAGE2: config.override(cfg.stage2, out=str(caches)),  # → caches/opt_v2
+            S.STAGE3: config.override(cfg.stage3, out=str(caches)),  # → caches/opt_v3
             "evaluate": config.override(cfg.evaluate, split=split, out=str(report)),
         }
     )
@@ -224,7 +225,7 @@ def evaluate_root(
     metrics_path = Path(metrics_path) if metrics_path is not None else out / "evaluate.json"
     check_outputs(cfg, root, out, metrics_path)
     defaults = default_checkpoints(cfg)
-    sources = {"stage2": stage2 or defaults["stage2"], "stage3": stage3 or defaults["stage3"]}
+    sources = {S.STAGE2: stage2 or defaults[S.STAGE2], S.STAGE3: stage3 or defaults[S.STAGE3]}
     tracking.setup(cfg.mlflow)  # registry URIs are looked up in the project's store
     check_models(sources, defaults)
 
@@ -232,9 +233,9 @@ def evaluate_root(
 
     with exclusive(out):  # taken after every check, so bad input leaves no lock file behind either
         ext = external_params(cfg, root, out / "caches", out / "evaluate", split, max_tiles)
-        print(f"Evaluating {sources['stage2']} + {sources['stage3']} on the '{split}' tiles of {root} into {out}")
-        infer.run(ext, str(root), out / "caches", sources["stage2"], sources["stage3"])
-        attention = attention_hook(sources["stage3"])
+        print(f"Evaluating {sources[S.STAGE2]} + {sources[S.STAGE3]} on the '{split}' tiles of {root} into {out}")
+        infer.run(ext, str(root), out / "caches", sources[S.STAGE2], sources[S.STAGE3])
+        attention = attention_hook(sources[S.STAGE3])
         result = evaluate(ext, ext.evaluate.out, metrics_path=metrics_path, attention_maps=attention,
                           baseline_catalog=baseline_catalog or cfg.catalog.out)  # fmt: skip
         extra = {"data_root": str(root.resolve()), "output_dir": str(out), "models": sources}

@@ -21,6 +21,7 @@ import torch
 
 from gac.config import Params
 from gac.errors import GacError
+from gac.pipeline import StageName as S
 
 
 def load_stage(source: str) -> tuple[str, torch.nn.Module]:
@@ -48,7 +49,7 @@ def paired_stage2(stage3: str) -> tuple[str, str]:
     """
     from gac.mlops.registry import CHAMPION, MODEL_NAMES, TRAINED_ON, trained_on
 
-    name, fallback = MODEL_NAMES["stage3"], f"models:/{MODEL_NAMES['stage2']}@{CHAMPION}"
+    name, fallback = MODEL_NAMES[S.STAGE3], f"models:/{MODEL_NAMES[S.STAGE2]}@{CHAMPION}"
     if not stage3.startswith(f"models:/{name}@") and not stage3.startswith(f"models:/{name}/"):
         return fallback, f"{stage3} names no Stage 2 version"
     import mlflow
@@ -134,10 +135,10 @@ def run(cfg: Params, data: str, out: str | Path, stage2: str | None, stage3: str
     from gac.io.store import ShardStore
 
     if stage2 is None:
-        check_sources({"stage3": stage3})
+        check_sources({S.STAGE3: stage3})
         stage2, why = paired_stage2(stage3)
         print(f"stage2: {stage2} ({why})")
-    check_sources({"stage2": stage2, "stage3": stage3})
+    check_sources({S.STAGE2: stage2, S.STAGE3: stage3})
     with exclusive_first_rank(out):  # after the model checks: bad input leaves no lock file behind
         out = Path(out)
         if (Path(data) / "metadata.parquet").is_file():  # a raw BigEarthNet v2 root: build its catalog first
@@ -156,7 +157,7 @@ def run(cfg: Params, data: str, out: str | Path, stage2: str | None, stage3: str
             from gac.io.provenance import write_provenance, write_timing
 
             origin = tracking.weights_origin(p1.pretrained, p1.ckpt_path)
-            write_provenance(p1.out, {"stage": "stage1", "weights_origin": origin, "variant": p1.variant,
+            write_provenance(p1.out, {"stage": S.STAGE1, "weights_origin": origin, "variant": p1.variant,
                                       "data_source": cfg.data.source})  # fmt: skip
             write_timing(p1.out, {"seconds_per_tile": report.work_seconds / report.generated})
         source = caches["opt_v1"]

@@ -24,6 +24,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from gac.pipeline import StageName as S
+
 #: Where, under ``<stage2.out>``, fold ``i``'s training lives (``folds/<i>/{checkpoints,model,logs}``).
 FOLDS_DIR = Path("checkpoints") / "folds"
 
@@ -80,7 +82,7 @@ def fit_folds(
     for i in range(k):
         held = [pid for pid in train if fold_of(pid, k) == i]
         fold_section = config.override(section, out=str(fold_dir(section.out, i)), cross_fit_folds=0)
-        result = fit("stage2", fold_section, mlflow_params, catalog_root, source_root, register=False,
+        result = fit(S.STAGE2, fold_section, mlflow_params, catalog_root, source_root, register=False,
                      tags=tags | {"gac.cross_fit_fold": f"{i}/{k}"}, exclude=exclude, holdout=held,
                      log_model=log_model)  # fmt: skip
         dirs.append(None if result is None else result.model_dir)

@@ -15,6 +15,7 @@ import torch
 
 from gac.errors import GacError
 from gac.io.atomic import atomic_path, read_json
+from gac.pipeline import trained_model
 from gac.training.stages import TRAINED_STAGES
 
 WEIGHTS = "weights.safetensors"
@@ -55,5 +56,5 @@ def apply(stage: str, model: torch.nn.Module, s1_db: torch.Tensor, opt_refl: tor
     The output is clipped to valid reflectance ``[0, 1]``: a residual may overshoot, and no caller (caches, the
     registry's pyfunc model, sweeps) should hand out a negative reflectance. Training losses see the raw output.
     """
-    out = model(opt_refl) if stage == "stage2" else model(s1_db, opt_refl)
+    out = model(s1_db, opt_refl) if trained_model(stage).sees_sar else model(opt_refl)
     return out.clamp(0.0, 1.0)

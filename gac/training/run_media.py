@@ -22,10 +22,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from gac.pipeline import output
+
 #: Validation tiles drawn per run.
 N_TILES = 2
-#: What each trained stage writes (the name its prediction carries in the figures).
-OUTPUT = {"stage2": "opt_v2", "stage3": "opt_v3"}
 
 
 def read_curves(csv_file: str | Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -86,11 +86,11 @@ def log_validation_tiles(
     dn = metrics.DN_SCALE
     source, pred, target = batch["source"] * dn, pred * dn, batch["target"] * dn
     given = f"input ({Path(source_root).name})"
-    scores = {name: metrics.per_tile(x, target, batch["s1"]) for name, x in ((given, source), (OUTPUT[stage], pred))}
+    scores = {name: metrics.per_tile(x, target, batch["s1"]) for name, x in ((given, source), (output(stage), pred))}
     logged = []
     for i, patch_id in enumerate(ids):
         tile_scores = {name: {k: float(v[i]) for k, v in s.items()} for name, s in scores.items()}
-        fig = comparison_figure(batch["s1"][i].numpy(), {given: source[i].numpy(), OUTPUT[stage]: pred[i].numpy()},
+        fig = comparison_figure(batch["s1"][i].numpy(), {given: source[i].numpy(), output(stage): pred[i].numpy()},
                                 target[i].numpy(), f"{patch_id} · validation · {stage}, best checkpoint",
                                 tile_scores)  # fmt: skip
         path = f"validation/{patch_id}.png"

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from gac.config import Stage2Params, Stage3Params
+from gac.pipeline import StageName as S
 
 
 @dataclass(frozen=True)
@@ -46,10 +47,10 @@ class TrainedStage:
 
 
 TRAINED_STAGES: dict[str, TrainedStage] = {
-    "stage2": TrainedStage(
+    S.STAGE2: TrainedStage(
         Stage2Params, "gac.training.stage2.Stage2Task", "gac.models.prithvi", "refiner_state", "load_refiner"
     ),
-    "stage3": TrainedStage(
+    S.STAGE3: TrainedStage(
         Stage3Params, "gac.training.stage3.Stage3Task", "gac.models.grounding", "grounder_state", "load_grounder"
     ),
 }
