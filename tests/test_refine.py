@@ -220,9 +220,10 @@ def test_training_and_cache_writing_stay_under_256_open_files(inputs, wide, tmp_
     assert pd.read_json(tmp_path / "stage2.json", typ="series")["global_step"] == 2
 
 
-# -- the README's disk table -----------------------------------------------------------------------------------------
-def test_the_readmes_disk_table_is_what_the_stores_take(inputs: dict[str, Path], tmp_path: Path) -> None:
-    """KiB per tile in the README = the bytes of a 512-tile catalog and opt cache in 256-tile shards (as measured by
+# -- the docs' disk table ---------------------------------------------------------------------------------------------
+def test_the_docs_disk_table_is_what_the_stores_take(inputs: dict[str, Path], tmp_path: Path) -> None:
+    """KiB per tile in the docs' disk table (docs/results.md) = the bytes of a 512-tile catalog and opt cache in
+    256-tile shards (as measured by
     benchmarks/scale.py), within 1 %; its 549,488-tile column follows from them."""
     import re
 
@@ -236,11 +237,11 @@ def test_the_readmes_disk_table_is_what_the_stores_take(inputs: dict[str, Path],
         opt.write_shard(f"{start // 256:05d}", meta, {"opt": s2[take]})
     catalog.finalize()
     opt.finalize()
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    readme = (Path(__file__).resolve().parents[1] / "docs" / "results.md").read_text()
     for name, store in (("catalog", catalog), ("opt cache", opt)):
         measured = sum(f.stat().st_size for f in store.root.rglob("*") if f.is_file()) / 512 / 1024
         match = re.search(rf"^\| {name}[^|]*\| ([\d.]+) \| ([\d.]+) GB \|", readme, re.MULTILINE)
-        assert match, f"no '{name}' row in the README's disk table"
+        assert match, f"no '{name}' row in the disk table of docs/results.md"
         kib, gb = float(match[1]), float(match[2])
         assert kib == pytest.approx(measured, rel=0.01)
         assert gb == pytest.approx(kib * 1024 * 549_488 / 1e9, rel=0.005)

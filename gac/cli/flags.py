@@ -60,6 +60,11 @@ TRAIN_FIELD_FLAGS = ("max_steps", "devices", "strategy", "accelerator")
 
 #: The seed's flags of each command, and the fields other flags are generated from (command → flags).
 FLAGS: dict[str, list[Flag]] = {
+    S.CATALOG: [
+        Flag("--data-dir", "data.root", "BigEarthNet v2 root"),
+        Flag("--output-dir", f"{S.CATALOG}.out", "catalog folder"),
+        *(Flag(f"--{f.replace('_', '-')}", f"{S.CATALOG}.{f}") for f in ("max_tiles", "splits", "workers")),
+    ],
     S.STAGE1: [
         Flag("--data-dir", "catalog.out", "the tile catalog folder"),
         Flag("--output-dir", f"{S.STAGE1}.out", "opt_v1 cache folder"),
@@ -85,6 +90,7 @@ FLAGS: dict[str, list[Flag]] = {
             _lora_cross_attention_only,
         ),
     ],
+    "sweep": [*(Flag(f"--{f.replace('_', '-')}", f"sweep.{f}") for f in ("n_trials", "storage", "study", "stage"))],
 }
 
 
@@ -115,9 +121,16 @@ def add_flags(parser: argparse.ArgumentParser, command: str) -> None:
         info = field_info(flag.field)
         default_help = f"(default: {flag.field} from the params file)"
         help_ = f"{flag.help} {default_help}".strip()
+        literal = typing.get_args(info.annotation) if typing.get_origin(info.annotation) is typing.Literal else None
         if info.annotation is bool or flag.to_field is not None:
             parser.add_argument(flag.name, dest=_dest(flag), action=argparse.BooleanOptionalAction, default=None,
                                 help=help_)  # fmt: skip
+        elif literal:
+            parser.add_argument(flag.name, dest=_dest(flag), choices=literal, default=None, help=help_)
+        elif typing.get_origin(info.annotation) is list:
+            (item,) = typing.get_args(info.annotation)
+            choices = typing.get_args(item) if typing.get_origin(item) is typing.Literal else None
+            parser.add_argument(flag.name, dest=_dest(flag), nargs="+", choices=choices, default=None, help=help_)
         else:
             parser.add_argument(flag.name, dest=_dest(flag), type=_value_type(info.annotation), default=None,
                                 metavar=flag.field.rsplit(".", 1)[-1].upper(), help=help_)  # fmt: skip

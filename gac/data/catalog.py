@@ -39,6 +39,7 @@ import pandas as pd
 from gac.config import CatalogParams
 from gac.data import layout, metadata
 from gac.errors import GacError
+from gac.io import fingerprint as fingerprints
 from gac.io.atomic import write_text
 from gac.io.lock import exclusive
 from gac.io.store import ShardStore
@@ -302,12 +303,9 @@ def fingerprint(params: CatalogParams, root: str | Path, selected: pd.DataFrame)
     another folder — a fresh clone, a moved disk — gives the same catalog, byte for byte, and so the same DVC hash.
     The tiles' files enter per shard (:func:`_sources_digest`), so a changed file costs one shard, not the catalog.
     """
-    digest = hashlib.sha256()
-    with Path(root, layout.METADATA_FILE).open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    key = {"metadata": digest.hexdigest(), "shard_size": params.shard_size, "ids": list(selected["patch_id"])}
-    return hashlib.sha256(json.dumps(key, default=str).encode()).hexdigest()
+    key = {"metadata": fingerprints.file_digest(Path(root, layout.METADATA_FILE)), "shard_size": params.shard_size,
+           "ids": list(selected["patch_id"])}  # fmt: skip
+    return fingerprints.record_digest(key)
 
 
 @dataclass(frozen=True)
@@ -375,7 +373,7 @@ def _write(params: CatalogParams, root: str | Path, selected: pd.DataFrame, out:
     if out.exists() and not config.is_file() and any(out.iterdir()):
         # Never delete a folder this stage did not write (e.g. --output-dir pointing at the data root).
         raise GacError(f"{out}: exists and is not a catalog (no {CONFIG_FILE}); remove it or set catalog.out")
-    if out.exists() and (not config.is_file() or json.loads(config.read_text()).get("fingerprint") != stamp):
+    if out.exists() and (fingerprints.read(config) or {}).get("fingerprint") != stamp:
         shutil.rmtree(out)  # written for other tiles or settings: nothing to resume from.
     out.mkdir(parents=True, exist_ok=True)
     write_text(config, json.dumps({"fingerprint": stamp, "root": str(root), "splits": list(params.splits)}))

@@ -39,7 +39,6 @@ sorted iteration, fixed parquet writer settings). Atomicity: the whole tree is b
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import subprocess
@@ -69,6 +68,7 @@ from gac.data.layout import (
 )
 from gac.errors import GacError
 from gac.io.atomic import atomic_path
+from gac.io.fingerprint import file_digest
 
 WHEEL_PROJECT = "configilm"
 WHEEL_VERSION = "0.7.1"
@@ -119,14 +119,6 @@ def default_cache_dir() -> Path:
     return Path(base, "gac", "wheels")
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def fetch_wheel(cache_dir: str | Path | None = None) -> Path:
     """Return the verified ``configilm`` wheel, downloading it with pip into ``cache_dir`` if it is not there.
 
@@ -148,7 +140,7 @@ def fetch_wheel(cache_dir: str | Path | None = None) -> Path:
         if proc.returncode != 0 or not wheel.is_file():
             last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
             raise GacError(f"could not download {WHEEL_PROJECT}=={WHEEL_VERSION} with pip into {cache}: {last}")
-    actual = _sha256(wheel)
+    actual = file_digest(wheel)
     if actual != WHEEL_SHA256:
         raise GacError(
             f"{wheel} has sha256 {actual}, expected {WHEEL_SHA256} for {WHEEL_PROJECT}=={WHEEL_VERSION}; "

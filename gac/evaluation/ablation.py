@@ -67,9 +67,14 @@ import pandas as pd
 from gac.config import Params
 from gac.data.metadata import flagged, keep_unflagged
 from gac.errors import GacError
+from gac.evaluation import metrics
+from gac.evaluation.baseline import fit_baseline
 from gac.evaluation.direction import higher_is_better
 from gac.evaluation.figures import save_attention, save_comparison, save_grounding
+from gac.evaluation.metrics import lpips_metric
+from gac.io import tracking
 from gac.io.atomic import atomic_path, write_text
+from gac.io.geotiff import export_geotiff
 from gac.io.provenance import read_provenance
 from gac.io.store import ShardStore
 from gac.pipeline import GENERATING, output
@@ -184,8 +189,6 @@ def score(
     """Per-tile metrics of every row (long format: one line per tile and row) and the baseline's seconds per tile."""
     import torch
 
-    from gac.evaluation import metrics
-
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     aligned = {stage: c.store.rows_for(rows["patch_id"]) for stage, c in caches.items()}
     frames, baseline_seconds = [], 0.0
@@ -280,7 +283,6 @@ def _finite(data: Any) -> Any:
 def visualise(out: Path, rows: pd.DataFrame, catalog: ShardStore, caches: dict[str, Cache], per_tile: pd.DataFrame,
               attention_maps: AttentionMaps | None = None) -> list[str]:  # fmt: skip
     """Pictures and opt_v3 GeoTIFFs of ``rows``; returns their patch ids."""
-    from gac.io.geotiff import export_geotiff
 
     if rows.empty:
         return []
@@ -325,8 +327,6 @@ def leakage_gap(
     """
     import torch
 
-    from gac.evaluation import metrics
-
     index = keep_unflagged(catalog.index, exclude)
     train = index[index["split"] == "train"]
     train = train[train["patch_id"].isin(caches[S.STAGE1].store.index["patch_id"])
@@ -351,7 +351,6 @@ def leakage_gap(
 
 def _fit_baseline(cfg: Params, catalog: ShardStore):
     """The ridge baseline, or ``None`` (with a warning) when the catalog has no train tiles."""
-    from gac.evaluation.baseline import fit_baseline
 
     t0 = time.perf_counter()
     try:
@@ -388,8 +387,6 @@ def evaluate(
     """
     import mlflow
 
-    from gac.io import tracking
-
     p = cfg.evaluate
     out = Path(out_dir or p.out)
     catalog = ShardStore(cfg.catalog.out)
@@ -399,7 +396,6 @@ def evaluate(
     baseline, fit_seconds = _fit_baseline(cfg, fit_catalog)
     lpips_fn = None
     if p.lpips_weights_path or p.lpips_backbone_path:
-        from gac.evaluation.metrics import lpips_metric
 
         lpips_fn = lpips_metric(p.lpips_weights_path, p.lpips_backbone_path)
     per_tile, baseline_spt = score(rows, catalog, caches, baseline, p.batch_size, lpips_fn)

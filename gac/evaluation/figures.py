@@ -42,8 +42,8 @@ Why each choice:
   (the 120 px tile centred in it, as :mod:`gac.models.geometry` pads) with the tile outlined, on a fixed 0…1 scale, so a
   value means the same in every tile and patches of the padding are not stretched onto the tile.
 
-``import gac.evaluation.figures`` is cheap: matplotlib, scipy and :mod:`gac.evaluation.metrics` (torch) are imported by
-the first figure.
+matplotlib and scipy are imported by the first figure, so code that only scores (validation, sweeps) never loads
+them.
 """
 
 from __future__ import annotations
@@ -57,6 +57,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from gac.data.layout import S1_BANDS, S2_BANDS
+from gac.evaluation.baseline import box_mean
+from gac.evaluation.metrics import DN_SCALE, SAR_DB_RANGE, SAR_EDGE_BOX
 from gac.io.atomic import atomic_path
 
 if TYPE_CHECKING:
@@ -97,8 +99,6 @@ def sar_edges(s1_db: np.ndarray) -> np.ndarray:
     :func:`gac.evaluation.metrics.sar_edge_agreement`."""
     from scipy import ndimage
 
-    from gac.evaluation.baseline import box_mean
-
     smooth = box_mean(s1_db.astype(np.float64).mean(axis=0))
     return np.hypot(ndimage.sobel(smooth, axis=0, mode="mirror"), ndimage.sobel(smooth, axis=1, mode="mirror"))
 
@@ -137,8 +137,6 @@ def band_list(n_bands: int) -> str:
 
 
 def _reflectance(dn: np.ndarray) -> np.ndarray:
-    from gac.evaluation.metrics import DN_SCALE
-
     return dn.astype(np.float32) / DN_SCALE
 
 
@@ -175,7 +173,6 @@ def _colourbar(fig: Figure, im, ax: Axes, label: str, extend: str = "neither") -
 
 def _sar_panel(fig: Figure, ax: Axes, s1_db: np.ndarray, band: str, title: str | None = None) -> None:
     """One polarisation in grey on its fixed dB window, with a ``σ⁰ <band> [dB]`` colourbar."""
-    from gac.evaluation.metrics import SAR_DB_RANGE
 
     lo, hi = SAR_DB_RANGE[band]
     im = ax.imshow(s1_db[S1_BANDS.index(band)], cmap="gray", vmin=lo, vmax=hi, interpolation="nearest")
@@ -215,8 +212,6 @@ def _stretch_text(lo: float, hi: float) -> str:
 
 
 def _edges_text() -> str:
-    from gac.evaluation.metrics import SAR_EDGE_BOX
-
     return (f"{EDGE_COLOUR} contours: SAR edges = {EDGE_PERCENTILE:g}th percentile of the Sobel magnitude of the "
             f"{SAR_EDGE_BOX}×{SAR_EDGE_BOX}-smoothed mean of σ⁰ VV and VH [dB]")  # fmt: skip
 

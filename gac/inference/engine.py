@@ -40,6 +40,7 @@ import pandas as pd
 import torch
 
 from gac.errors import GacError
+from gac.io import fingerprint
 from gac.io.atomic import write_text
 from gac.io.lock import exclusive
 from gac.io.store import ShardStore
@@ -151,16 +152,6 @@ def cuts(rows: pd.DataFrame, size: int, group: str | None = None) -> list[tuple[
 def plan(index: pd.DataFrame, shard_size: int, group: str | None = None) -> list[tuple[str, pd.DataFrame]]:
     """Cut the work rows into the fixed, named shards every rank agrees on (whole groups: :func:`cuts`)."""
     return [(f"{k:05d}", index.iloc[a:b]) for k, (a, b) in enumerate(cuts(index, shard_size, group))]
-
-
-def state_digest(model: torch.nn.Module) -> str:
-    """sha256 of a model's state (names, dtypes and bytes): a cache made by other weights is another cache."""
-    h = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        t = tensor.detach().cpu().contiguous()
-        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}\0".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")  # 0-dim too (BatchNorm)
-    return h.hexdigest()
 
 
 def dist() -> tuple[int, int]:
@@ -303,7 +294,7 @@ def _run_locked(*, out: Path, stamp: dict, catalog_root: str, index: pd.DataFram
     start = time.perf_counter()
     config = out / config_file
     if rank == 0:
-        if out.exists() and (not config.is_file() or _read(config) != stamp):
+        if out.exists() and (not config.is_file() or fingerprint.read(config) != stamp):
             shutil.rmtree(out)  # made with other settings or inputs: resuming would mix two different caches.
         out.mkdir(parents=True, exist_ok=True)
         for stale in out.glob(".tmp-*"):  # left by a writer that was killed (shards' are cleaned below)
@@ -354,9 +345,3 @@ def _run_locked(*, out: Path, stamp: dict, catalog_root: str, index: pd.DataFram
     return report
 
 
-def _read(path: Path) -> dict | None:
-    """A fingerprint file, or ``None`` when it is unreadable (then the cache is rebuilt, never trusted)."""
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None

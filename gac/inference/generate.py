@@ -17,7 +17,6 @@ size, mosaic, catalog tiles). Bit for bit only at the same intra-op thread count
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import torch
@@ -26,8 +25,10 @@ from gac.config import Stage1Params
 from gac.errors import GacError
 from gac.inference import engine, mosaic
 from gac.inference.engine import autocast, check_precision, native_bf16, plan, resolve_device, seed_batch, to_dn  # noqa: F401
+from gac.io import fingerprint as fingerprints
 from gac.io.store import ShardStore
 from gac.models import geometry
+from gac.models.terramind import build_generator
 from gac.pipeline import StageName as S
 
 CONFIG_FILE = "stage1.json"
@@ -71,7 +72,7 @@ def fingerprint(p: Stage1Params, catalog_ids: list[str]) -> dict:
     """Everything that determines opt_v1; a cache written under another fingerprint is not resumed."""
 
     def file_sha(path: str) -> str:
-        return hashlib.sha256(Path(path).read_bytes()).hexdigest() if Path(path).is_file() else "?"
+        return fingerprints.file_digest(path) if Path(path).is_file() else "?"
 
     weights = "random"
     if p.ckpt_path:
@@ -82,7 +83,7 @@ def fingerprint(p: Stage1Params, catalog_ids: list[str]) -> dict:
         weights += f"+tokenizer:{file_sha(p.tokenizer_ckpt_path)}"
     keys = ("variant", "timesteps", "img_size", "seed", "shard_size", "batch_size", "precision", "mosaic")
     ident = {k: getattr(p, k) for k in keys} | {"weights": weights}
-    ident["tiles"] = hashlib.sha256("\n".join(catalog_ids).encode()).hexdigest()
+    ident["tiles"] = fingerprints.ids_digest(catalog_ids)
     return ident
 
 
@@ -101,7 +102,6 @@ def run(
 
     def build() -> torch.nn.Module:
         torch.manual_seed(p.seed)
-        from gac.models.terramind import build_generator
 
         return build_generator(p)
 

@@ -11,7 +11,6 @@ finished shard and anything else rebuilds the cache.
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,7 @@ import torch
 from gac.config import CacheParams
 from gac.evaluation.metrics import DN_SCALE
 from gac.inference import engine
+from gac.io import fingerprint
 from gac.io.provenance import read_timing, write_provenance, write_timing
 from gac.io.store import ShardStore
 from gac.training.crossfit import OutOfFold
@@ -60,9 +60,9 @@ def write_cache(
     digests = {"catalog": ShardStore(catalog_root).content_digest(), "source": ShardStore(source_root).content_digest()}
     stamp = {
         "stage": stage,
-        "model": engine.state_digest(model),
+        "model": fingerprint.state_digest(model.state_dict()),
         "inputs": digests,
-        "tiles": hashlib.sha256("\n".join(index["patch_id"]).encode()).hexdigest(),
+        "tiles": fingerprint.ids_digest(index["patch_id"]),
         **params.model_dump(include={"shard_size", "batch_size", "precision"}),
     }
 

@@ -15,6 +15,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from gac.errors import GacError
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
@@ -49,8 +51,6 @@ def read_json(path: str | Path, expected: str) -> dict:
         expected: what the file should hold, for the message (e.g. "the model's stage and parameters").
     """
     import json
-
-    from gac.errors import GacError
 
     path = Path(path)
     try:

@@ -18,6 +18,7 @@ import fcntl
 import os
 import socket
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -34,12 +35,15 @@ def lock_path(target: str | Path) -> Path:
 
 
 @contextlib.contextmanager
-def exclusive(target: str | Path, what: str = "") -> Iterator[Path]:
+def exclusive(target: str | Path, what: str = "", wait: float = 0.0) -> Iterator[Path]:
     """Hold the exclusive lock on ``target`` for the ``with`` block; raise :class:`GacError` if another process has it.
 
     Args:
         target: the output folder (or file) to guard.
         what: who is writing, for the message a second writer sees (default: this process's command line).
+        wait: seconds to wait for a holder to finish before giving up (0: fail at once, the rule for outputs: a second
+            writer should hear at once that it would mix results; short serialised sections such as creating an
+            MLflow store wait instead).
     """
     path = lock_path(target)
     if path in _held:  # re-entrant in one process: a command may hold the lock around the engine, which takes it too
@@ -48,11 +52,17 @@ def exclusive(target: str | Path, what: str = "") -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "another process"
-            raise GacError(f"{target}: in use by {holder}; wait for it to finish or write elsewhere") from None
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() < deadline:
+                    time.sleep(0.1)
+                    continue
+                holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "another process"
+                raise GacError(f"{target}: in use by {holder}; wait for it to finish or write elsewhere") from None
         now = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
         command = what or " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])
         os.ftruncate(fd, 0)

@@ -16,6 +16,7 @@ from typing import Any
 from gac import pipeline
 from gac.errors import GacError
 from gac.io.atomic import write_text
+from gac.io.store import ShardStore
 from gac.pipeline import StageName as S
 
 PROVENANCE = "provenance.json"
@@ -70,7 +71,6 @@ def lineage(stage: str, catalog_root: str, source_root: str) -> dict[str, str]:
     provenance of the cache it writes, so the chain travels on: the catalog's and the input cache's content digests,
     and who made the input — for Stage 3 the Stage 2 registered version (``gac.stage2_version``) and Stage 1's weights.
     The git revision and DVC experiment come with every run (:func:`gac.io.tracking.run_tags`)."""
-    from gac.io.store import ShardStore
 
     previous = pipeline.previous(stage)
     made_by = read_provenance(source_root, previous)

@@ -22,6 +22,11 @@ from pathlib import Path
 from typing import Any
 
 from gac.config import MlflowParams
+from gac.io.lock import exclusive
+from gac.io.store import ShardStore
+
+#: Seconds a process waits for another to finish creating (migrating) the same SQLite store.
+STORE_LOCK_WAIT_S = 300.0
 
 
 def setup(params: MlflowParams) -> str:
@@ -38,7 +43,7 @@ def setup(params: MlflowParams) -> str:
     if params.tracking_uri.startswith("sqlite:///"):
         db = Path(params.tracking_uri.removeprefix("sqlite:///"))
         db.parent.mkdir(parents=True, exist_ok=True)
-        lock = _file_lock(db.with_name(db.name + ".lock"))
+        lock = exclusive(db, "creating the MLflow store", wait=STORE_LOCK_WAIT_S)
     mlflow.set_tracking_uri(params.tracking_uri)
     location = Path(params.artifact_location)
     relative = not location.is_absolute() and _is_sql(params.tracking_uri)
@@ -81,19 +86,6 @@ def _relocate(tracking_uri: str, experiment_id: str, old: str, new: str) -> None
                 )
     finally:
         engine.dispose()
-
-
-@contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    """An exclusive ``flock`` on ``path`` for the duration of the block."""
-    import fcntl
-
-    with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def git_commit() -> str:
@@ -246,8 +238,6 @@ def log_datasets(stores: dict[str, str | Path], context: str) -> None:
     import mlflow
     from mlflow.data.dataset_source_registry import resolve_dataset_source
     from mlflow.data.meta_dataset import MetaDataset
-
-    from gac.io.store import ShardStore
 
     datasets, tags_list = [], []
     for name, root in stores.items():

@@ -19,6 +19,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
+from gac.data.layout import S1_BANDS, S2_BANDS
 from gac.pipeline import TRAINED, output, previous, trained_model
 
 #: Prefix of the model-version tags holding evaluation results.
@@ -60,7 +61,6 @@ def _value(v: Any) -> str:
 
 def io_section(stage: str | None) -> list[str]:
     """The ``## Input and output`` lines: the signature's arrays with their units and band order."""
-    from gac.data.layout import S1_BANDS, S2_BANDS
 
     opt_in, opt_out = STAGE_IO.get(stage or "", ("optical", "refined optical"))
     sees_sar = stage in TRAINED and trained_model(stage).sees_sar

@@ -42,8 +42,9 @@ from typing import Any
 
 from gac.config import Params, TargetParams
 from gac.evaluation.direction import higher_is_better
+from gac.io import tracking
 from gac.mlops.model_card import EVAL_TAG, eval_metrics
-from gac.mlops.registry import CHALLENGER, CHAMPION, MODEL_NAMES, TRAINED_ON, trained_on
+from gac.mlops.registry import CHALLENGER, CHAMPION, MODEL_NAMES, TRAINED_ON, registry_lock, trained_on
 
 #: Registered-model tag: a promotion ``gac promote`` has decided and is moving, until it is recorded (JSON: the run's
 #: id and the :class:`Decision`); see :func:`promote_models`.
@@ -285,9 +286,6 @@ def promote_models(
     left RUNNING, is marked KILLED by :func:`gac.io.tracking.start_run`.
     """
     import mlflow
-
-    from gac.io import tracking
-    from gac.mlops.registry import registry_lock
 
     models = list(models or MODEL_NAMES.values())
     tracking.setup(cfg.mlflow)

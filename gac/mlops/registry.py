@@ -27,7 +27,14 @@ from typing import Any
 
 import numpy as np
 
+from gac.errors import GacError
+from gac.io import tracking
+from gac.io.lock import exclusive
+from gac.mlops import registry_model
+from gac.mlops.model_card import describe_version, model_card, registered_model_description
 from gac.pipeline import TRAINED, previous, registry_names
+from gac.training.export import apply, load_model
+from gac.training.stages import TRAINED_STAGES
 
 MODEL_NAMES = registry_names()
 CHALLENGER = "challenger"
@@ -71,8 +78,6 @@ def model_code() -> dict[str, Path]:
     unchanged model a new version (the digest covers exactly this code).
     """
     import ast
-
-    from gac.training.stages import TRAINED_STAGES
 
     root = PACKAGE_DIR.parent
 
@@ -234,9 +239,6 @@ def registry_lock(names: Iterable[str], what: str, wait: float = LOCK_WAIT_S) ->
     """
     import time
 
-    from gac.errors import GacError
-    from gac.io.lock import exclusive
-
     deadline = time.monotonic() + wait
     while True:
         stack = contextlib.ExitStack()
@@ -279,9 +281,6 @@ def log_and_register(
 
     import mlflow
     from mlflow.models import infer_signature
-
-    from gac.mlops import registry_model
-    from gac.training.export import apply, load_model
 
     stage, _, model = load_model(model_dir)
     x = example_input(2)
@@ -332,8 +331,6 @@ def _finish(client, name: str, version: str, run_id: str, stage: str, section: A
             trainable: dict | None, tags: dict) -> None:  # fmt: skip
     """Everything a registration writes after creating the version: ``@challenger``, the registered model's
     description, the version's model card and tags, :data:`DONE_TAG` last (its absence marks a version to finish)."""
-    from gac.io import tracking
-    from gac.mlops.model_card import describe_version, model_card, registered_model_description
 
     client.set_registered_model_alias(name, CHALLENGER, version)
     client.update_registered_model(name, description=registered_model_description(name, stage))

@@ -38,11 +38,21 @@ import time
 from pathlib import Path
 from typing import Any
 
+from gac import config
 from gac.config import Params, TargetParams
 from gac.errors import GacError
+from gac.evaluation import metrics
 from gac.evaluation.direction import direction
+from gac.io import tracking
+from gac.io.provenance import lineage
+from gac.io.store import ShardStore
+from gac.mlops import registry
+from gac.mlops.model_card import tag_evaluation
 from gac.pipeline import StageName as S
 from gac.pipeline import output
+from gac.training.data import PairDataset, rows_of
+from gac.training.export import apply, load_model
+from gac.training.fit import fit
 
 OBJECTIVES = ("psnr", "ssim", "sam_deg", "sar_edge")
 DIRECTIONS = tuple(direction(m) for m in OBJECTIVES)
@@ -69,7 +79,6 @@ def target_distance(values: dict[str, float], targets: TargetParams) -> float:
 
 def suggest(trial, cfg: Params):
     """The trial's stage section: the search space of ``sweep.space`` applied to the stage's params."""
-    from gac import config
 
     space, stage = cfg.sweep.space, cfg.sweep.stage
     section = getattr(cfg, stage)
@@ -97,11 +106,6 @@ def score(
     these are the numbers ``gac evaluate`` gets from a cache this model wrote: the same tiles, values and metric code.
     """
     import torch
-
-    from gac.evaluation import metrics
-    from gac.io.store import ShardStore
-    from gac.training.data import PairDataset, rows_of
-    from gac.training.export import apply
 
     ids = list(rows_of(ShardStore(catalog_root), ShardStore(source_root), split, exclude=exclude)["patch_id"])
     if not ids:
@@ -169,11 +173,6 @@ def open_study(cfg: Params):
 def run(cfg: Params, n_trials: int | None = None, register: bool = True) -> dict[str, Any]:
     """Run this worker's share of the study until the budget is used; on completion write the Pareto front."""
     import mlflow
-
-    from gac.io import tracking
-    from gac.mlops import registry
-    from gac.training.export import load_model
-    from gac.training.fit import fit
 
     budget = n_trials or cfg.sweep.n_trials
     worker = os.environ.get("GAC_WORKER") or f"{socket.gethostname()}:{os.getpid()}"
@@ -303,11 +302,6 @@ def _register(cfg: Params, best) -> tuple[str, dict[str, float]]:
     different tiles, so it is scored here as ``gac evaluate`` scores (see :func:`score`), before it is registered.
     """
     import mlflow
-
-    from gac.io.provenance import lineage
-    from gac.mlops import registry
-    from gac.mlops.model_card import tag_evaluation
-    from gac.training.export import load_model
 
     model_dir = best.user_attrs["model_dir"]
     stage, section, model = load_model(model_dir)

@@ -42,9 +42,22 @@ import json
 from pathlib import Path
 from typing import Any
 
+from gac import config
 from gac.config import Params
+from gac.data.layout import METADATA_FILE
+from gac.data.metadata import read_metadata
+from gac.data.sample import SKIPPED_KEY
+from gac.data.synthetic import BROKEN_KEY
 from gac.errors import GacError
+from gac.evaluation.ablation import DETAILS
+from gac.evaluation.metrics import DN_SCALE
+from gac.io import tracking
+from gac.io.atomic import write_text
+from gac.io.lock import exclusive
 from gac.pipeline import StageName as S
+from gac.stages import infer
+from gac.stages.evaluate import run as evaluate
+from gac.stages.infer import check_sources, load_stage
 
 #: Parent of the default output folders, one per root: ``<EXTERNAL_DIR>/<root folder name>``.
 EXTERNAL_DIR = "artifacts/evaluate-external"
@@ -66,8 +79,6 @@ def default_checkpoints(cfg: Params) -> dict[str, str]:
 
 def check_root(data_dir: str | Path) -> Any:
     """The root's ``metadata.parquet`` as a frame, or one line saying why ``data_dir`` is not a BigEarthNet v2 root."""
-    from gac.data.layout import METADATA_FILE
-    from gac.data.metadata import read_metadata
 
     root = Path(data_dir)
     if not root.is_dir():
@@ -90,10 +101,6 @@ def choose_split(meta: Any, root: str | Path, split: str | None) -> str:
 def data_source(root: str | Path) -> str:
     """``synthetic``/``sample`` when the root's parquet schema says GAC wrote it, else ``bigearthnet``."""
     import pyarrow.parquet as pq
-
-    from gac.data.layout import METADATA_FILE
-    from gac.data.sample import SKIPPED_KEY
-    from gac.data.synthetic import BROKEN_KEY
 
     metadata = pq.read_schema(Path(root, METADATA_FILE)).metadata or {}
     if BROKEN_KEY in metadata:
@@ -125,7 +132,6 @@ def check_outputs(cfg: Params, root: str | Path, out: Path, metrics_path: Path) 
 
 def check_models(sources: dict[str, str], defaults: dict[str, str]) -> None:
     """:func:`gac.stages.infer.check_sources`, saying where a defaulted source came from when it fails."""
-    from gac.stages.infer import check_sources
 
     for stage, source in sources.items():
         try:
@@ -141,7 +147,6 @@ def external_params(cfg: Params, root: str | Path, caches: Path, report: Path, s
     """``cfg`` with ``data.root`` = ROOT, the catalog and every stage cache under ``caches`` (the layout of
     :func:`gac.stages.infer.run`, read back by :func:`gac.evaluation.ablation.cache_roots`) and the report in
     ``report``."""
-    from gac import config
 
     catalog = config.override(cfg.catalog, out=str(caches / "catalog"), splits=[split])
     return cfg.model_copy(
@@ -162,9 +167,6 @@ def attention_hook(source: str):
     if not source.startswith(("models:/", "runs:/")) and not Path(source, "weights.safetensors").is_file():
         return None
     import torch
-
-    from gac.evaluation.metrics import DN_SCALE
-    from gac.stages.infer import load_stage
 
     _, model = load_stage(source)
     model = model.cpu().eval()
@@ -210,12 +212,6 @@ def evaluate_root(
     """
     import mlflow
 
-    from gac.evaluation.ablation import DETAILS
-    from gac.io import tracking
-    from gac.io.atomic import write_text
-    from gac.stages import infer
-    from gac.stages.evaluate import run as evaluate
-
     root = Path(data_dir)
     meta = check_root(root)
     split = choose_split(meta, root, split)
@@ -228,8 +224,6 @@ def evaluate_root(
     sources = {S.STAGE2: stage2 or defaults[S.STAGE2], S.STAGE3: stage3 or defaults[S.STAGE3]}
     tracking.setup(cfg.mlflow)  # registry URIs are looked up in the project's store
     check_models(sources, defaults)
-
-    from gac.io.lock import exclusive
 
     with exclusive(out):  # taken after every check, so bad input leaves no lock file behind either
         ext = external_params(cfg, root, out / "caches", out / "evaluate", split, max_tiles)

@@ -19,9 +19,21 @@ from pathlib import Path
 
 import torch
 
+from gac import config
 from gac.config import Params
+from gac.data import catalog as catalog_mod
 from gac.errors import GacError
+from gac.inference import generate as stage1
+from gac.inference.refine import write_cache
+from gac.io import tracking
+from gac.io.atomic import read_json
+from gac.io.geotiff import export_geotiff
+from gac.io.lock import exclusive_first_rank
+from gac.io.provenance import write_provenance, write_timing
+from gac.io.store import ShardStore
+from gac.mlops.registry import CHAMPION, MODEL_NAMES, TRAINED_ON, trained_on
 from gac.pipeline import StageName as S
+from gac.training.export import PARAMS, WEIGHTS, load_model
 
 
 def load_stage(source: str) -> tuple[str, torch.nn.Module]:
@@ -32,7 +44,6 @@ def load_stage(source: str) -> tuple[str, torch.nn.Module]:
         pyfunc = mlflow.pyfunc.load_model(source)
         wrapped = pyfunc.unwrap_python_model()
         return wrapped.stage, wrapped.model
-    from gac.training.export import load_model
 
     stage, _, model = load_model(source)
     return stage, model
@@ -47,7 +58,6 @@ def paired_stage2(stage3: str) -> tuple[str, str]:
     recorded) falls back to ``models:/gac-stage2@champion``, and ``why`` says so. Call after :func:`check_sources` of
     ``stage3``, which makes a missing alias one clear line.
     """
-    from gac.mlops.registry import CHAMPION, MODEL_NAMES, TRAINED_ON, trained_on
 
     name, fallback = MODEL_NAMES[S.STAGE3], f"models:/{MODEL_NAMES[S.STAGE2]}@{CHAMPION}"
     if not stage3.startswith(f"models:/{name}@") and not stage3.startswith(f"models:/{name}/"):
@@ -112,9 +122,6 @@ def _check_registry_uri(option: str, uri: str) -> None:
 
 
 def _check_folder(option: str, stage: str, folder: Path) -> None:
-    from gac.io.atomic import read_json
-    from gac.training.export import PARAMS, WEIGHTS
-
     if not (folder / WEIGHTS).is_file() or not (folder / PARAMS).is_file():
         raise GacError(f"{option}: {folder}: not a models:/ URI or a GAC model folder (expected {WEIGHTS}, {PARAMS})")
     made_by = read_json(folder / PARAMS, "the model's stage and parameters").get("stage")
@@ -127,12 +134,6 @@ def run(cfg: Params, data: str, out: str | Path, stage2: str | None, stage3: str
 
     ``stage2`` ``None``: the Stage 2 that ``stage3`` was trained on (:func:`paired_stage2`).
     """
-    from gac import config
-    from gac.data import catalog as catalog_mod
-    from gac.inference import generate as stage1
-    from gac.inference.refine import write_cache
-    from gac.io.lock import exclusive_first_rank
-    from gac.io.store import ShardStore
 
     if stage2 is None:
         check_sources({S.STAGE3: stage3})
@@ -153,8 +154,6 @@ def run(cfg: Params, data: str, out: str | Path, stage2: str | None, stage3: str
         report = stage1.run(p1, catalog_root)
         print(report.summary_line())
         if report.generated:  # what `gac stage1` records beside opt_v1, so that gac evaluate can report it
-            from gac.io import tracking
-            from gac.io.provenance import write_provenance, write_timing
 
             origin = tracking.weights_origin(p1.pretrained, p1.ckpt_path)
             write_provenance(p1.out, {"stage": S.STAGE1, "weights_origin": origin, "variant": p1.variant,
@@ -168,7 +167,6 @@ def run(cfg: Params, data: str, out: str | Path, stage2: str | None, stage3: str
             write_cache(stage, model, catalog_root, source, caches[name], cache, provenance={"model": uri})
             source = caches[name]
         if visualize:
-            from gac.io.geotiff import export_geotiff
 
             ids = ShardStore(source).index["patch_id"].head(visualize)
             for pid in ids:

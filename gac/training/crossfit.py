@@ -24,7 +24,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from gac import config
+from gac.io.store import ShardStore
 from gac.pipeline import StageName as S
+from gac.training.data import rows_of
+from gac.training.fit import fit
 
 #: Where, under ``<stage2.out>``, fold ``i``'s training lives (``folds/<i>/{checkpoints,model,logs}``).
 FOLDS_DIR = Path("checkpoints") / "folds"
@@ -71,10 +75,6 @@ def fit_folds(
 
     Every rank calls this under DDP (each fold is one more Lightning fit); only rank 0 gets the folders back.
     """
-    from gac import config
-    from gac.io.store import ShardStore
-    from gac.training.data import rows_of
-    from gac.training.fit import fit
 
     k = section.cross_fit_folds
     train = list(rows_of(ShardStore(catalog_root), ShardStore(source_root), "train", None, exclude)["patch_id"])

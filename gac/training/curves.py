@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from gac.io.atomic import write_text
+
 #: File stem → (Lightning column, value column in the file). The stem is what ``dvc.yaml`` names; the value column
 #: is its ``y``; ``step`` (the optimizer step) is its ``x``.
 CURVES: dict[str, tuple[str, str]] = {
@@ -38,8 +40,6 @@ def write_curves(log_csv: str | Path, out_dir: str | Path) -> dict[str, int]:
         Rows written per file stem.
     """
     import pandas as pd
-
-    from gac.io.atomic import write_text
 
     log_csv, out_dir = Path(log_csv), Path(out_dir)
     log = pd.read_csv(log_csv) if log_csv.is_file() and log_csv.stat().st_size else pd.DataFrame({"step": []})

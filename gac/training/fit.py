@@ -30,7 +30,6 @@ own, tagged ``gac.resumed_from_run``. Every run is named and tagged with its sta
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import math
 import os
@@ -41,7 +40,11 @@ from pathlib import Path
 import torch
 
 from gac.config import MlflowParams, Stage2Params, Stage3Params
+from gac.io import fingerprint, tracking
 from gac.io.atomic import atomic_path, write_text
+from gac.io.store import ShardStore
+from gac.training import run_media
+from gac.training.data import PairDataModule
 from gac.training.export import save_model
 from gac.training.stages import TRAINED_STAGES
 
@@ -152,9 +155,6 @@ def fit(
     import lightning as L
     from lightning.pytorch.loggers import CSVLogger, MLFlowLogger
 
-    from gac.io import tracking
-    from gac.training.data import PairDataModule
-
     spec = TRAINED_STAGES[stage]
     out = Path(section.out)
     L.seed_everything(section.train.seed, workers=True, verbose=False)
@@ -241,7 +241,6 @@ def fit(
 
     def media() -> None:
         """What the run shows besides numbers: the data it read, its curves and two validation tiles."""
-        from gac.training import run_media
 
         tracking.log_datasets({"catalog": catalog_root, Path(source_root).name: source_root}, "training")
         run_media.log_curves(csv_file, stage)
@@ -260,7 +259,6 @@ def identity(
     holdout: Sequence[str] = (),
 ) -> dict:
     """What a training *is*: its inputs' content, the tiles left out and the params that change the model."""
-    from gac.io.store import ShardStore
 
     params = _flat(section.model_dump())
     return {
@@ -269,7 +267,7 @@ def identity(
             "catalog": ShardStore(catalog_root).content_digest(),
             "source": ShardStore(source_root).content_digest(),
             "exclude": sorted(exclude),
-            "holdout": hashlib.sha256("\n".join(sorted(holdout)).encode()).hexdigest() if holdout else None,
+            "holdout": fingerprint.ids_digest(sorted(holdout)) if holdout else None,
         },
         "model": {k: v for k, v in params.items() if k not in CONTINUABLE and not k.startswith("cache.")},
         "budget": {"epochs": params["train.epochs"], "max_steps": params["train.max_steps"]},

@@ -22,7 +22,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from gac.evaluation import metrics
+from gac.evaluation.figures import comparison_figure, curve_figure
+from gac.io.store import ShardStore
 from gac.pipeline import output
+from gac.training.data import PairDataset, rows_of
+from gac.training.export import apply
 
 #: Validation tiles drawn per run.
 N_TILES = 2
@@ -49,8 +54,6 @@ def log_curves(csv_file: str | Path, title: str = "") -> list[str]:
     """Log one ``curves/<metric>.png`` per metric of :func:`read_curves`; return the artifact paths."""
     import mlflow
 
-    from gac.evaluation.figures import curve_figure
-
     logged = []
     for metric, (steps, values) in read_curves(csv_file).items():
         path = f"curves/{metric.replace('/', '_')}.png"
@@ -69,12 +72,6 @@ def log_validation_tiles(
 ) -> list[str]:
     """Log ``validation/<patch id>.png`` for the first ``n`` validation tiles through ``model``; return the paths."""
     import mlflow
-
-    from gac.evaluation import metrics
-    from gac.evaluation.figures import comparison_figure
-    from gac.io.store import ShardStore
-    from gac.training.data import PairDataset, rows_of
-    from gac.training.export import apply
 
     ids = list(rows_of(ShardStore(catalog_root), ShardStore(source_root), "validation", n, exclude)["patch_id"])
     if not ids:

@@ -9,13 +9,12 @@ import torch
 
 from gac.config import Stage2Params
 from gac.evaluation import metrics
+from gac.models.prithvi import build_refiner
 from gac.training.task import RefineTask
 
 
 class Stage2Task(RefineTask):
     def configure_models(self, device: torch.device) -> None:
-        from gac.models.prithvi import build_refiner
-
         self.params = Stage2Params.model_validate(self.section)
         self.model = build_refiner(self.params, device=device)
         self.lpips = None

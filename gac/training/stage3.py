@@ -13,6 +13,7 @@ import torch
 
 from gac.config import Stage3Params
 from gac.evaluation import metrics
+from gac.models.grounding import build_grounder
 from gac.training.task import RefineTask
 
 #: dB errors are divided by this so the cycle term is on the scale of reflectance errors.
@@ -21,8 +22,6 @@ DB_SCALE = 10.0
 
 class Stage3Task(RefineTask):
     def configure_models(self, device: torch.device) -> None:
-        from gac.models.grounding import build_grounder
-
         self.params = Stage3Params.model_validate(self.section)
         self.model = build_grounder(self.params)
 
