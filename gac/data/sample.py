@@ -132,14 +132,18 @@ def fetch_wheel(cache_dir: str | Path | None = None) -> Path:
     cache.mkdir(parents=True, exist_ok=True)
     wheel = cache / WHEEL_FILE
     if not wheel.is_file():
-        cmd = [
-            sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--disable-pip-version-check",
-            "--quiet", f"{WHEEL_PROJECT}=={WHEEL_VERSION}", "-d", str(cache),
-        ]  # fmt: skip
-        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-        if proc.returncode != 0 or not wheel.is_file():
-            last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-            raise GacError(f"could not download {WHEEL_PROJECT}=={WHEEL_VERSION} with pip into {cache}: {last}")
+        # Downloaded beside the cache and renamed into it: a process reading the cache (a second `gac sample`, a test
+        # worker) sees the whole wheel or none, never a partial file that would fail the digest check.
+        with tempfile.TemporaryDirectory(dir=cache, prefix=".download-") as tmp:
+            cmd = [
+                sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+                "--disable-pip-version-check", "--quiet", f"{WHEEL_PROJECT}=={WHEEL_VERSION}", "-d", tmp,
+            ]  # fmt: skip
+            proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+            if proc.returncode != 0 or not (Path(tmp) / WHEEL_FILE).is_file():
+                last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+                raise GacError(f"could not download {WHEEL_PROJECT}=={WHEEL_VERSION} with pip into {cache}: {last}")
+            os.replace(Path(tmp) / WHEEL_FILE, wheel)
     actual = file_digest(wheel)
     if actual != WHEEL_SHA256:
         raise GacError(
