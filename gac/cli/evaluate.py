@@ -1,5 +1,5 @@
 """``gac evaluate``: the ablation over a split, with pictures, GeoTIFFs and registry tags (see
-:mod:`gac.evaluation.ablation`).
+:mod:`gac.stages.evaluate`).
 
 With ``--data-dir ROOT`` it scores the trained pipeline on another BigEarthNet v2 root instead, into a folder of its
 own and never into the DVC pipeline's outputs (see :mod:`gac.stages.external`).
@@ -74,21 +74,7 @@ def run(args: argparse.Namespace) -> None:
         if getattr(args, name) is not None:
             flag = "--" + name.replace("_", "-")
             raise GacError(f"{flag} needs --data-dir (without it gac evaluate scores the DVC pipeline's own caches)")
-    from gac.io.lock import exclusive
-    from gac.stages.evaluate import run as evaluate
+    from gac.stages import evaluate
 
     section = config.override(cfg.evaluate, split=args.split, out=args.output_dir)
-    with exclusive(section.out):
-        evaluate(
-            cfg.model_copy(update={"evaluate": section}),
-            section.out,
-            metrics_path=args.metrics or "metrics/evaluate.json",
-            attention_maps=stage3_attention(f"{cfg.stage3.out}/model"),
-        )
-
-
-def stage3_attention(model_dir: str):
-    """Stage 3's cross-attention maps (share of attention on SAR tokens) as evaluate's hook, if the model exists."""
-    from gac.stages.external import attention_hook
-
-    return attention_hook(model_dir)
+    evaluate.run_pipeline(cfg.model_copy(update={"evaluate": section}), args.metrics or "metrics/evaluate.json")

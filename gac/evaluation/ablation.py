@@ -396,7 +396,6 @@ def evaluate(
     baseline, fit_seconds = _fit_baseline(cfg, fit_catalog)
     lpips_fn = None
     if p.lpips_weights_path or p.lpips_backbone_path:
-
         lpips_fn = lpips_metric(p.lpips_weights_path, p.lpips_backbone_path)
     per_tile, baseline_spt = score(rows, catalog, caches, baseline, p.batch_size, lpips_fn)
     metric_names = [*METRICS, *(["lpips"] if lpips_fn is not None else [])]

@@ -30,7 +30,6 @@ import numpy as np
 from gac.errors import GacError
 from gac.io import tracking
 from gac.io.lock import exclusive
-from gac.mlops import registry_model
 from gac.mlops.model_card import describe_version, model_card, registered_model_description
 from gac.pipeline import TRAINED, previous, registry_names
 from gac.training.export import apply, load_model
@@ -54,6 +53,10 @@ TRAINED_ON = {
 }
 #: Where the package's modules are: the root of the code a registry model ships.
 PACKAGE_DIR = Path(__file__).resolve().parents[1]
+#: MLflow's models-from-code script of every registered version (named by path, never imported here: importing it
+#: calls ``mlflow.models.set_model``, which only the process that loads a model should do).
+MODEL_MODULE = "gac.mlops.registry_model"
+MODEL_SCRIPT = PACKAGE_DIR.parent.joinpath(*MODEL_MODULE.split(".")).with_suffix(".py")
 
 
 def trained_on(name: str, tags: Mapping[str, str]) -> tuple[str | None, str]:
@@ -86,7 +89,7 @@ def model_code() -> dict[str, Path]:
         return next((p for p in (path.with_suffix(".py"), path / "__init__.py") if p.is_file()), None)
 
     builders = (module_file(s.builder_module) for s in TRAINED_STAGES.values())
-    todo = [PACKAGE_DIR / "mlops" / "registry_model.py", *builders]
+    todo = [MODEL_SCRIPT, *builders]
     seen: dict[str, Path] = {}
     while todo:
         path = todo.pop()
@@ -309,7 +312,7 @@ def log_and_register(
                     shutil.copyfile(path, Path(tmp) / rel)
                 info = mlflow.pyfunc.log_model(
                     name="model",
-                    python_model=Path(registry_model.__file__),
+                    python_model=MODEL_SCRIPT,
                     artifacts={"model": model_dir},
                     code_paths=[str(Path(tmp) / PACKAGE_DIR.name)],
                     signature=infer_signature(x, y),

@@ -12,7 +12,18 @@ from typing import Any
 
 from gac.config import Params
 from gac.evaluation import ablation
+from gac.evaluation.metrics import DN_SCALE
+from gac.io.lock import exclusive
 from gac.mlops.model_card import tag_evaluation
+from gac.stages.infer import load_stage
+
+
+def run_pipeline(cfg: Params, metrics_path: str | Path = "metrics/evaluate.json") -> dict[str, Any]:
+    """The DVC stage: score the pipeline's own caches on ``cfg.evaluate.split`` into ``cfg.evaluate.out`` (holding
+    its lock), with Stage 3's attention maps when its model folder exists."""
+    with exclusive(cfg.evaluate.out):
+        attention = attention_hook(f"{cfg.stage3.out}/model")
+        return run(cfg, cfg.evaluate.out, metrics_path=metrics_path, attention_maps=attention)
 
 
 def run(
@@ -57,3 +68,22 @@ def tag_versions(cfg: Params, result: dict[str, Any]) -> list[str]:
             continue
         tagged.append(f"{name}/{version}")
     return tagged
+
+
+def attention_hook(source: str):
+    """Stage 3's cross-attention maps (share of attention on SAR tokens) as evaluate's hook, from a ``models:/…``
+    URI or a model folder; ``None`` for a folder without weights."""
+    if not source.startswith(("models:/", "runs:/")) and not Path(source, "weights.safetensors").is_file():
+        return None
+    import torch
+
+    _, model = load_stage(source)
+    model = model.cpu().eval()
+
+    def maps(s1_db, opt_v2_dn):
+        s1 = torch.as_tensor(s1_db, dtype=torch.float32)
+        opt = torch.as_tensor(opt_v2_dn, dtype=torch.float32) / DN_SCALE
+        with torch.inference_mode():
+            return model.cross_attention_maps(s1, opt).numpy()
+
+    return maps

@@ -50,14 +50,14 @@ from gac.data.sample import SKIPPED_KEY
 from gac.data.synthetic import BROKEN_KEY
 from gac.errors import GacError
 from gac.evaluation.ablation import DETAILS
-from gac.evaluation.metrics import DN_SCALE
 from gac.io import tracking
 from gac.io.atomic import write_text
 from gac.io.lock import exclusive
 from gac.pipeline import StageName as S
 from gac.stages import infer
+from gac.stages.evaluate import attention_hook
 from gac.stages.evaluate import run as evaluate
-from gac.stages.infer import check_sources, load_stage
+from gac.stages.infer import check_sources
 
 #: Parent of the default output folders, one per root: ``<EXTERNAL_DIR>/<root folder name>``.
 EXTERNAL_DIR = "artifacts/evaluate-external"
@@ -159,25 +159,6 @@ def external_params(cfg: Params, root: str | Path, caches: Path, report: Path, s
             "evaluate": config.override(cfg.evaluate, split=split, out=str(report)),
         }
     )
-
-
-def attention_hook(source: str):
-    """Stage 3's cross-attention maps (share of attention on SAR tokens) as evaluate's hook, from a ``models:/…``
-    URI or a model folder; ``None`` for a folder without weights."""
-    if not source.startswith(("models:/", "runs:/")) and not Path(source, "weights.safetensors").is_file():
-        return None
-    import torch
-
-    _, model = load_stage(source)
-    model = model.cpu().eval()
-
-    def maps(s1_db, opt_v2_dn):
-        s1 = torch.as_tensor(s1_db, dtype=torch.float32)
-        opt = torch.as_tensor(opt_v2_dn, dtype=torch.float32) / DN_SCALE
-        with torch.inference_mode():
-            return model.cross_attention_maps(s1, opt).numpy()
-
-    return maps
 
 
 def evaluate_root(

@@ -25,14 +25,14 @@ from gac.data import catalog as catalog_mod
 from gac.errors import GacError
 from gac.inference import generate as stage1
 from gac.inference.refine import write_cache
-from gac.io import tracking
 from gac.io.atomic import read_json
 from gac.io.geotiff import export_geotiff
 from gac.io.lock import exclusive_first_rank
-from gac.io.provenance import write_provenance, write_timing
 from gac.io.store import ShardStore
 from gac.mlops.registry import CHAMPION, MODEL_NAMES, TRAINED_ON, trained_on
 from gac.pipeline import StageName as S
+from gac.pipeline import output
+from gac.stages import stage1 as stage1_stage
 from gac.training.export import PARAMS, WEIGHTS, load_model
 
 
@@ -149,25 +149,19 @@ def run(cfg: Params, data: str, out: str | Path, stage2: str | None, stage3: str
         else:
             catalog_root = data
             ShardStore(catalog_root).index  # noqa: B018 - fails early with a clear line if it is not a store
-        caches = {"catalog": catalog_root, "opt_v1": str(out / "opt_v1")}
-        p1 = config.override(cfg.stage1, out=caches["opt_v1"])
+        caches = {S.CATALOG.value: catalog_root, output(S.STAGE1): str(out / output(S.STAGE1))}
+        p1 = config.override(cfg.stage1, out=caches[output(S.STAGE1)])
         report = stage1.run(p1, catalog_root)
         print(report.summary_line())
-        if report.generated:  # what `gac stage1` records beside opt_v1, so that gac evaluate can report it
-
-            origin = tracking.weights_origin(p1.pretrained, p1.ckpt_path)
-            write_provenance(p1.out, {"stage": S.STAGE1, "weights_origin": origin, "variant": p1.variant,
-                                      "data_source": cfg.data.source})  # fmt: skip
-            write_timing(p1.out, {"seconds_per_tile": report.work_seconds / report.generated})
-        source = caches["opt_v1"]
-        for name, uri in (("opt_v2", stage2), ("opt_v3", stage3)):
+        stage1_stage.record(cfg, p1, report)  # what `gac stage1` records beside opt_v1, for gac evaluate
+        source = caches[output(S.STAGE1)]
+        for name, uri in ((output(S.STAGE2), stage2), (output(S.STAGE3), stage3)):
             stage, model = load_stage(uri)
             caches[name] = str(out / name)
             cache = getattr(cfg, stage).cache  # this machine's device, batch and shard sizes for that stage
             write_cache(stage, model, catalog_root, source, caches[name], cache, provenance={"model": uri})
             source = caches[name]
         if visualize:
-
             ids = ShardStore(source).index["patch_id"].head(visualize)
             for pid in ids:
                 export_geotiff(source, pid, out / "geotiff" / f"{pid}_opt_v3.tif")

@@ -27,13 +27,7 @@ def run(cfg: Params, section: Stage1Params, catalog_root: str, metrics: str, pro
             print(f"error {err['patch_id']}: {err['reason']}")
         print(report.summary_line())
         origin = tracking.weights_origin(section.pretrained, section.ckpt_path)
-        if report.generated:
-            seconds = report.work_seconds / report.generated
-            info = {"stage": NAME, "weights_origin": origin, "variant": section.variant, "data_source": cfg.data.source}
-            write_provenance(section.out, info)
-            write_timing(section.out, {"seconds_per_tile": seconds})
-        else:  # a run that generated nothing (all shards done) reports the speed of the run that did
-            seconds = read_timing(section.out).get("seconds_per_tile")
+        seconds = record(cfg, section, report)
         summary = {
             "processed": report.processed,
             "total": report.total,
@@ -50,3 +44,16 @@ def run(cfg: Params, section: Stage1Params, catalog_root: str, metrics: str, pro
             mlflow.log_metrics({k: float(v) for k, v in summary.items()})
             mlflow.log_text(report.summary_line() + "\n", "summary.txt")
         return summary
+
+
+def record(cfg: Params, section: Stage1Params, report: engine.Report) -> float | None:
+    """Write what made the opt_v1 cache (provenance) and how fast (timing), as ``gac evaluate`` reports them, after a
+    run that generated tiles; returns the seconds per tile (of the run that generated them, when this one did not)."""
+    if not report.generated:  # all shards were done: the speed is that of the run that made them
+        return read_timing(section.out).get("seconds_per_tile")
+    seconds = report.work_seconds / report.generated
+    origin = tracking.weights_origin(section.pretrained, section.ckpt_path)
+    write_provenance(section.out, {"stage": NAME, "weights_origin": origin, "variant": section.variant,
+                                   "data_source": cfg.data.source})  # fmt: skip
+    write_timing(section.out, {"seconds_per_tile": seconds})
+    return seconds
