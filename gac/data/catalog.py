@@ -3,7 +3,7 @@
 Pairing comes from ``metadata.parquet`` (``patch_id`` ↔ ``s1_name``), never from guessing names. Each tile is read
 from the BigEarthNet v2 layout (:mod:`gac.data.layout`), validated and stored in a :class:`~gac.io.store.ShardStore`:
 
-* ``s2``: ``(12, 120, 120) uint16`` L2A DN in :data:`~gac.data.layout.S2_BANDS` order. 20 m and 60 m bands are
+* ``s2``: ``(12, 120, 120) uint16`` L2A DN in :data:`~gac.sensors.S2_BANDS` order. 20 m and 60 m bands are
   resampled to the 10 m grid on read with GDAL's *bilinear* resampling (``rasterio`` ``out_shape``), the same call
   torchgeo's ``BigEarthNetV2`` makes, so the two readers agree pixel for pixel.
 * ``s1``: ``(2, 120, 120) float32`` σ0 in dB, ``[VV, VH]`` (TerraMind's order; torchgeo returns ``[VH, VV]`` read

@@ -56,16 +56,16 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from gac.data.layout import S1_BANDS, S2_BANDS
 from gac.evaluation.baseline import box_mean
 from gac.evaluation.metrics import DN_SCALE, SAR_DB_RANGE, SAR_EDGE_BOX
 from gac.io.atomic import atomic_path
+from gac.sensors import S1_BANDS, S2_BANDS
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
-#: The true-colour composite (R, G, B) and its indices in :data:`gac.data.layout.S2_BANDS`.
+#: The true-colour composite (R, G, B) and its indices in :data:`gac.sensors.S2_BANDS`.
 RGB_BANDS: tuple[str, str, str] = ("B04", "B03", "B02")
 RGB = tuple(S2_BANDS.index(b) for b in RGB_BANDS)
 #: Percentiles of the truth's true-colour reflectance that every optical panel of a row is stretched between.

@@ -1,7 +1,7 @@
 """Image-quality metrics for SAR → optical translation, on one data-range convention.
 
 Every metric here takes Sentinel-2 L2A digital numbers (``DN = reflectance × 10000``, the 12 bands of
-:data:`gac.data.layout.S2_BANDS` in that order) as torch tensors shaped ``(B, C, H, W)`` and first maps them through
+:data:`gac.sensors.S2_BANDS` in that order) as torch tensors shaped ``(B, C, H, W)`` and first maps them through
 :func:`to_reflectance`: ``DN / 10000`` clipped to ``[0, 1]``, float32. All range-dependent metrics (PSNR, SSIM,
 MS-SSIM, LPIPS) then use ``data_range = 1.0``. One convention, written down once, is what makes numbers comparable
 between stages, runs and papers: PSNR computed on raw DN with ``data_range = 10000`` or on a per-image min–max range
@@ -103,7 +103,7 @@ def sar_to_unit(s1_db: Tensor) -> Tensor:
     kept here as the companion of :func:`to_reflectance` for displays and model inputs.
 
     Args:
-        s1_db: ``(B, 2, H, W)`` backscatter in dB, channels in :data:`gac.data.layout.S1_BANDS` order.
+        s1_db: ``(B, 2, H, W)`` backscatter in dB, channels in :data:`gac.sensors.S1_BANDS` order.
 
     Returns:
         float32 tensor of the same shape in ``[0, 1]``.
@@ -370,7 +370,7 @@ def sar_edge_agreement(
     of a boundary's contrast is unrelated between the two sensors.
 
     Args:
-        optical_refl: predicted reflectance ``(B, 12, H, W)`` in :data:`gac.data.layout.S2_BANDS` order (see
+        optical_refl: predicted reflectance ``(B, 12, H, W)`` in :data:`gac.sensors.S2_BANDS` order (see
             :func:`to_reflectance`); may require grad.
         target_refl: the real tile's reflectance, same shape.
         s1_db: backscatter ``(B, 2, H, W)`` in dB (VV, VH).

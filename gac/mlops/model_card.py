@@ -19,8 +19,8 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-from gac.data.layout import S1_BANDS, S2_BANDS
 from gac.pipeline import TRAINED, output, previous, trained_model
+from gac.sensors import S1_BANDS, S2_BANDS
 
 #: Prefix of the model-version tags holding evaluation results.
 EVAL_TAG = "eval."
