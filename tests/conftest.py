@@ -8,6 +8,20 @@ from pathlib import Path
 import pytest
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist, one intra-op thread per worker, in process and in the processes it starts.
+
+    Workers are as many as the cores (``-n auto``, at most ``--maxprocesses``): with torch's default of one thread per
+    core each, two workers on two cores would fight over them and run slower than one.
+    """
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        os.environ["OMP_NUM_THREADS"] = "1"
+        os.environ["MKL_NUM_THREADS"] = "1"
+        import torch
+
+        torch.set_num_threads(1)
+
+
 @pytest.fixture(scope="session")
 def sample_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The real BigEarthNet v2 sample (21 T33UUP patches) at ``<tmp>/sample``.
