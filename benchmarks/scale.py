@@ -114,7 +114,8 @@ def step_metadata(work: Path, n: int, index_only: bool = True) -> None:
 
 
 def step_dataset(work: Path, n: int, index_only: bool = False) -> None:
-    from gac.training.data import PairDataModule, PairDataset
+    from gac.training.data import PairDataset
+    from gac.training.datamodule import PairDataModule
 
     cat = str(index_store(work / f"index{n}", n)) if index_only else str(work / f"n{n}" / "catalog")
     src = cat if index_only else str(work / f"n{n}" / "opt_v1")
@@ -126,7 +127,7 @@ def step_dataset(work: Path, n: int, index_only: bool = False) -> None:
 def step_dataloader(work: Path, n: int) -> None:
     import torch
 
-    from gac.training.data import PairDataModule
+    from gac.training.datamodule import PairDataModule
 
     data = PairDataModule(str(work / f"n{n}" / "catalog"), str(work / f"n{n}" / "opt_v1"), 16, num_workers=2)
     data.setup("fit")

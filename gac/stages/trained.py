@@ -21,7 +21,7 @@ from gac.training.crossfit import OutOfFold
 from gac.training.curves import write_curves
 from gac.training.data import rows_of
 from gac.training.export import load_model
-from gac.training.fit import fit
+from gac.training.fit import fit, fit_folds
 from gac.training.stages import TRAINED_STAGES
 
 #: The last validation's figures that ``metrics/<stage>.json`` holds besides the step, scores and sizes: ``dvc metrics
@@ -134,7 +134,7 @@ def _cross_fit(stage: str, section, catalog_root: str, source_root: str, cfg, tr
     if stage != StageName.STAGE2 or section.cross_fit_folds < 2:
         return None
     if train:
-        return crossfit.fit_folds(section, cfg.mlflow, catalog_root, source_root, cfg.data.exclude,
+        return fit_folds(section, cfg.mlflow, catalog_root, source_root, cfg.data.exclude,
                                   {"gac.data": cfg.data.source}, registry.log_and_register)  # fmt: skip
     train_ids = rows_of(ShardStore(catalog_root), ShardStore(source_root), "train", None, cfg.data.exclude)
     return list(train_ids["patch_id"]), [str(crossfit.fold_dir(section.out, i) / "model")

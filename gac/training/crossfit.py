@@ -24,12 +24,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from gac import config
-from gac.io.store import ShardStore
-from gac.pipeline import StageName as S
-from gac.training.data import rows_of
-from gac.training.fit import fit
-
 #: Where, under ``<stage2.out>``, fold ``i``'s training lives (``folds/<i>/{checkpoints,model,logs}``).
 FOLDS_DIR = Path("checkpoints") / "folds"
 
@@ -66,24 +60,3 @@ class OutOfFold(nn.Module):
             rows = torch.tensor([i for i, w in enumerate(which) if w == k], dtype=torch.long)
             out.append((self.main if k < 0 else self.folds[k], rows))
         return out
-
-
-def fit_folds(
-    section, mlflow_params, catalog_root: str, source_root: str, exclude: Sequence[str], tags: dict, log_model=None
-):
-    """Train the ``section.cross_fit_folds`` fold models of Stage 2; returns ``(train ids, model folders)``.
-
-    Every rank calls this under DDP (each fold is one more Lightning fit); only rank 0 gets the folders back.
-    """
-
-    k = section.cross_fit_folds
-    train = list(rows_of(ShardStore(catalog_root), ShardStore(source_root), "train", None, exclude)["patch_id"])
-    dirs = []
-    for i in range(k):
-        held = [pid for pid in train if fold_of(pid, k) == i]
-        fold_section = config.override(section, out=str(fold_dir(section.out, i)), cross_fit_folds=0)
-        result = fit(S.STAGE2, fold_section, mlflow_params, catalog_root, source_root, register=False,
-                     tags=tags | {"gac.cross_fit_fold": f"{i}/{k}"}, exclude=exclude, holdout=held,
-                     log_model=log_model)  # fmt: skip
-        dirs.append(None if result is None else result.model_dir)
-    return train, dirs

@@ -10,14 +10,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import lightning as L
 import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from gac.data.metadata import keep_unflagged
-from gac.errors import GacError
 from gac.evaluation.metrics import DN_SCALE
 from gac.io.store import ShardStore
 
@@ -70,48 +68,3 @@ class PairDataset(Dataset):
 def reflectance(dn: np.ndarray) -> torch.Tensor:
     """L2A DN → reflectance in [0, 1] (the one convention of :mod:`gac.evaluation.metrics`)."""
     return torch.from_numpy(np.clip(np.asarray(dn, dtype=np.float32) / DN_SCALE, 0.0, 1.0))
-
-
-class PairDataModule(L.LightningDataModule):
-    """Train on the catalog's ``train`` split, validate on ``validation`` (Lightning adds DistributedSampler)."""
-
-    def __init__(
-        self,
-        catalog_root: str,
-        source_root: str,
-        batch_size: int,
-        num_workers: int = 0,
-        max_tiles: int | None = None,
-        exclude: Sequence[str] = (),
-        holdout: Sequence[str] = (),
-    ) -> None:
-        super().__init__()
-        self.catalog_root, self.source_root = catalog_root, source_root
-        self.batch_size, self.num_workers, self.max_tiles = batch_size, num_workers, max_tiles
-        self.exclude, self.holdout = tuple(exclude), frozenset(holdout)
-
-    def setup(self, stage: str | None = None) -> None:
-        catalog, source = ShardStore(self.catalog_root), ShardStore(self.source_root)
-        train = rows_of(catalog, source, "train", None, self.exclude)["patch_id"]
-        self.train_ids = [p for p in train if p not in self.holdout][: self.max_tiles]
-        self.val_ids = list(rows_of(catalog, source, "validation", self.max_tiles, self.exclude)["patch_id"])
-        if not self.train_ids or not self.val_ids:
-            raise GacError(
-                f"{self.source_root}: no train/validation tiles shared with {self.catalog_root} "
-                f"(train {len(self.train_ids)}, validation {len(self.val_ids)})"
-            )
-
-    def _loader(self, ids: list[str], shuffle: bool) -> DataLoader:
-        return DataLoader(
-            PairDataset(self.catalog_root, self.source_root, ids),
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_ids, shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_ids, shuffle=False)

@@ -39,12 +39,16 @@ from pathlib import Path
 
 import torch
 
+from gac import config
 from gac.config import MlflowParams, Stage2Params, Stage3Params
 from gac.io import fingerprint, tracking
 from gac.io.atomic import atomic_path, write_text
 from gac.io.store import ShardStore
+from gac.pipeline import StageName as S
 from gac.training import run_media
-from gac.training.data import PairDataModule
+from gac.training.crossfit import fold_dir, fold_of
+from gac.training.data import rows_of
+from gac.training.datamodule import PairDataModule
 from gac.training.export import save_model
 from gac.training.stages import TRAINED_STAGES
 
@@ -352,3 +356,24 @@ def _log_result(
             )
     if version:  # metrics stay numbers (and strict JSON): no entry when nothing was registered
         result.metrics["registered_version"] = int(version)
+
+
+def fit_folds(
+    section, mlflow_params, catalog_root: str, source_root: str, exclude: Sequence[str], tags: dict, log_model=None
+):
+    """Train the ``section.cross_fit_folds`` fold models of Stage 2; returns ``(train ids, model folders)``.
+
+    Every rank calls this under DDP (each fold is one more Lightning fit); only rank 0 gets the folders back.
+    """
+
+    k = section.cross_fit_folds
+    train = list(rows_of(ShardStore(catalog_root), ShardStore(source_root), "train", None, exclude)["patch_id"])
+    dirs = []
+    for i in range(k):
+        held = [pid for pid in train if fold_of(pid, k) == i]
+        fold_section = config.override(section, out=str(fold_dir(section.out, i)), cross_fit_folds=0)
+        result = fit(S.STAGE2, fold_section, mlflow_params, catalog_root, source_root, register=False,
+                     tags=tags | {"gac.cross_fit_fold": f"{i}/{k}"}, exclude=exclude, holdout=held,
+                     log_model=log_model)  # fmt: skip
+        dirs.append(None if result is None else result.model_dir)
+    return train, dirs
