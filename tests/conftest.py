@@ -22,6 +22,18 @@ def pytest_configure(config: pytest.Config) -> None:
         torch.set_num_threads(1)
 
 
+#: Modules that take minutes, longest first: under pytest-xdist (``--dist loadscope``: a module stays on one worker, in
+#: collection order) they start at once instead of one of them ending the run alone on one core while the others idle.
+LONGEST_FIRST = ("test_experiments.py", "test_training.py", "test_sweep.py", "test_refine.py", "test_stage1.py",
+                 "test_mosaic.py", "test_learning.py", "test_bad_input.py")  # fmt: skip
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Long modules first (a stable sort: the order of tests within a module is kept)."""
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+
+
 @pytest.fixture(scope="session")
 def sample_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The real BigEarthNet v2 sample (21 T33UUP patches) at ``<tmp>/sample``.
