@@ -40,6 +40,7 @@ import torch.nn.functional as F
 
 from gac.data import layout
 from gac.models import geometry
+from gac.models.backend import uses_terratorch
 
 TILE = layout.TILE_SIZE
 #: Pixels two neighbouring windows share (blended); 32 keeps the windows on TerraMind's 16/32 px token grid.
@@ -161,6 +162,7 @@ def axis_windows(length: int, size: int, overlap: int = OVERLAP) -> tuple[int, l
     return size + stride * (n - 1), [k * stride for k in range(n)]
 
 
+@uses_terratorch
 def blend_weights(
     height: int, width: int, size: int, overlap: int = OVERLAP
 ) -> tuple[list[tuple[int, int]], torch.Tensor]:

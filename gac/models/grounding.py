@@ -50,6 +50,7 @@ from torch import nn
 from gac.config import Stage3Params
 from gac.errors import GacError
 from gac.models import geometry
+from gac.models.backend import uses_terratorch
 from gac.models.checkpoints import load_published
 from gac.models.heads import TokenPixelDecoder
 from gac.sensors import DN_SCALE
@@ -68,6 +69,7 @@ class _Captured(Exception):
     """Stops a registry entry once the stand-in builder has seen its hyper-parameters."""
 
 
+@uses_terratorch
 def registry_hyperparameters(variant: str) -> dict[str, Any]:
     """The hyper-parameters TerraTorch's ``<variant>_encdec`` registry entry builds ``TerraMind`` with.
 
@@ -102,6 +104,7 @@ def registry_hyperparameters(variant: str) -> dict[str, Any]:
     return {"variant": captured["variant"], **{k: v for k, v in captured.items() if k in accepted}}
 
 
+@uses_terratorch
 def build_encdec(p: Stage3Params) -> nn.Module:
     """Build the bare TerraMind encoder-decoder (no LoRA, no heads) for ``p.variant`` with its weights.
 
@@ -145,6 +148,7 @@ class Grounder(nn.Module):
         img_size: the square model input the 120 px tile is padded to.
     """
 
+    @uses_terratorch
     def __init__(self, encdec: nn.Module, img_size: int) -> None:
         super().__init__()
         from terratorch.models.backbones.terramind.model.modality_info import MODALITY_INFO

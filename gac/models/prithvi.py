@@ -81,6 +81,7 @@ from torch import Tensor, nn
 
 from gac.config import Stage2Params
 from gac.errors import GacError
+from gac.models.backend import uses_terratorch
 from gac.models.checkpoints import load_published, load_state_dict, read_state_dict
 from gac.models.geometry import crop_from, pad_to
 from gac.models.heads import TokenPixelDecoder
@@ -106,6 +107,7 @@ DN_PER_REFLECTANCE = DN_SCALE
 LORA_SITE = re.compile(r"(?:.*\.)?blocks\.\d+\.attn\.(qkv|proj)$")
 
 
+@uses_terratorch
 def _variant(p: Stage2Params) -> str:
     """``p.backbone`` without the optional ``terratorch_`` prefix, checked against TerraTorch's Prithvi configs."""
     from terratorch.models.backbones.prithvi_vit import prithvi_cfgs
@@ -116,6 +118,7 @@ def _variant(p: Stage2Params) -> str:
     return name
 
 
+@uses_terratorch
 def band_statistics(p: Stage2Params) -> tuple[Tensor, Tensor]:
     """Per-band mean and std (reflectance, S2 band order) used to standardise the refiner's input; see module doc."""
     from terratorch.models.backbones.prithvi_vit import prithvi_cfgs
@@ -141,6 +144,7 @@ def band_statistics(p: Stage2Params) -> tuple[Tensor, Tensor]:
     return torch.tensor(mean) / DN_PER_REFLECTANCE, torch.tensor(std) / DN_PER_REFLECTANCE
 
 
+@uses_terratorch
 def build_backbone(p: Stage2Params) -> nn.Module:
     """The plain 12-band Prithvi ViT encoder of ``p.backbone`` with its weights (hub, ``ckpt_path`` or random)."""
     from terratorch.registry import BACKBONE_REGISTRY
@@ -161,6 +165,7 @@ def build_backbone(p: Stage2Params) -> nn.Module:
     return backbone
 
 
+@uses_terratorch
 def _load_checkpoint(backbone: nn.Module, p: Stage2Params, variant: str) -> None:
     """``stage2.ckpt_path``: the released MAE checkpoint (``encoder.*`` keys) or GAC's 12-band backbone state dict."""
     from terratorch.models.backbones.prithvi_vit import checkpoint_filter_fn_vit, prithvi_cfgs
@@ -253,6 +258,7 @@ class NewBandEmbedding(nn.Module):
         return F.conv3d(x, weight, c.bias, c.stride, c.padding, c.dilation, c.groups)
 
 
+@uses_terratorch
 def new_band_indices(p: Stage2Params) -> list[int]:
     """Indices (in :data:`BAND_NAMES`) of the bands ``p.backbone`` was not pretrained on."""
     from terratorch.models.backbones.prithvi_vit import prithvi_cfgs

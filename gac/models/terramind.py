@@ -10,6 +10,7 @@ import torch
 
 from gac.config import Stage1Params
 from gac.errors import GacError
+from gac.models.backend import uses_terratorch
 from gac.models.checkpoints import load_published, load_state_dict, read_state_dict
 
 #: Where TerraMind's encoder-decoder sits in the generation model, and the S2L2A tokenizer's key.
@@ -17,6 +18,7 @@ SAMPLER = "sampler.model."
 TOKENIZER = "tok_sen2l2a@224"
 
 
+@uses_terratorch
 def build_generator(p: Stage1Params) -> torch.nn.Module:
     """Build ``p.variant`` (a ``terramind_v1_*_generate`` name) for S1GRD → S2L2A, with its weights.
 
@@ -51,6 +53,7 @@ def build_generator(p: Stage1Params) -> torch.nn.Module:
     return model.eval()
 
 
+@uses_terratorch
 def _load_local(model: torch.nn.Module, p: Stage1Params) -> None:
     """Load ``stage1.ckpt_path`` / ``stage1.tokenizer_ckpt_path`` (see :func:`build_generator`)."""
     from terratorch.models.backbones.terramind.model.terramind_register import checkpoint_filter_fn_generate
