@@ -123,6 +123,47 @@ def test_a_one_tile_scene_is_exactly_the_padded_tile() -> None:
     assert torch.equal(out, expected)
 
 
+def test_a_2x2_scene_is_the_mask_weighted_sum_of_a_non_identity_models_windows() -> None:
+    """Blending, recomputed here window by window: over a 2 x 2 scene, each pixel is Σ mask·output / Σ mask of the
+    windows covering it, with TerraTorch's blend mask. The model mixes pixels across the window (a shift, and the
+    window's mean), so overlapping windows disagree and any other weighting gives another answer."""
+    from terratorch.tasks.tiled_inference import get_blend_mask
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        return (x.roll(5, dims=-1) * 1.7 - x.roll(-3, dims=-2) / 3 + x.mean((-2, -1), keepdim=True)).repeat(1, 3, 1, 1)
+
+    size, stride, side = 128, 128 - mosaic.OVERLAP, 2 * mosaic.TILE
+    tiles = torch.rand(4, 2, mosaic.TILE, mosaic.TILE, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    places = [mosaic.Place("scene", r, c, 2, 2) for r in (0, 1) for c in (0, 1)]
+    out = mosaic.generate(forward, tiles, places, size, batch_size=4)
+
+    n = -(-(side - size) // stride) + 1  # windows per axis: the fewest that cover the scene
+    cover = size + stride * (n - 1)
+    margin = (cover - side) // 2
+    scene = torch.cat([torch.cat([tiles[0], tiles[1]], -1), torch.cat([tiles[2], tiles[3]], -1)], -2)
+    padded = torch.nn.functional.pad(scene[None], (margin, cover - side - margin) * 2, mode="reflect")[0]
+    mask = get_blend_mask(size, stride, size, stride).double()
+    weighted, uniform = torch.zeros(6, cover, cover, dtype=torch.float64), torch.zeros(6, cover, cover).double()
+    mass, count = torch.zeros(cover, cover, dtype=torch.float64), torch.zeros(cover, cover, dtype=torch.float64)
+    for y in range(0, n * stride, stride):
+        for x in range(0, n * stride, stride):
+            window = forward(padded[None, :, y : y + size, x : x + size])[0]
+            weighted[:, y : y + size, x : x + size] += mask * window
+            uniform[:, y : y + size, x : x + size] += window
+            mass[y : y + size, x : x + size] += mask
+            count[y : y + size, x : x + size] += 1
+
+    def cut(blended: torch.Tensor) -> torch.Tensor:
+        s = blended[:, margin : margin + side, margin : margin + side]
+        return torch.stack([s[:, r * 120 : (r + 1) * 120, c * 120 : (c + 1) * 120] for r in (0, 1) for c in (0, 1)])
+
+    expected = cut(weighted / mass)
+    # the blend weights are float32 (TerraTorch's mask), each pixel a sum of at most 4 weighted windows
+    tolerance = 16 * torch.finfo(torch.float32).eps * expected.abs().max().item()
+    torch.testing.assert_close(out, expected, rtol=0, atol=tolerance)
+    assert (cut(uniform / count) - expected).abs().max() > 1e3 * tolerance  # the weighting is what is tested
+
+
 class WindowRecorder(BandTiler):
     """:class:`test_stage1.BandTiler` (an identity to see placement) that also keeps every input window."""
 
