@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--reverse", action="store_true", help="run the tests in reverse order (modules and the tests within them)"
+    )
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -32,6 +41,48 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     """Long modules first (a stable sort: the order of tests within a module is kept)."""
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+    if config.getoption("--reverse"):  # no test may depend on another having run first
+        items.reverse()
+
+
+@contextlib.contextmanager
+def _mlflow_state_restored() -> Iterator[None]:
+    """MLflow's tracking and registry URIs, the active run stack and the ``MLFLOW_*_URI`` variables, as they were.
+
+    ``mlflow.set_tracking_uri`` sets a module global *and* ``os.environ["MLFLOW_TRACKING_URI"]`` (for subprocesses):
+    without this, the store one test (or gac inside it) chose would leak into every later test and its children.
+    """
+    names = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+    env = {name: os.environ.get(name) for name in names}
+    tracking = sys.modules.get("mlflow.tracking._tracking_service.utils")
+    registry = sys.modules.get("mlflow.tracking._model_registry.utils")
+    uris = (getattr(tracking, "_tracking_uri", None), getattr(registry, "_registry_uri", None))
+    yield
+    if "mlflow" in sys.modules:
+        import mlflow
+        import mlflow.tracking._model_registry.utils as registry
+        import mlflow.tracking._tracking_service.utils as tracking
+
+        while mlflow.active_run():
+            mlflow.end_run()
+        tracking._tracking_uri, registry._registry_uri = uris
+    for name, value in env.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _module_leaves_mlflow_as_it_found_it() -> Iterator[None]:
+    with _mlflow_state_restored():
+        yield
+
+
+@pytest.fixture(autouse=True)
+def _test_leaves_mlflow_as_it_found_it() -> Iterator[None]:
+    with _mlflow_state_restored():
+        yield
 
 
 @pytest.fixture(scope="session")

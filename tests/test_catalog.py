@@ -245,9 +245,10 @@ def test_output_dir_that_is_not_a_catalog_is_never_deleted(synthetic_root, tmp_p
     with pytest.raises(GacError, match=r"precious: exists and is not a catalog \(no catalog\.json\)"):
         _build(synthetic_root, out, max_tiles=1)
     assert (out / "thesis.tex").read_text() == "years of work"
+    before = {p: p.stat().st_mtime_ns for p in synthetic_root.rglob("*")}
     with pytest.raises(GacError, match=r"exists and is not a catalog"):
         _build(synthetic_root, synthetic_root, max_tiles=1)  # --output-dir = --data-dir
-    assert (synthetic_root / layout.METADATA_FILE).is_file()
+    assert {p: p.stat().st_mtime_ns for p in synthetic_root.rglob("*")} == before  # the shared root: nothing written
 
 
 def test_metadata_without_a_column_is_one_clear_error(synthetic_root, tmp_path):

@@ -124,10 +124,13 @@ def test_the_committed_sweep_lock_matches_todays_code_and_params(tmp_path: Path)
     out: a clone has them only after ``make repro``, and the data stages' own lock decides them."""
     repo = git_dvc_repo(tmp_path / "repo")
     spec = yaml.safe_load((ROOT / "sweeps" / "dvc.yaml").read_text())["stages"]["sweep"]
+    copied = []
     for dep in spec["deps"]:
         src = ROOT / dep
-        if dep.startswith("artifacts/") or not src.exists():
+        if dep.startswith("artifacts/"):
             continue
+        assert src.exists(), f"sweeps/dvc.yaml depends on {dep}, which is not in the project"
+        copied.append(dep)
         (repo / dep).parent.mkdir(parents=True, exist_ok=True)
         if src.is_dir():
             shutil.copytree(src, repo / dep, ignore=shutil.ignore_patterns("__pycache__"))
@@ -137,8 +140,11 @@ def test_the_committed_sweep_lock_matches_todays_code_and_params(tmp_path: Path)
         (repo / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(ROOT / name, repo / name)
     status = json.loads(dvc(["status", "--json", "sweeps/dvc.yaml"], repo).stdout or "{}")
+    assert any(dep.startswith("gac/") for dep in copied), copied
+    # its artifacts/ inputs are absent here, so DVC must report the stage: an empty report would compare nothing
+    assert status.get("sweeps/dvc.yaml:sweep"), f"dvc status did not report the sweep stage: {status}"
     changed = {}
-    for entry in status.get("sweeps/dvc.yaml:sweep", []):
+    for entry in status["sweeps/dvc.yaml:sweep"]:
         if isinstance(entry, dict):
             deps = entry.get("changed deps", {})
             changed |= {k: v for k, v in deps.items() if not k.startswith("artifacts/")}

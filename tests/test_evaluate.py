@@ -98,8 +98,10 @@ def world(tmp_path_factory, empty_mlflow_db):
     with contextlib.redirect_stdout(stdout):
         result = evaluate(cfg, cfg.evaluate.out, metrics_path=tmp / "metrics" / "evaluate.json",
                           attention_maps=attention)  # fmt: skip
+    # what this evaluation wrote into the registry, read now: later tests evaluate again and re-tag these versions
+    tagged = {stage: client.get_model_version(f"gac-{stage}", version) for stage, version in versions.items()}
     return {"tmp": tmp, "cfg": cfg, "catalog": catalog, "client": client, "versions": versions, "result": result,
-            "stdout": stdout.getvalue(), "test_ids": test_ids, "dropped": dropped,
+            "stdout": stdout.getvalue(), "test_ids": test_ids, "dropped": dropped, "tagged": tagged,
             "attention_calls": calls}  # fmt: skip
 
 
@@ -202,9 +204,9 @@ def test_geotiff_has_tile_georeference(world):
 def test_mlflow_run_and_model_version_tags(world):
     client, r = world["client"], world["result"]
     experiment = client.get_experiment_by_name("gac-test")
-    (run,) = client.search_runs([experiment.experiment_id], "tags.`gac.stage` = 'evaluate'")
+    runs = client.search_runs([experiment.experiment_id], "tags.`gac.stage` = 'evaluate'")
+    (run,) = [run for run in runs if run.info.run_id == r["provenance"]["mlflow_run_id"]]
     assert run.info.run_name.startswith("evaluate · workspace @ ")  # stage, DVC experiment, git revision
-    assert run.info.run_id == r["provenance"]["mlflow_run_id"]
     assert run.data.metrics[metric_key("stage1+2", "psnr")] == pytest.approx(r["stage1+2"]["psnr"])
     assert run.data.tags["gac.split"] == "test"
     # the UI's "Datasets": the catalog and the three caches scored, each with its store's content digest
@@ -216,7 +218,7 @@ def test_mlflow_run_and_model_version_tags(world):
     logged = {a.path for a in client.list_artifacts(run.info.run_id, "evaluate")}
     assert {"evaluate/plots", "evaluate/figures", "evaluate/geotiff"} <= logged
     for stage, row in (("stage2", "stage1+2"), ("stage3", "full")):
-        mv = client.get_model_version(f"gac-{stage}", world["versions"][stage])
+        mv = world["tagged"][stage]
         assert float(mv.tags["eval.psnr"]) == pytest.approx(r[row]["psnr"])
         assert float(mv.tags["eval.sar_edge"]) == pytest.approx(r[row]["sar_edge"])
         assert mv.tags["eval.split"] == "test" and mv.tags["eval.data_source"] == "synthetic"
@@ -270,7 +272,7 @@ def test_cli_overrides_split_and_paths(world, tmp_path):
 
 
 def test_flagged_targets_are_excluded_and_counted(world, tmp_path):
-    """Last in the file: it logs a second evaluation run into the shared registry."""
+    """Evaluates again into the shared store (the tests above read the first evaluation's tags from ``world``)."""
     catalog, cfg = world["catalog"], world["cfg"]
     test = catalog.index[catalog.index["split"] == "test"]
     cloudy = set(test.loc[test["contains_cloud_or_shadow"], "patch_id"])
