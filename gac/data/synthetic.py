@@ -280,11 +280,23 @@ class _Name:
         return f"S2A_MSIL2A_{date}T{time}_{self.col}_{self.row}"
 
 
-def _names(seed: int, n_tiles: int) -> list[_Name]:
-    """Tile, season and grid cell of every patch; a cell already used by the same product is drawn again."""
+def _names(seed: int, n_tiles: int, scene_side: int = 0) -> list[_Name]:
+    """Tile, season and grid cell of every patch; a cell already used by the same product is drawn again.
+
+    With ``scene_side`` k, the first k² patches are one product's k x k block of adjacent cells (a scene, row-major):
+    what ``stage1.mosaic`` generates as one mosaic. Their pixels are drawn per tile, like every other tile's.
+    """
     used: set[str] = set()
     names: list[_Name] = []
+    block = np.random.default_rng([seed, 0x5CE7E])
+    tile0, season0 = int(block.integers(len(_TILES))), int(block.integers(len(_SEASONS)))
+    col0, row0 = (int(v) for v in block.integers(0, 91 - scene_side, size=2)) if scene_side else (0, 0)
     for i in range(n_tiles):
+        if i < scene_side**2:
+            name = _Name(i, tile0, season0, col0 + i % scene_side, row0 + i // scene_side)
+            used.add(name.patch_id)
+            names.append(name)
+            continue
         rng = np.random.default_rng([seed, i, 0])
         tile, season = int(rng.integers(len(_TILES))), int(rng.integers(len(_SEASONS)))
         while True:
@@ -449,7 +461,12 @@ def broken_patches(root: str | Path) -> dict[str, str]:
 
 
 def generate(
-    root: str | Path, n_tiles: int, seed: int = 0, broken: dict[str, int] | None = None, workers: int | None = None
+    root: str | Path,
+    n_tiles: int,
+    seed: int = 0,
+    broken: dict[str, int] | None = None,
+    workers: int | None = None,
+    scene_side: int = 0,
 ) -> list[str]:
     """Write ``n_tiles`` synthetic tiles into ``root`` (replaced as a whole, atomically).
 
@@ -460,6 +477,8 @@ def generate(
         broken: ``{kind: count}`` of deliberately broken tiles, kinds from :data:`BROKEN_KINDS`.
         workers: Processes to build tiles in (default: one per core for 64+ tiles, else 1). The bytes do not
             depend on it.
+        scene_side: Make the first ``scene_side``² tiles one product's square block of adjacent cells (a scene for
+            ``stage1.mosaic``); 0 (default) leaves every cell to chance, as before.
 
     Returns:
         The patch ids in ``metadata.parquet`` order.
@@ -469,10 +488,12 @@ def generate(
     """
     if n_tiles < 1:
         raise GacError(f"n_tiles must be at least 1, got {n_tiles}")
+    if scene_side < 0 or scene_side**2 > n_tiles or scene_side > 90:
+        raise GacError(f"scene_side must be 0 to 90 with scene_side² ≤ n_tiles ({n_tiles}), got {scene_side}")
     plan = _plan_broken(n_tiles, seed, broken)
     split_order = np.random.default_rng([seed, 0x5917]).permutation(n_tiles)
     splits = {int(i): SPLITS[k % len(SPLITS)] for k, i in enumerate(split_order)}
-    jobs = [(name, plan.get(name.index), splits[name.index]) for name in _names(seed, n_tiles)]
+    jobs = [(name, plan.get(name.index), splits[name.index]) for name in _names(seed, n_tiles, scene_side)]
     workers = _workers(n_tiles) if workers is None else max(1, workers)
     with atomic_path(root) as tmp:
         tmp.mkdir()
