@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat requirements.txt requirements-dev.txt pyproject.toml | sha256sum | cut -c1-12)
 
-.PHONY: setup data repro sweep test lint postgres
+.PHONY: setup data repro sweep rehearse test lint postgres
 
 setup: $(STAMP)
 
@@ -28,6 +28,11 @@ repro: data
 # sweeps/dvc.lock and metrics/sweep.json with the code it ran.
 sweep: data
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/dvc repro sweeps/dvc.yaml
+
+# The real sizes of configs/bigearthnet-gpu.yaml end to end on this machine's CPU, in a throw-away project
+# (benchmarks/rehearse.py: what it changes for a CPU, per-stage parameters, peak RSS, s/tile, FLOPs/tile).
+rehearse: $(STAMP)
+	$(BIN)/python benchmarks/rehearse.py
 
 # PostgreSQL binaries for the distributed-sweep test (the test starts its own server on 127.0.0.1).
 postgres:

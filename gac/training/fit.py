@@ -110,7 +110,10 @@ def _trainer(section: Stage2Params | Stage3Params, out: Path, task_cls, logger, 
     )
     callbacks = [last, best, *extra_callbacks]
     if t.early_stopping:
-        callbacks.append(EarlyStopping(monitor=task_cls.monitor, mode=task_cls.mode, patience=t.patience))
+        # checked after each validation only: at an epoch's end (or a max_steps stop inside the first epoch) there
+        # may have been no validation yet, and Lightning would then fail the run for want of the metric
+        callbacks.append(EarlyStopping(monitor=task_cls.monitor, mode=task_cls.mode, patience=t.patience,
+                                       check_on_train_epoch_end=False))  # fmt: skip
     trainer = L.Trainer(
         max_epochs=t.epochs,
         max_steps=t.max_steps,
