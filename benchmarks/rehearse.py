@@ -167,6 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dir", type=Path, help="make the throw-away project here (default: a temporary folder)")
     parser.add_argument("--keep", action="store_true", help="keep the throw-away project")
     parser.add_argument("--json", type=Path, help="also write the per-stage figures as JSON here")
+    parser.add_argument("--stages", nargs="+", choices=[*STAGES, "sweep"], default=[*STAGES, "sweep"],
+                        help="run only these, in pipeline order (each after its upstream; default: all)")  # fmt: skip
     args = parser.parse_args(argv)
 
     params = rehearsal_params(args.tiny)
@@ -185,9 +187,9 @@ def main(argv: list[str] | None = None) -> int:
         logs.mkdir()
         synth = ["gac", "synth", "--root", "data", "--n-tiles", str(TILES), "--scene-side", str(SCENE_SIDE)]
         ran = {"data": run_measured(synth, where, logs / "synth.log")}
-        for stage in STAGES:
-            ran[stage] = run_measured(["dvc", "repro", "-s", stage], where, logs / f"{stage}.log")
-        ran["sweep"] = run_measured(["dvc", "repro", "-s", "sweeps/dvc.yaml:sweep"], where, logs / "sweep.log")
+        for stage in [s for s in (*STAGES, "sweep") if s in args.stages]:
+            target = "sweeps/dvc.yaml:sweep" if stage == "sweep" else stage
+            ran[stage] = run_measured(["dvc", "repro", target], where, logs / f"{stage}.log")
         rows = stage_rows(where, ran, model_figures(params))
     finally:
         if not args.keep and not args.dir:
