@@ -5,10 +5,14 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    import torch
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -137,3 +141,33 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+#: Standard deviation of the weights :func:`moving_heads` gives a pixel head's output conv: the stage then moves a
+#: reflectance by ~0.02 (a few hundred DN) on average, a residual of the size a trained stage adds.
+HEAD_STD = 0.05
+
+
+def moving_heads(model: torch.nn.Module, seed: int = 5, std: float = HEAD_STD) -> torch.nn.Module:
+    """``model`` with seeded N(0, ``std``) weights in the output conv of every pixel head
+    (:class:`gac.models.heads.TokenPixelDecoder`), in place; returns ``model``.
+
+    Why: those convs start at zero, so an untrained stage is the identity and returns its input; a test that compares
+    an output with its input, or with another stage's, could not tell a model that ran from one that was skipped. The
+    weights come from their own generator: the global RNG is left as it was.
+    """
+    import torch
+
+    from gac.models.heads import TokenPixelDecoder
+
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for head in (m for m in model.modules() if isinstance(m, TokenPixelDecoder)):
+            head.out.weight.normal_(0.0, std, generator=generator)
+    return model
+
+
+@pytest.fixture(scope="session")
+def non_identity() -> Callable:
+    """:func:`moving_heads`, for tests and fixtures that need a stage whose output is not its input."""
+    return moving_heads

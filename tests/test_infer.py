@@ -1,7 +1,8 @@
 """``gac infer``: the whole pipeline on new tiles, with every model source checked before any stage runs.
 
 Models here are real GAC model folders (:func:`gac.training.export.save_model` of freshly built, random-init tiny
-networks) and real MLflow registry entries on a SQLite store; the command runs in a subprocess, as a user runs it.
+networks whose zero-initialised pixel heads are given random weights, so no stage returns its input) and real MLflow
+registry entries on a SQLite store; the command runs in a subprocess, as a user runs it.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import rasterio
 import yaml
@@ -20,6 +22,11 @@ import yaml
 from gac.config import Stage2Params, Stage3Params
 
 ENV = os.environ | {"GAC_PROGRESS": "0", "OMP_NUM_THREADS": "1"}
+#: How far (in DN) a cache ``gac infer`` wrote may be from what the in-process model computes on the same tiles: both
+#: run the same float32 network on the CPU (the workdir's params say so) and round to uint16 DN the same way
+#: (gac.inference.engine.to_dn); another summation order (thread count) moves the float result by far less than a
+#: DN (see test_registry.ONE_DN), which changes the rounded DN by at most 1 where it lies near a half.
+ROUNDING_DN = 1
 
 
 def gac(args: list[str], cwd: Path) -> tuple[subprocess.CompletedProcess, float]:
@@ -38,6 +45,8 @@ def workdir(tmp_path: Path, empty_mlflow_db: Path) -> Path:
         "mlflow": {"tracking_uri": f"sqlite:///{tmp_path}/mlflow.db", "artifact_location": str(tmp_path / "art")},
         "catalog": {"max_tiles": 3, "workers": 0},
         "stage1": {"timesteps": 1, "img_size": 128, "device": "cpu"},
+        "stage2": {"cache": {"device": "cpu"}},  # where the in-process references run (no TF32 convolutions)
+        "stage3": {"cache": {"device": "cpu"}},
     }
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     return tmp_path
@@ -84,24 +93,58 @@ def test_every_kind_of_bad_source_is_one_line(workdir: Path, flag: str, source: 
     assert expected in done.stderr.strip().splitlines()[-1], done.stderr
 
 
-def test_model_folders_run_the_whole_pipeline_on_a_bigearthnet_root(workdir: Path, synthetic_root: Path) -> None:
+def test_model_folders_run_the_whole_pipeline_on_a_bigearthnet_root_into_what_the_models_compute(
+    workdir: Path, synthetic_root: Path, non_identity
+) -> None:
+    """opt_v2 and opt_v3 are what the in-process Stage 2 and Stage 3 models compute on the tiles' opt_v1 (resp.
+    opt_v2) and S1, within :data:`ROUNDING_DN`; each moves its input by far more than that."""
+    import torch
+
+    from gac.errors import GacError
     from gac.models.grounding import build_grounder
     from gac.models.prithvi import build_refiner
+    from gac.stages.infer import check_sources
     from gac.training.export import save_model
 
     s2, s3 = Stage2Params(img_size=128), Stage3Params(img_size=128)
-    save_model("stage2", s2, build_refiner(s2), workdir / "m2")
-    save_model("stage3", s3, build_grounder(s3), workdir / "m3")
-    wrong, _ = gac(["infer", "--data-dir", "x", "--stage2-checkpoint", "m3", "--stage3-checkpoint", "m3"], workdir)
-    assert "--stage2-checkpoint: m3: a stage3 model, expected a stage2 model" in wrong.stderr
+    torch.manual_seed(0)
+    models = {"stage2": non_identity(build_refiner(s2), seed=2), "stage3": non_identity(build_grounder(s3), seed=3)}
+    save_model("stage2", s2, models["stage2"].eval(), workdir / "m2")  # eval(): in place, the reference runs so too
+    save_model("stage3", s3, models["stage3"].eval(), workdir / "m3")
+    # a model folder of the other stage is refused before anything runs (in process: the one-line route from such a
+    # GacError to stderr is test_every_kind_of_bad_source_is_one_line's, whose folder case fails in this same function)
+    with pytest.raises(GacError, match=r"--stage2-checkpoint: \S+/m3: a stage3 model, expected a stage2 model"):
+        check_sources({"stage2": str(workdir / "m3"), "stage3": str(workdir / "m3")})
     args = ["infer", "--data-dir", str(synthetic_root), "--output-dir", "out", "--stage2-checkpoint", "m2"]
     done, _ = gac([*args, "--stage3-checkpoint", "m3", "--save-visualizations", "1"], workdir)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "Processed 3/3 tiles, Errors 0" in done.stdout
     from gac.io.store import ShardStore
 
-    for cache in ("opt_v1", "opt_v2", "opt_v3"):
-        assert len(ShardStore(workdir / "out" / cache).index) == 3
+    stores = {cache: ShardStore(workdir / "out" / cache) for cache in ("opt_v1", "opt_v2", "opt_v3")}
+    ids = list(stores["opt_v1"].index["patch_id"])
+    assert len(ids) == 3 and all(list(store.index["patch_id"]) == ids for store in stores.values())
     (tif,) = (workdir / "out" / "geotiff").glob("*_opt_v3.tif")
     with rasterio.open(tif) as src:
         assert src.count == 12 and src.crs is not None and src.transform.a == 10.0
+    catalog = ShardStore(workdir / "out" / "catalog")
+    s1 = torch.from_numpy(catalog.read("s1", catalog.rows_for(ids)).astype(np.float32))
+    for stage, source, cache in (("stage2", "opt_v1", "opt_v2"), ("stage3", "opt_v2", "opt_v3")):
+        given, written = stores[source].read("opt").astype(int), stores[cache].read("opt").astype(int)
+        expected = computed(stage, models[stage], s1, given).astype(int)
+        moved, worst = float(np.median(np.abs(expected - given))), int(np.abs(written - expected).max())
+        assert moved > 20 * ROUNDING_DN, (stage, moved)  # the model is not the identity
+        assert worst <= ROUNDING_DN, (stage, worst)
+
+
+def computed(stage: str, model, s1, opt_dn: np.ndarray) -> np.ndarray:
+    """uint16 DN that ``model`` computes in this process from S1 dB and optical DN (what the cache writer does)."""
+    import torch
+
+    from gac.inference.engine import to_dn
+    from gac.sensors import DN_SCALE
+    from gac.training.export import apply
+
+    opt = (torch.from_numpy(opt_dn.astype(np.float32)) / DN_SCALE).clamp(0, 1)
+    with torch.inference_mode():
+        return to_dn((apply(stage, model, s1, opt).float() * DN_SCALE).numpy())

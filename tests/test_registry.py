@@ -1,10 +1,11 @@
 """A registered version stands alone: its code, exact requirements, digest, model card and description.
 
 The model is a real Stage 3 model folder (:func:`gac.training.export.save_model` of a freshly built, random-init
-grounder: training is covered in test_training.py), logged and registered by :func:`gac.mlops.registry.log_and_register`
-in
-a real MLflow store (SQLite in tmp_path). The stand-alone test loads it in a subprocess where the project cannot be
-imported from the repository or the venv's editable install: only from the model's own ``code/``.
+grounder whose zero-initialised pixel head is given random weights, so it does not return its input: training is
+covered in test_training.py), logged and registered by :func:`gac.mlops.registry.log_and_register` in a real MLflow
+store (SQLite in tmp_path). The stand-alone test loads it in a subprocess where the project cannot be imported from the
+repository or the venv's editable install, only from the model's own ``code/``, and compares its prediction on a
+varied input with the in-process model's.
 """
 
 from __future__ import annotations
@@ -17,14 +18,21 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from gac.config import MlflowParams, Stage3Params
+from gac.sensors import DN_SCALE
 
 ROOT = Path(__file__).resolve().parents[1]
 NAME = "gac-stage3"
+#: How far the registered model's prediction may be from the in-process model's: one DN (reflectance 1/DN_SCALE), the
+#: resolution of every output GAC stores (uint16 DN, gac.inference.engine.to_dn). Both run the same float32 network
+#: on the same CPU, at most in another summation order (another thread count): a float32 reduction of K terms is off by
+#: at most ~K·eps32 of its magnitude, 768·1.2e-7 ≈ 0.9e-4 for TerraMind tiny's widest (MLP) layer at |y| ≤ 1.
+ONE_DN = 1 / DN_SCALE
 #: Run in the subprocess: make ``gac`` unimportable (editable-install finder, repository paths), prove it, then load
-#: the registry model, predict on its own input example and report what ran.
+#: the registry model, predict on the input in argv[4] (.npz) into argv[5] (.npy) and report what ran.
 STANDALONE = r"""
 import importlib, importlib.util, json, os, sys
 
@@ -43,22 +51,35 @@ importlib.invalidate_caches()
 assert importlib.util.find_spec("gac") is None, importlib.util.find_spec("gac")
 
 import mlflow
+import numpy as np
 
 mlflow.set_tracking_uri(sys.argv[2])
 model = mlflow.pyfunc.load_model(sys.argv[3])
-x = model.input_example
-y = model.predict(x)
+with np.load(sys.argv[4]) as inputs:
+    y = model.predict({key: inputs[key] for key in ("s1", "opt")})
+np.save(sys.argv[5], y)
 import gac
 
-print(json.dumps({"gac": gac.__file__, "inputs": {k: list(v.shape) for k, v in x.items()}, "shape": list(y.shape),
-                  "dtype": str(y.dtype), "min": float(y.min()), "max": float(y.max())}))
+print(json.dumps({"gac": gac.__file__, "example": {k: list(v.shape) for k, v in model.input_example.items()}}))
 """
 
 
+def varied_input(seed: int = 0) -> dict[str, np.ndarray]:
+    """One tile of independent uniform noise per pixel and band: σ⁰ in [-25, 0] dB, reflectance in [0, 0.4] (the
+    ranges of land in S1 GRD and S2 L2A). Unlike the signature's constant example, every pixel differs."""
+    rng = np.random.default_rng(seed)
+    return {
+        "s1": rng.uniform(-25.0, 0.0, (1, 2, 120, 120)).astype(np.float32),
+        "opt": rng.uniform(0.0, 0.4, (1, 12, 120, 120)).astype(np.float32),
+    }
+
+
 @pytest.fixture(scope="module")
-def registered(tmp_path_factory: pytest.TempPathFactory, empty_mlflow_db: Path) -> dict:
-    """A random-init Stage 3 model folder, registered ``gac-stage3@challenger`` with the lineage tags of training."""
+def registered(tmp_path_factory: pytest.TempPathFactory, empty_mlflow_db: Path, non_identity) -> dict:
+    """A random-init Stage 3 model folder (pixel head not zero: not the identity), registered ``gac-stage3@challenger``
+    with the lineage tags of training; ``model`` is the in-process model it was saved from."""
     import mlflow
+    import torch
 
     from gac.io import tracking
     from gac.mlops.registry import log_and_register
@@ -69,30 +90,48 @@ def registered(tmp_path_factory: pytest.TempPathFactory, empty_mlflow_db: Path) 
     shutil.copyfile(empty_mlflow_db, tmp / "mlflow.db")
     store = MlflowParams(tracking_uri=f"sqlite:///{tmp}/mlflow.db", artifact_location=str(tmp / "mlartifacts"))
     section = Stage3Params(img_size=128)
-    model_dir = save_model("stage3", section, build_grounder(section), tmp / "model")
+    torch.manual_seed(0)
+    model = non_identity(build_grounder(section)).eval()
+    model_dir = save_model("stage3", section, model, tmp / "model")
     tracking.setup(store)
     with mlflow.start_run():
         version = log_and_register(str(model_dir), section, {"val/psnr": 12.5}, tags={
             "gac.data": "synthetic", "gac.stage2_model": "gac-stage2", "gac.stage2_version": "4"})  # fmt: skip
     client = mlflow.MlflowClient(store.tracking_uri)
-    return {"tmp": tmp, "store": store, "version": version, "client": client, "model_dir": model_dir}
+    return {"tmp": tmp, "store": store, "version": version, "client": client, "model_dir": model_dir, "model": model}
 
 
-def test_a_registered_version_loads_and_predicts_where_gac_is_not_importable(registered: dict) -> None:
-    """Only the model's own code/ and its requirements: no repository on sys.path, no editable-install finder."""
+def test_a_registered_version_predicts_what_the_in_process_model_does_where_gac_is_not_importable(
+    registered: dict, tmp_path: Path
+) -> None:
+    """Only the model's own code/ and its requirements: no repository on sys.path, no editable-install finder; and
+    what it predicts is the in-process model's output (within :data:`ONE_DN`), which is far from its input."""
+    import torch
+
+    from gac.training.export import apply
+
+    x = varied_input()
+    np.savez(tmp_path / "x.npz", **x)
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")} | {"OMP_NUM_THREADS": "1"}
     uri = registered["store"].tracking_uri
     done = subprocess.run(
-        [sys.executable, "-c", STANDALONE, str(ROOT), uri, f"models:/{NAME}@challenger"],
+        [sys.executable, "-c", STANDALONE, str(ROOT), uri, f"models:/{NAME}@challenger", tmp_path / "x.npz",
+         tmp_path / "y.npy"],
         cwd=registered["tmp"], env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-4000:]
     ran = json.loads(done.stdout.strip().splitlines()[-1])
     assert Path(ran["gac"]).parts[-3:] == ("code", "gac", "__init__.py"), ran["gac"]  # the model's code ran
     assert not Path(ran["gac"]).resolve().is_relative_to(ROOT)
-    assert ran["inputs"] == {"s1": [1, 2, 120, 120], "opt": [1, 12, 120, 120]}
-    assert ran["shape"] == [1, 12, 120, 120] and ran["dtype"] == "float32"
-    assert 0.0 <= ran["min"] <= ran["max"] <= 1.0  # reflectance, as the signature and the card say
+    assert ran["example"] == {"s1": [1, 2, 120, 120], "opt": [1, 12, 120, 120]}
+    y = np.load(tmp_path / "y.npy")
+    assert y.shape == (1, 12, 120, 120) and y.dtype == np.float32
+    assert 0.0 <= y.min() <= y.max() <= 1.0  # reflectance, as the signature and the card say
+    with torch.inference_mode():
+        expected = apply("stage3", registered["model"], torch.from_numpy(x["s1"]), torch.from_numpy(x["opt"])).numpy()
+    moved, worst = float(np.median(np.abs(expected - x["opt"]))), float(np.abs(y - expected).max())
+    assert moved > 20 * ONE_DN, moved  # not the identity: most pixels move by far more than the tolerance
+    assert worst <= ONE_DN, worst
 
 
 def test_the_registered_requirements_are_exact_and_name_no_gac(registered: dict) -> None:

@@ -545,14 +545,22 @@ def test_a_training_continues_only_with_the_same_inputs_and_model_settings(
 
 
 @pytest.mark.slow
-def test_stage2_load_in_8bit_trains_registers_writes_opt_v2_and_its_registered_model_predicts(
+def test_stage2_load_in_8bit_trains_registers_writes_opt_v2_and_its_registered_model_computes_its_float_twin(
     catalog: Path, opt_v1: Path, empty_mlflow_db: Path, tmp_path: Path
 ) -> None:
     """``gac stage2 --load-in-8bit`` end to end: the best checkpoint goes into a fresh int8 model (bitsandbytes
-    refuses it in the trained one), the model is registered, opt_v2 is written, the registry model predicts."""
+    refuses it in the trained one), the model is registered, opt_v2 is written, and the registry model's prediction
+    on a tile is its *float twin*'s: the same registered weights with every int8 matrix dequantised (int8 × SCB / 127)
+    in a float32 refiner, which runs no bitsandbytes code. What may differ is the int8 rounding of the activations
+    (row-wise absmax: at most half a step, 1/254 of a row's largest value): the residuals the two add to their input
+    agree to one int8 step, 1/127 of the residual's norm; no residual at all (an output that ignored the weights)
+    misses it by 127 steps."""
     import mlflow
+    from safetensors.torch import load_file
 
-    from gac.mlops.registry import example_input
+    from gac.models.prithvi import build_refiner
+    from gac.sensors import DN_SCALE
+    from gac.training.export import WEIGHTS
 
     params = write_params(tmp_path, catalog, opt_v1, empty_mlflow_db)
     cmd = [
@@ -566,8 +574,26 @@ def test_stage2_load_in_8bit_trains_registers_writes_opt_v2_and_its_registered_m
     assert len(ShardStore(tmp_path / "stage2" / "opt_v2").index) == len(ShardStore(opt_v1).index)
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
     model = mlflow.pyfunc.load_model("models:/gac-stage2@challenger")
-    wrapped = model.unwrap_python_model().model
-    assert any(type(m).__name__ == "Linear8bitLt" and m.weight.dtype == torch.int8 for m in wrapped.modules())
-    x = example_input(1)
+    wrapped = model.unwrap_python_model()
+    assert any(type(m).__name__ == "Linear8bitLt" and m.weight.dtype == torch.int8 for m in wrapped.model.modules())
+    x = tiles(catalog, opt_v1, "validation", n=1)
     y = model.predict(x)
     assert y.shape == (1, 12, 120, 120) and np.isfinite(y).all()
+
+    folder = Path(mlflow.artifacts.download_artifacts("models:/gac-stage2@challenger", dst_path=str(tmp_path / "dl")))
+    state = load_file(folder / "artifacts" / "model" / WEIGHTS)
+    floats = {k: v for k, v in state.items() if not k.endswith((".SCB", ".weight_format"))}
+    int8 = [k for k, v in state.items() if v.dtype == torch.int8]
+    assert len(int8) == 48  # qkv, proj, fc1, fc2 of 12 blocks
+    for key in int8:
+        floats[key] = state[key].float() * state[key.removesuffix("weight") + "SCB"][:, None] / 127
+    float32 = {"load_in_8bit": False, "pretrained": False, "ckpt_path": None}  # the weights come from the state
+    twin = build_refiner(wrapped.section.model_copy(update=float32))
+    twin.load_state_dict(floats, strict=True)
+    assert not any(type(m).__name__ == "Linear8bitLt" for m in twin.modules())
+    with torch.inference_mode():
+        expected = apply("stage2", twin.eval(), torch.from_numpy(x["s1"]), torch.from_numpy(x["opt"])).numpy()
+    residual = expected - x["opt"]
+    assert np.abs(residual).mean() > 1 / DN_SCALE, np.abs(residual).mean()  # the trained head moves a pixel > 1 DN
+    error = float(np.linalg.norm(y - expected) / np.linalg.norm(residual))
+    assert error <= 1 / 127, error
