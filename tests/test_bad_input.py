@@ -30,13 +30,14 @@ REPO = Path(__file__).resolve().parents[1]
 ONE_THREAD = os.environ | {"OMP_NUM_THREADS": "1"}
 #: A tiny, fast Stage 1: 1 diffusion step, random init, 2 shards of 2 tiles.
 STAGE1 = {"timesteps": 1, "img_size": 128, "batch_size": 2, "shard_size": 2, "device": "cpu", "max_tiles": 4}
+#: Holds the lock until the test closes its stdin (or kills it): no time limit the test could outlast.
 HOLDER = textwrap.dedent(
     """
-    import sys, time
+    import sys
     from gac.io.lock import exclusive
     with exclusive(sys.argv[1], "the test's holder"):
         print("held", flush=True)
-        time.sleep(120)
+        sys.stdin.read()
     """
 )
 
@@ -44,7 +45,8 @@ HOLDER = textwrap.dedent(
 @contextlib.contextmanager
 def held_by_another_process(target: Path):
     """Another process holding ``target``'s lock for the ``with`` block; yields its pid."""
-    proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(target)], stdout=subprocess.PIPE, text=True, cwd=REPO)
+    proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(target)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True, cwd=REPO)  # fmt: skip
     try:
         assert proc.stdout.readline().strip() == "held"
         yield proc.pid
@@ -107,10 +109,10 @@ def test_a_second_writer_fails_at_once_naming_the_holder(command, tmp_path, synt
     if command == "infer":  # it checks its models before it takes the lock (bad input leaves no lock file)
         argv += request.getfixturevalue("model_folders")
         shutil.copy(request.getfixturevalue("empty_mlflow_db"), tmp_path / "mlflow.db")  # an existing store
+    # "at once" is shown by what is absent (nothing written, one line), not by a wall-clock limit: timings belong in
+    # benchmarks/, not in tests that share a machine with others
     with held_by_another_process(out) as pid:
-        start = time.perf_counter()
         code, err = gac(capsys, *argv)
-    assert time.perf_counter() - start < 30  # at once: no model was built, no tile read
     assert code == 2 and len(err) == 1, err
     assert err[0].startswith(f"gac: error: {out}: in use by pid {pid} ") and "the test's holder" in err[0]
     assert sorted(p.name for p in out.iterdir()) == ["finished.txt"]  # the holder's folder is untouched
@@ -125,8 +127,10 @@ def test_two_stage1_runs_on_one_folder_cannot_mix_their_caches(tmp_path, catalog
         cwd=REPO, env=ONE_THREAD, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
     try:
-        deadline = time.time() + 60
-        while not (lock_path(out).is_file() and lock_path(out).read_text()) and time.time() < deadline:
+        deadline = time.monotonic() + 600  # a guard only: the first run takes the lock before it builds a model
+        while not (lock_path(out).is_file() and lock_path(out).read_text()):  # the holder's line: held right now
+            assert first.poll() is None, f"the first run ended before it held the lock:\n{first.stdout.read()}"
+            assert time.monotonic() < deadline, "the first run never took the lock"
             time.sleep(0.05)
         (tmp_path / "second").mkdir()
         second = write_params(tmp_path / "second", stage1=STAGE1 | {"timesteps": 2})

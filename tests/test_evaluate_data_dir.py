@@ -20,7 +20,7 @@ from gac.cli import main
 from gac.evaluation.ablation import DETAILS, ROWS, headline
 from gac.io.lock import lock_path
 
-#: The other root: seed 11 puts Lithuania, Portugal and Serbia, summer and winter, in its 3 test tiles.
+#: The other root: another seed than the pipeline's data, hence other tiles; what it holds is read from its metadata.
 OTHER_SEED, OTHER_TILES = 11, 9
 N_VISUALIZE = 2
 TRAIN = ["--max-steps", "1", "--max-tiles", "2", "--batch-size", "2", "--val-every", "1", "--save-every", "1",
@@ -37,6 +37,17 @@ def write_params(workdir: Path, store: Path) -> None:
         "evaluate": {"n_visualize": N_VISUALIZE},
     }
     (workdir / "params.yaml").write_text(yaml.safe_dump(params))
+
+
+def scored_tiles(root: Path):
+    """The tiles ``gac evaluate --data-dir root`` scores, from the root's metadata alone: the test split less the tiles
+    ``data.exclude`` flags, with each tile's country and acquisition season."""
+    from gac.config import Params
+    from gac.data.metadata import acquisition, keep_unflagged, read_metadata
+
+    meta = read_metadata(root)
+    test = keep_unflagged(meta[meta["split"] == "test"], Params().data.exclude)
+    return test.assign(season=[acquisition(pid)[1] for pid in test["patch_id"]])
 
 
 def gac(*args: str) -> int:
@@ -83,18 +94,23 @@ def world(tmp_path_factory: pytest.TempPathFactory, empty_mlflow_db: Path):
 
 
 def test_metrics_have_every_row_and_both_kinds_of_group(world) -> None:
+    expected = scored_tiles(world["other"])
+    # what makes the groups worth testing: the other root's test tiles span several countries and seasons
+    assert expected["country"].nunique() >= 2 and expected["season"].nunique() >= 2, "pick another OTHER_SEED"
     saved = json.loads((world["out"] / "evaluate" / DETAILS).read_text())
     assert json.loads((world["out"] / "evaluate.json").read_text()) == headline(saved)  # the headline, beside
     assert {"stage1", "stage1+2", "full", "baseline", "truth"} <= set(ROWS)
     for row in ROWS:
-        assert saved[row]["tiles"] == 3, row
+        assert saved[row]["tiles"] == len(expected), row
     for row in ("stage1", "stage1+2", "full", "baseline"):
         assert saved[row]["psnr"] is not None and saved[row]["sar_edge"] is not None, row
-    countries, seasons = saved["groups"]["country"], saved["groups"]["season"]
-    assert len(countries) >= 2 and {"summer", "winter"} <= set(seasons), (countries.keys(), seasons.keys())
-    assert sum(t["full"]["tiles"] for t in countries.values()) == 3
+    for group in ("country", "season"):  # every group of the scored tiles, each with its tiles in every row
+        tables, counts = saved["groups"][group], expected[group].value_counts().to_dict()
+        assert {value: {row: r["tiles"] for row, r in t.items()} for value, t in tables.items()} == {
+            value: dict.fromkeys(ROWS, n) for value, n in counts.items()
+        }, group
     prov = saved["provenance"]
-    assert prov["split"] == "test" and prov["tiles_evaluated"] == 3 and prov["data_source"] == "synthetic"
+    assert prov["split"] == "test" and prov["tiles_evaluated"] == len(expected) and prov["data_source"] == "synthetic"
     assert prov["data_root"] == str(world["other"].resolve())
     assert prov["models"] == {"stage2": "models:/gac-stage2@challenger", "stage3": "artifacts/stage3/model"}
     assert prov["stages"]["stage2"]["model"] == "models:/gac-stage2@challenger"

@@ -11,7 +11,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -29,12 +28,10 @@ ENV = os.environ | {"GAC_PROGRESS": "0", "OMP_NUM_THREADS": "1"}
 ROUNDING_DN = 1
 
 
-def gac(args: list[str], cwd: Path) -> tuple[subprocess.CompletedProcess, float]:
-    start = time.perf_counter()
-    done = subprocess.run(
+def gac(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
         [sys.executable, "-m", "gac", *args], cwd=cwd, env=ENV, capture_output=True, text=True, timeout=900
     )
-    return done, time.perf_counter() - start
 
 
 @pytest.fixture()
@@ -65,7 +62,7 @@ def register_challenger(workdir: Path, name: str) -> None:
 def test_without_a_champion_it_fails_at_once_in_one_line(workdir: Path, synthetic_root: Path) -> None:
     register_challenger(workdir, "gac-stage2")
     register_challenger(workdir, "gac-stage3")
-    done, seconds = gac(["infer", "--data-dir", str(synthetic_root), "--output-dir", "out"], workdir)
+    done = gac(["infer", "--data-dir", str(synthetic_root), "--output-dir", "out"], workdir)
     assert done.returncode == 2
     assert "Traceback" not in done.stderr
     lines = [line for line in done.stderr.splitlines() if line.startswith("gac: error:")]
@@ -73,8 +70,8 @@ def test_without_a_champion_it_fails_at_once_in_one_line(workdir: Path, syntheti
     # Stage 3 first: by default Stage 2 is the version gac-stage3@champion was trained on
     assert "--stage3-checkpoint: models:/gac-stage3@champion: gac-stage3 has no @champion" in lines[0]
     assert "gac-stage3@challenger (v1)" in lines[0]  # names what exists
-    assert seconds < 30, seconds
-    assert not (workdir / "out").exists()  # nothing ran
+    # "at once" is what did not happen, not a wall-clock limit (timings belong in benchmarks/): no stage ran
+    assert not (workdir / "out").exists()
 
 
 @pytest.mark.parametrize(
@@ -88,7 +85,7 @@ def test_without_a_champion_it_fails_at_once_in_one_line(workdir: Path, syntheti
 def test_every_kind_of_bad_source_is_one_line(workdir: Path, flag: str, source: str, expected: str) -> None:
     register_challenger(workdir, "gac-stage2")
     args = ["infer", "--data-dir", "x", "--stage2-checkpoint", "models:/gac-stage2@challenger", flag, source]
-    done, _ = gac(args, workdir)
+    done = gac(args, workdir)
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert expected in done.stderr.strip().splitlines()[-1], done.stderr
 
@@ -116,7 +113,7 @@ def test_model_folders_run_the_whole_pipeline_on_a_bigearthnet_root_into_what_th
     with pytest.raises(GacError, match=r"--stage2-checkpoint: \S+/m3: a stage3 model, expected a stage2 model"):
         check_sources({"stage2": str(workdir / "m3"), "stage3": str(workdir / "m3")})
     args = ["infer", "--data-dir", str(synthetic_root), "--output-dir", "out", "--stage2-checkpoint", "m2"]
-    done, _ = gac([*args, "--stage3-checkpoint", "m3", "--save-visualizations", "1"], workdir)
+    done = gac([*args, "--stage3-checkpoint", "m3", "--save-visualizations", "1"], workdir)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "Processed 3/3 tiles, Errors 0" in done.stdout
     from gac.io.store import ShardStore
