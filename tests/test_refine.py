@@ -13,12 +13,11 @@ from __future__ import annotations
 import os
 import resource
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
+import killpoint
 import numpy as np
 import pandas as pd
 import pytest
@@ -129,28 +128,24 @@ def cache_cli(tmp: Path, inputs: dict[str, Path], out: Path) -> list[str]:
 
 
 @pytest.mark.slow
-def test_a_killed_cache_writer_resumes_to_the_uninterrupted_cache(inputs, reference: Path, tmp_path: Path) -> None:
+def test_a_cache_writer_killed_inside_a_shard_write_resumes_to_the_uninterrupted_cache(inputs, reference, tmp_path):
+    """SIGKILL ``gac stage3 --cache-only`` inside the write of a seeded shard after the first (:mod:`killpoint`), then
+    rerun it: the shards finished before the kill are kept, the half-written one is redone, and the cache is the
+    uninterrupted one file for file, byte for byte (a resume that kept the half-written shard could not be)."""
     out = tmp_path / "opt_v3"
     args = cache_cli(tmp_path, inputs, out)
-    with (tmp_path / "killed.log").open("w") as log:
-        proc = subprocess.Popen([sys.executable, *args], stdout=log, stderr=log, env=ONE_THREAD)
-    deadline = time.monotonic() + 600
-    try:
-        while not (out / "shards" / "00000").is_dir():
-            assert proc.poll() is None, (tmp_path / "killed.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "no shard appeared in time"
-            time.sleep(0.02)
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-    survived = {p.parent.name: p.stat().st_mtime_ns for p in (out / "shards").glob("[!.]*/opt.npy")}
-    assert 0 < len(survived) < 4, "the kill must land between shards"
-    (out / "shards" / ".tmp-00003-killed").mkdir(exist_ok=True)  # what a kill mid-write leaves
+    killed = killpoint.kill_inside_a_shard_write(args[2:], out, 4, tmp_path / "killed.log", ONE_THREAD)
+    seed, shard = killed["seed"], killed["shard"]
+    assert killed["done"] == [f"{i:05d}" for i in range(int(shard))], f"seed {seed}: {killed}"
+    assert killed["partial"] is not None and "digest.sha256" not in killed["partial"], (
+        f"seed {seed}: the kill must land inside shard {shard}'s write, which leaves it half-written: {killed}"
+    )
     done = subprocess.run([sys.executable, *args], capture_output=True, text=True, env=ONE_THREAD, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.returncode == 0, f"seed {seed}: " + done.stderr[-3000:]
+    assert killpoint.store_bytes(out) == killpoint.store_bytes(reference), f"seed {seed}"
     assert_same_cache(out, reference)
-    for name, mtime in survived.items():  # finished shards were kept, not redone
-        assert (out / "shards" / name / "opt.npy").stat().st_mtime_ns == mtime
+    for name, mtime in killed["survived"].items():  # finished shards were kept, not redone
+        assert (out / "shards" / name / "opt.npy").stat().st_mtime_ns == mtime, f"seed {seed}"
 
 
 @pytest.mark.slow

@@ -27,6 +27,7 @@ import sys
 import time
 from pathlib import Path
 
+import killpoint
 import numpy as np
 import pandas as pd
 import pytest
@@ -352,27 +353,32 @@ def first_shard_then_kill(args: list[str], shards: Path, log: Path, timeout: flo
 
 @pytest.fixture(scope="module")
 def resumed(catalog: Path, p: Stage1Params, tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """Kill ``gac stage1`` after its first shard, leave a half-written shard behind, then rerun it to completion."""
+    """SIGKILL ``gac stage1`` inside the write of its second shard (at a seeded point, :mod:`killpoint`), then rerun it
+    to completion."""
     tmp = tmp_path_factory.mktemp("resume")
     out, metrics = tmp / "opt_v1", tmp / "stage1.json"
     args = cli(write_params(tmp, out, cli_params(p)), catalog, out, metrics)
-    first_shard_then_kill(args, out / "shards", tmp / "killed.log")
-    survived = {f.parent.name: f.stat().st_mtime_ns for f in (out / "shards").glob("[!.]*/opt.npy")}
-    (out / "shards" / ".tmp-00001-killed").mkdir(exist_ok=True)  # a kill mid-write leaves such a folder
+    killed = killpoint.kill_inside_a_shard_write(args, out, N_TILES // BASE.shard_size, tmp / "killed.log", ONE_THREAD)
     done = subprocess.run(
         [sys.executable, "-m", "gac", *args], capture_output=True, text=True, timeout=600, env=ONE_THREAD
     )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return {"out": out, "metrics": metrics, "tmp": tmp, "survived": survived, "stdout": done.stdout}
+    assert done.returncode == 0, f"seed {killed['seed']}: " + done.stdout[-3000:] + done.stderr[-3000:]
+    return killed | {"out": out, "metrics": metrics, "tmp": tmp, "stdout": done.stdout}
 
 
 @pytest.mark.slow
-def test_a_killed_run_resumes_to_the_uninterrupted_cache(resumed: dict, reference: Path) -> None:
-    out = resumed["out"]
-    assert 0 < len(resumed["survived"]) < N_TILES // BASE.shard_size, "the kill must land between shards"
+def test_a_run_killed_inside_a_shard_write_resumes_to_the_uninterrupted_cache(resumed: dict, reference: Path) -> None:
+    """The kill left shard 00000 complete and shard 00001 half-written under ``.tmp-``; the resumed cache is the
+    uninterrupted one file for file, byte for byte (a resume that kept the half-written shard could not be)."""
+    out, seed = resumed["out"], resumed["seed"]
+    assert resumed["done"] == ["00000"] and resumed["shard"] == "00001", f"seed {seed}: {resumed}"
+    assert resumed["partial"] is not None and "digest.sha256" not in resumed["partial"], (
+        f"seed {seed}: the kill must land inside shard 00001's write, which leaves it half-written: {resumed}"
+    )
+    assert killpoint.store_bytes(out) == killpoint.store_bytes(reference), f"seed {seed}"
     assert_same_cache(out, reference)
     for name, mtime in resumed["survived"].items():  # shards from before the kill were kept, not redone
-        assert (out / "shards" / name / "opt.npy").stat().st_mtime_ns == mtime
+        assert (out / "shards" / name / "opt.npy").stat().st_mtime_ns == mtime, f"seed {seed}"
     metrics = json.loads(resumed["metrics"].read_text())
     assert metrics["generated_this_run"] == N_TILES - BASE.shard_size * len(resumed["survived"])
     assert (metrics["processed"], metrics["total"], metrics["errors"]) == (N_TILES, N_TILES, 0)
