@@ -216,27 +216,40 @@ def test_registered_versions_get_no_eval_tags_but_the_run_names_the_root(world) 
     assert run.data.tags["gac.catalog_sha256"] == digest == saved["provenance"]["catalog_sha256"]
 
 
-def test_every_command_prints_its_rejections_and_counts_them(world) -> None:
-    """No command leaves a tile out in silence: each prints the rejections and its summary counts them."""
-    printed, tiles = world["printed"], world["tiles"]
+def prints_every_rejection_and_one_note(world, command: str) -> None:
+    """``command`` printed one ``rejected`` line per unusable tile, one note about the names without a readable date,
+    and the catalog's summary."""
+    lines = world["printed"][command].splitlines()
+    rejected = [line.split(":")[0].removeprefix("rejected ") for line in lines if line.startswith("rejected ")]
+    assert rejected == world["tiles"]["broken"], lines
     odd = "note: 2 tile(s) kept with season 'unknown': their patch_id has no readable acquisition date (e.g. "
-    for command in ("evaluate", "catalog", "infer --no-geotiff"):
-        lines = printed[command].splitlines()
-        rejected = [line.split(":")[0].removeprefix("rejected ") for line in lines if line.startswith("rejected ")]
-        assert rejected == tiles["broken"], (command, lines)
-        assert len([line for line in lines if line.startswith(odd)]) == 1, (command, lines)
-        assert "Catalog: 4 tiles, 2 rejected" in printed[command]
-    catalogs = {"evaluate": world["out"] / "caches" / "catalog", "infer": Path("runs/infer/catalog")}
-    for where in catalogs.values():
-        assert sorted(pd.read_parquet(world["workdir"] / where / "rejected.parquet")["patch_id"]) == sorted(
-            tiles["broken"]
-        )
-    evaluated = f"Evaluated 4 of 6 'test' tiles (2 rejected: see {catalogs['evaluate'].relative_to(world['workdir'])}"
-    assert f"{evaluated}/rejected.parquet; missing from caches: none" in printed["evaluate"]
-    processed = "Processed 4 of 6 tiles (2 rejected: see runs/infer/catalog/rejected.parquet), Errors 0, Output dir"
-    assert f"{processed} runs/infer\n" in printed["infer"]
+    assert len([line for line in lines if line.startswith(odd)]) == 1, lines
+    assert "Catalog: 4 tiles, 2 rejected" in world["printed"][command]
+
+
+def test_gac_catalog_on_the_new_region_keeps_the_odd_names_with_season_unknown(world) -> None:
+    prints_every_rejection_and_one_note(world, "catalog")
     index = ShardStore(world["workdir"] / "runs" / "catalog").index.set_index("patch_id")
-    assert list(index.loc[tiles["odd"], "season"]) == ["unknown", "unknown"]
+    assert list(index.loc[world["tiles"]["odd"], "season"]) == ["unknown", "unknown"]
+
+
+def test_evaluate_data_dir_prints_the_rejections_and_counts_them(world) -> None:
+    prints_every_rejection_and_one_note(world, "evaluate")
+    catalog = world["out"] / "caches" / "catalog"
+    assert sorted(pd.read_parquet(catalog / "rejected.parquet")["patch_id"]) == sorted(world["tiles"]["broken"])
+    where = (catalog / "rejected.parquet").relative_to(world["workdir"])
+    evaluated = f"Evaluated 4 of 6 'test' tiles (2 rejected: see {where}; missing from caches: none"
+    assert evaluated in world["printed"]["evaluate"]
+
+
+def test_infer_prints_the_rejections_and_counts_them(world) -> None:
+    prints_every_rejection_and_one_note(world, "infer --no-geotiff")
+    catalog = world["workdir"] / "runs" / "infer" / "catalog"
+    assert sorted(pd.read_parquet(catalog / "rejected.parquet")["patch_id"]) == sorted(world["tiles"]["broken"])
+    line = "Processed 4 of 6 tiles (2 rejected: see runs/infer/catalog/rejected.parquet), Errors 0, Output dir runs/"
+    line += "infer"
+    for run in ("infer --no-geotiff", "infer"):  # the second run resumed every cache: its count is still the root's
+        assert f"{line}\n" in world["printed"][run], run
 
 
 def test_infer_writes_a_geotiff_of_every_tile_where_its_input_tile_lies(world) -> None:
