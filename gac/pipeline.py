@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import StrEnum
+from pathlib import Path
 
 
 class StageName(StrEnum):
@@ -50,7 +51,8 @@ class Stage:
     output: str
     #: The stage whose output it reads (``None``: the raw BigEarthNet v2 root).
     previous: StageName | None
-    #: The DVC metrics file it writes.
+    #: The DVC metrics file it writes: named by the DVC entry point (``pipelines/<stage>.py``) only; a command run
+    #: without ``--metrics`` writes :func:`metrics_beside` its output folder instead.
     metrics: str
     #: How the model is trained and registered, for the stages that train one.
     model: TrainedModel | None = None
@@ -93,6 +95,19 @@ GENERATING: tuple[StageName, ...] = (StageName.STAGE1, *TRAINED)
 def output(name: StageName | str) -> str:
     """The label of what stage ``name`` writes (``opt_v2`` for Stage 2)."""
     return STAGES[StageName(name)].output
+
+
+def metrics_beside(out: str | Path) -> Path:
+    """``<out>.metrics.json``: the metrics file of a command run without ``--metrics``, beside its output folder.
+
+    A metrics file belongs to the run that made it: a command pointed at another root (or another output folder) must
+    not write over the project's tracked ``metrics/*.json``, which only the DVC entry points (``pipelines/*.py``)
+    name. Beside rather than inside, so that a DVC-tracked output folder (``artifacts/catalog``) keeps its hash.
+    """
+    out = Path(out)
+    if out.name in ("", ".", ".."):
+        out = out.resolve()
+    return out.with_name(f"{out.name}.metrics.json")
 
 
 def previous(name: StageName | str) -> StageName:

@@ -1,8 +1,9 @@
-"""DVC stage `sweep`: a thin entry point; the work is in :mod:`gac.cli.sweep`."""
+"""DVC stage `sweep`: a thin entry point that names the tracked metrics file (a bare
+``gac sweep`` writes its metrics beside its output folder); the work is in :mod:`gac.cli.sweep`."""
 
 import sys
 
 from gac.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main(["sweep", *sys.argv[1:]]))
+    sys.exit(main(["sweep", "--metrics", "metrics/sweep.json", *sys.argv[1:]]))

@@ -1,7 +1,8 @@
 """The catalog's input checks (issue 14, cases 3, 4, 5, 7, 9, 10), each on real files damaged by the test.
 
-Metadata is checked before any tile is read: duplicate ids refuse the root in one line; a null name, a patch id
-without a date or an unknown split rejects that row with a reason and the rest go on. A rerun rebuilds the shards
+Metadata is checked before any tile is read: duplicate ids refuse the root in one line; a null name or an unknown
+split rejects that row with a reason and the rest go on; a patch id without a readable date keeps its tile, with
+season ``unknown``. A rerun rebuilds the shards
 whose files changed. ``rejected.parquet`` exists at the catalog's root. torchgeo's own BigEarthNetV2 test data is
 catalogued and agrees with torchgeo's reader.
 """
@@ -187,26 +188,26 @@ def test_a_null_s1_name_rejects_that_row_and_the_rest_go_on(synthetic_root, tmp_
     assert "Catalog: 23 tiles, 1 rejected" in stdout
 
 
-def test_a_malformed_date_in_a_patch_id_rejects_that_row_and_the_rest_go_on(synthetic_root, tmp_path, capsys):
+def test_a_tile_whose_name_has_no_readable_date_is_kept_with_season_unknown(synthetic_root, tmp_path, capsys):
+    """A real root's ``…_20170924T93020_…`` (a time with 5 digits) names a valid S1/S2 pair: kept, said once."""
+    from gac.data.synthetic import restamp
+
     root = _root(synthetic_root, tmp_path)
-
-    def garble(meta: pd.DataFrame) -> pd.DataFrame:
-        meta = meta.copy()
-        parts = meta.loc[4, "patch_id"].split("_")
-        parts[2] = parts[2][:4] + "XX" + parts[2][6:]  # S2A_MSIL2A_2017XX13T101031_…
-        meta.loc[4, "patch_id"] = "_".join(parts)
-        return meta
-
-    meta = _edit_metadata(root, garble)
+    ids = list(pd.read_parquet(root / layout.METADATA_FILE)["patch_id"])
+    odd = [restamp(root, ids[i], ids[i].split("_")[2][:8] + "T93020") for i in (4, 7)]
     code, stdout, stderr = _catalog(capsys, root, tmp_path / "cat")
     assert code == 0, stderr
-    bad = meta.loc[4, "patch_id"]
-    stamp = bad.split("_")[2]
-    assert _rejected_lines(stdout) == {
-        bad: f"{root / layout.METADATA_FILE} row 4: patch_id {bad!r}: no acquisition date (expected "
-        f"S2x_MSIL2A_<YYYYMMDD>T<hhmmss>_…, got {stamp!r} as its third '_' part)"
-    }
-    assert "Catalog: 23 tiles, 1 rejected" in stdout
+    assert _rejected_lines(stdout) == {}
+    assert "Catalog: 24 tiles, 0 rejected" in stdout
+    notes = [line for line in stdout.splitlines() if "season 'unknown'" in line]
+    assert notes == [
+        f"note: 2 tile(s) kept with season 'unknown': their patch_id has no readable acquisition date (e.g. {odd[0]}: "
+        f"expected S2x_MSIL2A_<YYYYMMDD>T<hhmmss>_…, got {odd[0].split('_')[2]!r} as its third '_' part); the date "
+        "only groups results by season"
+    ]
+    index = ShardStore(tmp_path / "cat").index.set_index("patch_id")
+    assert list(index.loc[odd, "season"]) == ["unknown", "unknown"] and index.loc[odd, "date"].isna().all()
+    assert (index.drop(odd)["season"] != "unknown").all()
 
 
 def test_a_null_patch_id_is_rejected_naming_its_row(synthetic_root, tmp_path, capsys):
@@ -265,8 +266,10 @@ def test_rejected_parquet_is_written_at_the_catalog_root(tmp_path):
     out = tmp_path / "cat"
     report = catalog.build(CatalogParams(out=str(out), workers=1, shard_size=1), root, progress=False)
     merged = pd.read_parquet(out / REJECTED)
-    assert list(merged.columns) == ["patch_id", "reason"]
+    assert list(merged.columns) == ["patch_id", "reason", "split"]  # the split: a summary of one split counts its own
     assert sorted(merged["patch_id"]) == sorted(broken_patches(root)) == sorted(report.rejected["patch_id"])
+    splits = pd.read_parquet(root / layout.METADATA_FILE).set_index("patch_id")["split"]
+    assert list(merged["split"]) == list(splits[merged["patch_id"]])
     assert len(list((out / SHARDS).glob(f"*/{REJECTED}"))) == 2  # one per shard with a broken tile, merged above
     pd.testing.assert_frame_equal(merged, ShardStore(out).rejected())
 
@@ -275,7 +278,8 @@ def test_rejected_parquet_at_the_root_is_there_and_empty_when_nothing_failed(syn
     out = tmp_path / "cat"
     catalog.build(CatalogParams(out=str(out), workers=1, max_tiles=2), synthetic_root, progress=False)
     empty = pd.read_parquet(out / REJECTED)
-    assert list(empty.columns) == ["patch_id", "reason"] and empty.empty
+    assert list(empty.columns) == ["patch_id", "reason"] and empty.empty  # as before rejections had a split: the
+    # DVC pipeline's catalog (nothing rejected) keeps its bytes
 
 
 # -- case 10: torchgeo's own BigEarthNetV2 test data -----------------------------------------------------------------

@@ -56,3 +56,16 @@ def test_the_closure_follows_lazy_imports() -> None:
     """The derivation itself: a lazy import inside a function counts, and so do the packages it passes through."""
     found = {str(f.relative_to(ROOT)) for f in closure([module_file("gac.cli.stage2")])}
     assert {"gac/cli/train.py", "gac/training/fit.py", "gac/models/prithvi.py", "gac/__init__.py"} <= found
+
+
+@pytest.mark.parametrize(("spec", "name", "stage"), stages(), ids=lambda v: v if isinstance(v, str) else "")
+def test_only_the_entry_point_names_the_tracked_metrics_file(spec: str, name: str, stage: dict) -> None:
+    """The DVC entry point passes ``--metrics`` = the stage's ``metrics`` in dvc.yaml; the command's own default is
+    beside its output folder, never ``metrics/…`` (a run on another root must not write over the tracked figures)."""
+    from gac.cli import build_parser
+
+    entry = ROOT / re.search(r"pipelines/\w+\.py", stage["cmd"]).group(0)
+    (tracked,) = [next(iter(m)) if isinstance(m, dict) else m for m in stage["metrics"]]
+    assert re.search(rf'main\(\[\s*"{name}", "--metrics", "{tracked}"', entry.read_text()), entry
+    args = build_parser().parse_args([name])
+    assert args.metrics is None, f"gac {name} --metrics defaults to {args.metrics!r}"

@@ -115,15 +115,17 @@ def test_model_folders_run_the_whole_pipeline_on_a_bigearthnet_root_into_what_th
     args = ["infer", "--data-dir", str(synthetic_root), "--output-dir", "out", "--stage2-checkpoint", "m2"]
     done = gac([*args, "--stage3-checkpoint", "m3", "--save-visualizations", "1"], workdir)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "Processed 3/3 tiles, Errors 0" in done.stdout
+    assert "Processed 3 of 3 tiles, Errors 0, Output dir out\n" in done.stdout
     from gac.io.store import ShardStore
 
     stores = {cache: ShardStore(workdir / "out" / cache) for cache in ("opt_v1", "opt_v2", "opt_v3")}
     ids = list(stores["opt_v1"].index["patch_id"])
     assert len(ids) == 3 and all(list(store.index["patch_id"]) == ids for store in stores.values())
-    (tif,) = (workdir / "out" / "geotiff").glob("*_opt_v3.tif")
-    with rasterio.open(tif) as src:
+    tifs = sorted((workdir / "out" / "geotiff").glob("*_opt_v3.tif"))  # every tile's, by default
+    assert len(tifs) == 3
+    with rasterio.open(tifs[0]) as src:
         assert src.count == 12 and src.crs is not None and src.transform.a == 10.0
+    assert len(list((workdir / "out" / "figures").glob("*_compare.png"))) == 1  # --save-visualizations 1
     catalog = ShardStore(workdir / "out" / "catalog")
     s1 = torch.from_numpy(catalog.read("s1", catalog.rows_for(ids)).astype(np.float32))
     for stage, source, cache in (("stage2", "opt_v1", "opt_v2"), ("stage3", "opt_v2", "opt_v3")):

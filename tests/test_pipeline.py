@@ -68,6 +68,29 @@ def test_dvc_repro_catalog_then_nothing_to_do(dvc_repo):
     assert "up to date" in status.stdout, status.stdout
 
 
+def test_gac_catalog_on_another_root_leaves_git_and_dvc_status_clean(dvc_repo, tmp_path):
+    """``gac catalog --data-dir OTHER --output-dir OTHER_OUT`` from the project root writes its metrics beside
+    OTHER_OUT, never over the tracked ``metrics/catalog.json`` (which made ``dvc status`` report the stage modified)."""
+    from gac.data.synthetic import generate
+
+    shutil.copy(ROOT / ".gitignore", dvc_repo / ".gitignore")  # /data, /artifacts, … as in the project
+    assert _run(["dvc", "repro", "catalog"], dvc_repo).returncode == 0
+    assert _run(["git", "add", "-A"], dvc_repo).returncode == 0
+    assert _run(["git", "commit", "-qm", "pipeline"], dvc_repo).returncode == 0
+    tracked = (dvc_repo / "metrics/catalog.json").read_bytes()
+    generate(tmp_path / "other", 3, seed=5)
+    other_out = tmp_path / "other-catalog"
+    done = _run([sys.executable, "-m", "gac", "catalog", "--data-dir", str(tmp_path / "other"), "--output-dir",
+                 str(other_out), "--workers", "1"], dvc_repo)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "Catalog: 3 tiles, 0 rejected" in done.stdout
+    assert (dvc_repo / "metrics/catalog.json").read_bytes() == tracked
+    assert '"tiles": 3' in (tmp_path / "other-catalog.metrics.json").read_text()  # beside its output folder
+    assert _run(["git", "status", "--porcelain"], dvc_repo).stdout == ""
+    status = _run(["dvc", "status", "catalog"], dvc_repo)  # the only stage run here
+    assert "up to date" in status.stdout, status.stdout
+
+
 def test_catalog_param_change_reruns_stage(dvc_repo):
     """A change to the stage's own params section makes DVC rerun it (params are real dependencies)."""
     assert _run(["dvc", "repro", "catalog"], dvc_repo).returncode == 0

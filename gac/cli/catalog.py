@@ -12,7 +12,9 @@ from gac.pipeline import StageName as S
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_flags(p, S.CATALOG)
     p.add_argument(
-        "--metrics", default="metrics/catalog.json", help="summary JSON for dvc metrics (default: %(default)s)"
+        "--metrics",
+        help="summary JSON (default: <output-dir>.metrics.json, beside the catalog folder; the DVC stage passes "
+        "metrics/catalog.json)",
     )
 
 

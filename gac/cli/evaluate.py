@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 
 from gac.cli.common import params
+from gac.pipeline import metrics_beside
 
 #: Flags that only mean something with ``--data-dir``.
 EXTERNAL_ONLY = ("stage2_checkpoint", "stage3_checkpoint", "max_tiles", "baseline_catalog")
@@ -35,8 +36,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--metrics",
-        help="headline metrics JSON (default: metrics/evaluate.json, for dvc; with --data-dir: "
-        "<output-dir>/evaluate.json); every figure goes to details.json in the output folder",
+        help="headline metrics JSON (default: <output-dir>.metrics.json, beside the report folder, the DVC stage "
+        "passes metrics/evaluate.json; with --data-dir: <output-dir>/evaluate.json); every figure goes to "
+        "details.json in the output folder",
     )
     p.add_argument(
         "--stage2-checkpoint",
@@ -77,4 +79,5 @@ def run(args: argparse.Namespace) -> None:
     from gac.stages import evaluate
 
     section = config.override(cfg.evaluate, split=args.split, out=args.output_dir)
-    evaluate.run_pipeline(cfg.model_copy(update={"evaluate": section}), args.metrics or "metrics/evaluate.json")
+    metrics = args.metrics or metrics_beside(section.out)
+    evaluate.run_pipeline(cfg.model_copy(update={"evaluate": section}), metrics)

@@ -1,4 +1,5 @@
-"""``gac infer``: run the whole pipeline on a catalog or a BigEarthNet v2 root (see :mod:`gac.stages.infer`)."""
+"""``gac infer``: run the whole pipeline on a catalog or a BigEarthNet v2 root (see :mod:`gac.stages.infer`); writes
+the caches and, unless ``--no-geotiff``, a GeoTIFF of every opt_v3 tile."""
 
 from __future__ import annotations
 
@@ -21,7 +22,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="models:/… URI or a Stage 3 model folder (default: %(default)s)",
     )
     p.add_argument(
-        "--save-visualizations", type=int, default=0, metavar="N", help="export the first N tiles' opt_v3 as GeoTIFFs"
+        "--no-geotiff",
+        action="store_true",
+        help="do not write <output-dir>/geotiff/<patch_id>_opt_v3.tif (by default every opt_v3 tile, with the CRS and "
+        "transform of its input tile)",
+    )
+    p.add_argument(
+        "--save-visualizations",
+        type=int,
+        default=0,
+        metavar="N",
+        help="PNG comparisons (SAR, opt_v1, opt_v2, opt_v3, real S2) of the first N tiles in <output-dir>/figures",
     )
 
 
@@ -38,6 +49,7 @@ def run(args: argparse.Namespace) -> None:
         args.stage2_checkpoint,
         args.stage3_checkpoint,
         visualize=args.save_visualizations,
+        geotiff=not args.no_geotiff,
     )
     for name, path in caches.items():
         print(f"{name}: {path}")

@@ -11,7 +11,11 @@ from gac.cli.common import params
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", action="append", help="registered model, repeatable (default: gac-stage2 and gac-stage3)")
     p.add_argument("--version", help="candidate version (default: the version with alias 'challenger'; one --model)")
-    p.add_argument("--metrics", default="metrics/promote.json", help="decisions JSON (default: %(default)s)")
+    p.add_argument(
+        "--metrics",
+        help="decisions JSON (default: none; the decisions are printed and logged to the MLflow run; the DVC stage "
+        "passes metrics/promote.json)",
+    )
 
 
 def run(args: argparse.Namespace) -> None:

@@ -19,7 +19,11 @@ def add_training_arguments(p: argparse.ArgumentParser, command: str) -> None:
         action="store_true",
         help="no training: write the next cache with <output-dir>/model (resumable; split across torchrun ranks)",
     )
-    p.add_argument("--metrics", help="summary JSON for dvc metrics (default: metrics/<stage>.json)")
+    p.add_argument(
+        "--metrics",
+        help="summary JSON (default: <output-dir>.metrics.json, beside the stage's folder; the DVC stage passes "
+        "metrics/<stage>.json)",
+    )
     p.add_argument(
         "--plots",
         help="folder of the training curves for dvc plots, one CSV per metric (default: <output-dir>/plots; "

@@ -16,7 +16,10 @@ A tile is rejected, with a one-line reason, when a file is missing or unreadable
 integer DN within uint16 or S1 not real-valued, a band has no CRS, S1 holds NaN/inf, an S2 band is all nodata (0), the
 tile does not cover 1200 m × 1200 m, or its bands, S1 and S2 disagree on CRS or bounds. A band of any size is accepted
 and resampled to the 10 m grid (datasets resampled to 10 m, such as torchgeo's test data, store all bands at 120 px).
-The stage goes on past rejected tiles and lists them in ``rejected.parquet`` (per shard and, merged, at the root).
+The stage goes on past rejected tiles and lists them in ``rejected.parquet`` (per shard and, merged, at the root),
+each with its ``split``, so every command that builds a catalog on its way can count them in its summary
+(:func:`rejected_note`). A patch id whose acquisition date cannot be read is no reason to reject a tile: it is
+kept with season ``unknown`` (:func:`gac.data.metadata.acquisition`), and :attr:`CatalogReport.notes` says how many.
 
 Each shard keeps the digest of the files it was read from (:func:`_sources_digest`): a rerun rebuilds the shards whose
 files changed and keeps the others.
@@ -42,7 +45,7 @@ from gac.errors import GacError
 from gac.io import fingerprint as fingerprints
 from gac.io.atomic import write_text
 from gac.io.lock import exclusive
-from gac.io.store import ShardStore
+from gac.io.store import REJECTED, ShardStore
 
 #: Bounds of S1 and S2 may differ by at most this many metres (half a 10 m pixel); compared with ``rtol=0``, since
 #: ``np.allclose``'s default relative tolerance alone would let a band 50 m off pass at UTM northings (~5e6 m).
@@ -259,15 +262,17 @@ def _build_shard(
         return None
     kept, s2s, s1s, rejected, sources = [], [], [], [], hashlib.sha256()
     for rec in rows.to_dict("records"):
+        # The split goes with each rejection, so a summary of one split can count its own (a bad row's may be null)
+        split = rec["split"] if isinstance(rec["split"], str) else None
         if rec["problem"]:
-            rejected.append({"patch_id": rec["patch_id"], "reason": rec["problem"]})
+            rejected.append({"patch_id": rec["patch_id"], "reason": rec["problem"], "split": split})
             continue
         files = _read_files(tile_files(root, rec["patch_id"], rec["s1_name"]))
         _hash_files(sources, root, files)
         try:
             tile = read_tile(root, rec["patch_id"], rec["s1_name"], files)
         except TileError as e:
-            rejected.append({"patch_id": rec["patch_id"], "reason": str(e)})
+            rejected.append({"patch_id": rec["patch_id"], "reason": str(e), "split": split})
             continue
         date, season = metadata.acquisition(rec["patch_id"])
         kept.append(
@@ -293,7 +298,8 @@ def _build_shard(
         "s2": np.stack(s2s) if s2s else np.empty((0, len(layout.S2_BANDS), size, size), np.uint16),
         "s1": np.stack(s1s) if s1s else np.empty((0, len(layout.S1_BANDS), size, size), np.float32),
     }
-    return pd.DataFrame(kept), arrays, pd.DataFrame(rejected, columns=["patch_id", "reason"]), sources.hexdigest()
+    rejected_rows = pd.DataFrame(rejected, columns=["patch_id", "reason", "split"])
+    return pd.DataFrame(kept), arrays, rejected_rows, sources.hexdigest()
 
 
 def fingerprint(params: CatalogParams, root: str | Path, selected: pd.DataFrame) -> str:
@@ -320,6 +326,8 @@ class CatalogReport:
     #: Shards (re)written by this run and shards kept because their source files had not changed.
     shards_written: int = 0
     shards_kept: int = 0
+    #: Tiles kept with season ``unknown``: their patch id carries no readable acquisition date.
+    unknown_season: int = 0
 
     def summary(self) -> dict:
         return {
@@ -359,7 +367,36 @@ def build(params: CatalogParams, root: str | Path, progress: bool = True) -> Cat
             first = report.rejected.iloc[0]
             raise GacError(f"{root}: all {len(report.rejected)} tiles rejected, no catalog written "
                            f"(first: {first['patch_id']}: {first['reason']})")  # fmt: skip
+    if report.unknown_season:
+        notes.append(unknown_season_note(out, report.unknown_season))
     return replace(report, seconds=time.perf_counter() - start, notes=tuple(notes))
+
+
+def unknown_season_note(out: str | Path, count: int) -> str:
+    """The one note a catalog run prints about the tiles it kept with season ``unknown``: how many, and an example."""
+    index = ShardStore(out).index
+    example = index.loc[index["season"] == metadata.UNKNOWN_SEASON, "patch_id"].iloc[0]
+    try:
+        layout.acquisition_date(example)
+        why = ""
+    except ValueError as e:
+        why = ": " + str(e).removeprefix("no acquisition date (").removesuffix(")")
+    return (f"{count} tile(s) kept with season '{metadata.UNKNOWN_SEASON}': their patch_id has no readable acquisition "
+            f"date (e.g. {example}{why}); the date only groups results by season")  # fmt: skip
+
+
+def rejected_note(rejected: int, catalog_root: str | Path) -> str:
+    """``"2 rejected: see <catalog>/rejected.parquet"``: what every command's summary line says about the tiles its
+    catalog rejected (``""`` when there are none)."""
+    return f"{rejected} rejected: see {Path(catalog_root) / REJECTED}" if rejected else ""
+
+
+def rejected_in(rejected: pd.DataFrame, splits: Sequence[str] | None = None) -> int:
+    """How many rows of a catalog's ``rejected.parquet`` belong to ``splits`` (all of them for ``None``, or for a
+    catalog written before rejections carried their split)."""
+    if splits is None or "split" not in rejected:
+        return len(rejected)
+    return int(rejected["split"].isin(list(splits)).sum())
 
 
 def _write(params: CatalogParams, root: str | Path, selected: pd.DataFrame, out: Path, progress: bool) -> CatalogReport:
@@ -410,7 +447,9 @@ def _write(params: CatalogParams, root: str | Path, selected: pd.DataFrame, out:
             stat_cache.confirm(name, kept[name], stats[name])
             bar.update(len(rows))
     index = store.finalize()
+    unknown = int((index["season"] == metadata.UNKNOWN_SEASON).sum()) if "season" in index else 0
     return CatalogReport(
+        unknown_season=unknown,
         tiles=len(index),
         rejected=store.rejected(),
         seconds=0.0,

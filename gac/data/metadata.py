@@ -1,11 +1,13 @@
 """BigEarthNet v2's ``metadata.parquet``, checked before any tile is read, and the quality flags that filter it.
 
 A ``patch_id`` on two rows (and so one tile in two splits: leakage) refuses the whole root in one line, since no row
-can be trusted over the other. A row with a null or empty ``patch_id``/``s1_name``, a patch id without a real
-acquisition date, or a split that is no BigEarthNet split (``holdout``, ``Train``) gets a one-line reason naming the
-row (:func:`row_problem`), which the catalog records like a broken tile. Only ``patch_id, s1_name, split`` are
-required (what torchgeo's reader needs); a missing ``country``, ``labels``, ``s2v1_name`` or quality flag gets a
-default (:func:`with_defaults`), said once per run.
+can be trusted over the other. A row with a null or empty ``patch_id``/``s1_name`` or a split that is no BigEarthNet
+split (``holdout``, ``Train``) gets a one-line reason naming the row (:func:`row_problem`), which the catalog records
+like a broken tile. A patch id whose acquisition date cannot be read (``…_20170924T93020_…``, a time with 5 digits) is
+no reason to reject a valid S1/S2 pair: the date only groups results by season, so the tile is kept with season
+:data:`UNKNOWN_SEASON` (:func:`acquisition`) and the catalog says once how many tiles that concerns. Only ``patch_id,
+s1_name, split`` are required (what torchgeo's reader needs); a missing ``country``, ``labels``, ``s2v1_name`` or
+quality flag gets a default (:func:`with_defaults`), said once per run.
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ SEASONS = {
     10: "autumn",
     11: "autumn",
 }
+#: Season of a tile whose patch id carries no readable acquisition date (the tile is kept; see :func:`acquisition`).
+UNKNOWN_SEASON = "unknown"
 #: Names as BigEarthNet v2 spells them, for the reasons that reject a row.
 EXAMPLE_PATCH_ID = "S2A_MSIL2A_20170613T101031_N9999_R022_T33UUP_26_57"
 EXAMPLE_S1_NAME = "S1A_IW_GRDH_1SDV_20170613T165043_33UUP_61_39"
@@ -144,17 +148,13 @@ def _describe(value: object) -> str:
 
 
 def row_problem(patch_id: object, s1_name: object, split: object) -> str | None:
-    """Why one metadata row cannot be a tile (a null or malformed name, an unknown split), or ``None``.
+    """Why one metadata row cannot be a tile (a null or empty name, an unknown split), or ``None``.
 
     Checked before any file is read: such a row is rejected with this reason like a broken tile, never dropped and
-    never allowed to abort the catalog (a malformed date used to raise deep inside a worker).
+    never allowed to abort the catalog. An unreadable acquisition date is not such a reason (:func:`acquisition`).
     """
     if not isinstance(patch_id, str) or not patch_id:
         return f"patch_id is {_describe(patch_id)} (expected the S2 patch name, e.g. {EXAMPLE_PATCH_ID})"
-    try:
-        layout.acquisition_date(patch_id)
-    except ValueError as e:
-        return f"patch_id {patch_id!r}: {e}"
     if not isinstance(s1_name, str) or not s1_name:
         return f"s1_name is {_describe(s1_name)} (expected the paired S1 patch name, e.g. {EXAMPLE_S1_NAME})"
     if split not in layout.SPLITS:
@@ -174,7 +174,15 @@ def select(meta: pd.DataFrame, splits: Sequence[str], max_tiles: int | None) -> 
     return (rows if max_tiles is None else rows.head(max_tiles)).reset_index(drop=True)
 
 
-def acquisition(patch_id: str) -> tuple[str, str]:
-    """Acquisition date (``YYYY-MM-DD``) and season from an S2 product-style patch id."""
-    date = layout.acquisition_date(patch_id)
+def acquisition(patch_id: str) -> tuple[str | None, str]:
+    """Acquisition date (``YYYY-MM-DD``) and season from an S2 product-style patch id; ``(None, "unknown")``
+    (:data:`UNKNOWN_SEASON`) when the id carries no readable date (``…_20170924T93020_…``).
+
+    The date only groups results by season: a tile whose name's date cannot be read is still a valid S1/S2 pair
+    (the files are found by the full name, not by the date), so it is kept, never rejected for it.
+    """
+    try:
+        date = layout.acquisition_date(patch_id)
+    except ValueError:
+        return None, UNKNOWN_SEASON
     return date.isoformat(), SEASONS[date.month]

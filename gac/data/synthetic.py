@@ -514,6 +514,43 @@ def generate(
     return [str(r["patch_id"]) for r in rows]
 
 
+def restamp(root: str | Path, patch_id: str, stamp: str) -> str:
+    """Give tile ``patch_id`` of ``root`` the product time stamp ``stamp`` (its third ``_`` part) in
+    ``metadata.parquet`` (``patch_id`` and ``s2v1_name``) and on disk (its S2 bands and reference map move to the
+    folders the new name gives); returns the new patch id. The S1 pair is left as it is.
+
+    Why: real roots hold names whose stamp no date can be read from, e.g. ``…_20170924T93020_…`` (a time with 5
+    digits); this writes such a tile, with its files in the exact BigEarthNet v2 layout, from an intact one.
+    """
+    import pandas as pd
+    import pyarrow.parquet as pq
+
+    root = Path(root)
+    parts = patch_id.split("_")
+    parts[2] = stamp
+    new = "_".join(parts)
+    moves = [(s2_band_path(root, patch_id, b), s2_band_path(root, new, b)) for b in S2_BANDS]
+    moves.append((reference_map_path(root, patch_id), reference_map_path(root, new)))
+    for old_path, new_path in moves:
+        new_path.parent.mkdir(parents=True, exist_ok=True)
+        if old_path.is_file():  # a deliberately broken tile may lack one
+            old_path.rename(new_path)
+    for old_path, _ in moves:  # the old patch folders, and their tile folders once empty
+        for folder in (old_path.parent, old_path.parent.parent):
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
+    path = root / METADATA_FILE
+    extra = pq.read_schema(path).metadata or {}
+    rows = pd.read_parquet(path).to_dict("records")
+    for row in rows:
+        if row["patch_id"] == patch_id:
+            row["patch_id"] = new
+            row["s2v1_name"] = "_".join([*row["s2v1_name"].split("_")[:2], stamp, *row["s2v1_name"].split("_")[3:]])
+        row["labels"] = list(row["labels"])
+    write_metadata(path, rows, extra)
+    return new
+
+
 def _workers(n_tiles: int) -> int:
     """Processes worth starting: one per core, but none extra for small runs where start-up would dominate."""
     if n_tiles < _PARALLEL_MIN_TILES:

@@ -65,6 +65,7 @@ import numpy as np
 import pandas as pd
 
 from gac.config import Params
+from gac.data.catalog import rejected_in, rejected_note
 from gac.data.metadata import flagged, keep_unflagged
 from gac.errors import GacError
 from gac.evaluation import metrics
@@ -77,7 +78,7 @@ from gac.io.atomic import atomic_path, write_text
 from gac.io.geotiff import export_geotiff
 from gac.io.provenance import read_provenance
 from gac.io.store import ShardStore
-from gac.pipeline import GENERATING, output
+from gac.pipeline import GENERATING, metrics_beside, output
 from gac.pipeline import StageName as S
 
 #: Ablation row → the stage whose cache it reads (``None``: computed here).
@@ -365,21 +366,28 @@ def _fit_baseline(cfg: Params, catalog: ShardStore):
 def evaluate(
     cfg: Params,
     out_dir: str | Path | None = None,
-    metrics_path: str | Path = "metrics/evaluate.json",
+    metrics_path: str | Path | None = None,
     attention_maps: AttentionMaps | None = None,
     verbose: bool = True,
     baseline_catalog: str | Path | None = None,
+    run_detail: str | None = None,
+    run_tags: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Score every ablation row on ``cfg.evaluate.split``; write, log and tag everything (see the module docstring).
 
     Args:
         cfg: All parameters (catalog, the three caches, ``evaluate``, ``mlflow``, ``data.source``).
         out_dir: Folder of plots, figures and GeoTIFFs (default ``cfg.evaluate.out``); replaced as a whole.
-        metrics_path: The JSON for ``dvc metrics show``: :func:`headline` of the result.
+        metrics_path: The JSON for ``dvc metrics show``: :func:`headline` of the result (default:
+            ``<out_dir>.metrics.json``, :func:`~gac.pipeline.metrics_beside`; the DVC stage passes
+            ``metrics/evaluate.json``).
         attention_maps: Optional hook ``(s1_db (B, 2, H, W), opt_v2_dn (B, 12, H, W)) -> (B, h, w)``; when given,
             an attention picture is saved per visualised tile.
         verbose: Print the ablation table and the tile counts.
         baseline_catalog: Catalog whose train split the baseline is fitted on (default: ``cfg.catalog.out``).
+        run_detail: What the MLflow run's name says besides the stage and revision (:func:`gac.io.tracking.run_name`;
+            ``gac evaluate --data-dir`` names the root and split).
+        run_tags: More tags of the MLflow run.
 
     Returns:
         The content of ``<out_dir>/details.json``: ``{row: {metric: value}}``, ``groups``, ``leakage`` and
@@ -389,6 +397,7 @@ def evaluate(
 
     p = cfg.evaluate
     out = Path(out_dir or p.out)
+    metrics_path = metrics_path or metrics_beside(out)
     catalog = ShardStore(cfg.catalog.out)
     caches = open_caches(cfg)
     rows, missing, excluded = common_tiles(catalog, caches, p.split, cfg.data.exclude)
@@ -406,14 +415,15 @@ def evaluate(
             table[row]["seconds_per_tile"] = caches[stage].provenance.get("seconds_per_tile") if stage else seconds
     groups = group_tables(per_tile, metric_names)
     split_tiles = int((catalog.index["split"] == p.split).sum())
+    rejected = rejected_in(catalog.rejected(), [p.split])  # tiles of the split the catalog could not use
     stages = {stage: {**c.provenance, "cache": str(c.store.root)} for stage, c in caches.items()}
     if baseline is not None:
         stages["baseline"] = {"weights_origin": f"ridge regression fitted on {baseline.tiles} catalog train tiles",
                               "fit_seconds": round(fit_seconds, 3), "ridge": baseline.ridge,
                               "catalog": str(fit_catalog.root)}  # fmt: skip
     provenance = {"split": p.split, "data_source": cfg.data.source, "catalog": str(catalog.root),
-                  "tiles_in_split": split_tiles, "tiles_evaluated": len(rows), "missing": missing,
-                  "excluded": excluded, "stages": stages}  # fmt: skip
+                  "tiles_in_split": split_tiles, "tiles_rejected": rejected, "tiles_evaluated": len(rows),
+                  "missing": missing, "excluded": excluded, "stages": stages}  # fmt: skip
     leakage = leakage_gap(catalog, caches, per_tile, cfg.data.exclude, p.batch_size)
 
     with atomic_path(out) as tmp:
@@ -426,16 +436,17 @@ def evaluate(
     if verbose:
         lacking = ", ".join(f"{k} {v}" for k, v in missing.items() if v) or "none"
         flags = ", ".join(f"{k} {v}" for k, v in excluded.items()) or "no filter"
-        print(f"Evaluated {len(rows)} of {split_tiles} '{p.split}' tiles (missing from caches: {lacking}; "
-              f"excluded by data.exclude: {flags})")  # fmt: skip
+        said = "".join(f"{note}; " for note in [rejected_note(rejected, catalog.root)] if note)
+        print(f"Evaluated {len(rows)} of {split_tiles + rejected} '{p.split}' tiles ({said}missing from caches: "
+              f"{lacking}; excluded by data.exclude: {flags})")  # fmt: skip
         print(text)
         if leakage:
             print(f"Stage 2 gain over opt_v1: {leakage['stage2_gain_train_db']:+.2f} dB on the train tiles it was "
                   f"fitted on, {leakage['stage2_gain_scored_db']:+.2f} dB on these (gap {leakage['gap_db']:+.2f} dB: "
                   f"what Stage 3's training input overstates)")  # fmt: skip
 
-    tags = {"gac.split": p.split, "gac.data_source": cfg.data.source}
-    with tracking.start_run(cfg.mlflow, "evaluate", tags=tags) as run:
+    tags = {"gac.split": p.split, "gac.data_source": cfg.data.source, **(run_tags or {})}
+    with tracking.start_run(cfg.mlflow, "evaluate", tags=tags, detail=run_detail) as run:
         mlflow.log_params({"split": p.split, "data_source": cfg.data.source, "tiles": len(rows),
                            "n_visualize": p.n_visualize, "baseline_ridge": p.baseline_ridge})  # fmt: skip
         tracking.log_datasets({"catalog": catalog.root, **{LABELS[stage]: c.store.root for stage, c in caches.items()}},

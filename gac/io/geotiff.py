@@ -46,3 +46,21 @@ def export_geotiff(store_root: str | Path, patch_id: str, path: str | Path, key:
     store = ShardStore(store_root)
     rows = store.rows_for([patch_id])
     return write_geotiff(path, store.read(key, rows)[0], rows.iloc[0])
+
+
+def export_geotiffs(store_root: str | Path, folder: str | Path, suffix: str, key: str = "opt") -> int:
+    """Write every tile of a store as ``<folder>/<patch_id><suffix>.tif`` with its tile's CRS and transform; return
+    how many.
+
+    ``folder`` is replaced as a whole (atomically): it holds exactly the store's tiles, never a file left from a run
+    on other tiles. Shard by shard, from the memory-mapped arrays, so the cost grows with the tiles, not their square.
+    """
+    store = ShardStore(store_root)
+    index = store.index
+    with atomic_path(folder) as tmp:
+        tmp.mkdir()
+        for shard, rows in index.groupby("shard", sort=True):
+            bands = store.array(shard, key)
+            for _, meta in rows.iterrows():
+                write_geotiff(tmp / f"{meta['patch_id']}{suffix}.tif", np.asarray(bands[meta["row"]]), meta)
+    return len(index)

@@ -18,9 +18,10 @@ from gac.mlops.model_card import tag_evaluation
 from gac.stages.infer import load_stage
 
 
-def run_pipeline(cfg: Params, metrics_path: str | Path = "metrics/evaluate.json") -> dict[str, Any]:
+def run_pipeline(cfg: Params, metrics_path: str | Path | None = None) -> dict[str, Any]:
     """The DVC stage: score the pipeline's own caches on ``cfg.evaluate.split`` into ``cfg.evaluate.out`` (holding
-    its lock), with Stage 3's attention maps when its model folder exists."""
+    its lock), with Stage 3's attention maps when its model folder exists; the headline metrics go to ``metrics_path``
+    (default ``<evaluate.out>.metrics.json``; the DVC entry point passes ``metrics/evaluate.json``)."""
     with exclusive(cfg.evaluate.out):
         attention = attention_hook(f"{cfg.stage3.out}/model")
         return run(cfg, cfg.evaluate.out, metrics_path=metrics_path, attention_maps=attention)
@@ -29,13 +30,16 @@ def run_pipeline(cfg: Params, metrics_path: str | Path = "metrics/evaluate.json"
 def run(
     cfg: Params,
     out_dir: str | Path | None = None,
-    metrics_path: str | Path = "metrics/evaluate.json",
+    metrics_path: str | Path | None = None,
     attention_maps: ablation.AttentionMaps | None = None,
     verbose: bool = True,
     baseline_catalog: str | Path | None = None,
+    run_detail: str | None = None,
+    run_tags: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """:func:`gac.evaluation.ablation.evaluate` with the same arguments, then :func:`tag_versions`."""
-    result = ablation.evaluate(cfg, out_dir, metrics_path, attention_maps, verbose, baseline_catalog)
+    result = ablation.evaluate(cfg, out_dir, metrics_path, attention_maps, verbose, baseline_catalog, run_detail,
+                               run_tags)  # fmt: skip
     tagged = tag_versions(cfg, result)
     if verbose and tagged:
         print(f"Tagged eval.* on {', '.join(tagged)}")

@@ -32,6 +32,12 @@ Choices:
   :func:`gac.evaluation.ablation.evaluate` writes no ``eval.*`` tags: ``gac promote`` compares those, and they must stay
   the
   pipeline's own test-split numbers.
+* **Rejected tiles**: the catalog prints each with its reason, and the summary counts them: ``Evaluated 4 of 6 'test'
+  tiles (2 rejected: see <out>/caches/catalog/rejected.parquet; …)``. A tile whose name's date cannot be read is
+  kept, with season ``unknown`` (:func:`gac.data.metadata.acquisition`).
+* **MLflow run**: named after the root and split, ``evaluate · <root folder name> (<split>) · workspace @ <rev>``,
+  and tagged with the root (``gac.data_root``) and its catalog's content digest (``gac.catalog_sha256``), so runs on
+  several roots in one store can be told apart.
 * **Data source**: ``synthetic`` or ``sample`` when the root's ``metadata.parquet`` says it was written by
   :mod:`gac.data.synthetic` or :mod:`gac.data.sample`, else ``bigearthnet``.
 """
@@ -53,6 +59,7 @@ from gac.evaluation.ablation import DETAILS
 from gac.io import tracking
 from gac.io.atomic import write_text
 from gac.io.lock import exclusive
+from gac.io.store import ShardStore
 from gac.pipeline import StageName as S
 from gac.stages import infer
 from gac.stages.evaluate import attention_hook
@@ -65,6 +72,18 @@ EXTERNAL_DIR = "artifacts/evaluate-external"
 PIPELINE_METRICS = "metrics/evaluate.json"
 #: Split scored by default: the first of these the root has.
 SPLIT_PREFERENCE: tuple[str, ...] = ("test", "validation", "train")
+
+
+#: Tags of the MLflow run of ``gac evaluate --data-dir``: the root (absolute path) and the content digest of its
+#: catalog (:meth:`gac.io.store.ShardStore.content_digest`: the same tiles give the same digest in any folder).
+DATA_ROOT_TAG = "gac.data_root"
+CATALOG_TAG = "gac.catalog_sha256"
+
+
+def run_detail(root: str | Path, split: str) -> str:
+    """What the MLflow run's name says between the stage and the revision: the root's folder name and the split,
+    ``evaluate · elsewhere (test) · workspace @ 6f4a854`` (:func:`gac.io.tracking.run_name`)."""
+    return f"{Path(root).resolve().name} ({split})"
 
 
 def default_output_dir(root: str | Path) -> Path:
@@ -191,8 +210,6 @@ def evaluate_root(
         GacError: ROOT is not a BigEarthNet v2 root or lacks the split; a model source cannot be loaded; the output
             overlaps the data or the DVC pipeline's outputs. All before any stage runs.
     """
-    import mlflow
-
     root = Path(data_dir)
     meta = check_root(root)
     split = choose_split(meta, root, split)
@@ -209,15 +226,15 @@ def evaluate_root(
     with exclusive(out):  # taken after every check, so bad input leaves no lock file behind either
         ext = external_params(cfg, root, out / "caches", out / "evaluate", split, max_tiles)
         print(f"Evaluating {sources[S.STAGE2]} + {sources[S.STAGE3]} on the '{split}' tiles of {root} into {out}")
-        infer.run(ext, str(root), out / "caches", sources[S.STAGE2], sources[S.STAGE3])
+        # the scored tiles' GeoTIFFs come with the report (evaluate/geotiff); infer's all-tile export is not needed here
+        infer.run(ext, str(root), out / "caches", sources[S.STAGE2], sources[S.STAGE3], geotiff=False)
         attention = attention_hook(sources[S.STAGE3])
+        digest = ShardStore(ext.catalog.out).content_digest()
+        extra = {"data_root": str(root.resolve()), "output_dir": str(out), "models": sources, "catalog_sha256": digest}
         result = evaluate(ext, ext.evaluate.out, metrics_path=metrics_path, attention_maps=attention,
-                          baseline_catalog=baseline_catalog or cfg.catalog.out)  # fmt: skip
-        extra = {"data_root": str(root.resolve()), "output_dir": str(out), "models": sources}
+                          baseline_catalog=baseline_catalog or cfg.catalog.out, run_detail=run_detail(root, split),
+                          run_tags={DATA_ROOT_TAG: extra["data_root"], CATALOG_TAG: digest})  # fmt: skip
         result["provenance"] = {**result["provenance"], **extra}
         write_text(Path(ext.evaluate.out) / DETAILS, json.dumps(result, indent=2, sort_keys=True, default=str) + "\n")
-        run_id = result["provenance"].get("mlflow_run_id")
-        if run_id:
-            mlflow.MlflowClient().set_tag(run_id, "gac.data_root", extra["data_root"])
         print(f"Metrics: {metrics_path}; every figure ({DETAILS}), plots, figures and GeoTIFFs: {ext.evaluate.out}")
     return result

@@ -15,6 +15,7 @@ Without an explicit Stage 2 source, :func:`paired_stage2` takes the Stage 2 vers
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import torch
@@ -25,13 +26,14 @@ from gac.data import catalog as catalog_mod
 from gac.errors import GacError
 from gac.inference import generate as stage1
 from gac.inference.refine import write_cache
-from gac.io.atomic import read_json
-from gac.io.geotiff import export_geotiff
+from gac.io.atomic import atomic_path, read_json
+from gac.io.geotiff import export_geotiffs
 from gac.io.lock import exclusive_first_rank
 from gac.io.store import ShardStore
 from gac.mlops.registry import CHAMPION, MODEL_NAMES, TRAINED_ON, trained_on
+from gac.pipeline import GENERATING, output
 from gac.pipeline import StageName as S
-from gac.pipeline import output
+from gac.stages import catalog as catalog_stage
 from gac.stages import stage1 as stage1_stage
 from gac.training.export import PARAMS, WEIGHTS, load_model
 
@@ -129,10 +131,22 @@ def _check_folder(option: str, stage: str, folder: Path) -> None:
         raise GacError(f"{option}: {folder}: a {made_by} model, expected a {stage} model")
 
 
-def run(cfg: Params, data: str, out: str | Path, stage2: str | None, stage3: str, visualize: int = 0) -> dict:
+def run(
+    cfg: Params,
+    data: str,
+    out: str | Path,
+    stage2: str | None,
+    stage3: str,
+    visualize: int = 0,
+    geotiff: bool = True,
+) -> dict:
     """Run every stage on ``data`` (a BigEarthNet v2 root or a catalog folder) into ``out``; return the caches.
 
-    ``stage2`` ``None``: the Stage 2 that ``stage3`` was trained on (:func:`paired_stage2`).
+    ``stage2`` ``None``: the Stage 2 that ``stage3`` was trained on (:func:`paired_stage2`). A root is catalogued
+    first, its notes and rejected tiles printed (:func:`gac.stages.catalog.build`); the last line counts every tile of
+    the root, rejected ones included. ``geotiff``: every opt_v3 tile as a GeoTIFF with its input tile's CRS and
+    transform in ``<out>/geotiff`` (replaced as a whole); ``visualize``: PNG comparisons (SAR, opt_v1, opt_v2, opt_v3,
+    the real S2) of the first ``visualize`` tiles in ``<out>/figures``.
     """
 
     if stage2 is None:
@@ -144,7 +158,7 @@ def run(cfg: Params, data: str, out: str | Path, stage2: str | None, stage3: str
         out = Path(out)
         if (Path(data) / "metadata.parquet").is_file():  # a raw BigEarthNet v2 root: build its catalog first
             section = config.override(cfg.catalog, out=str(out / "catalog"))
-            catalog_mod.build(section, data)
+            catalog_stage.build(section, data)  # prints its notes and every rejected tile
             catalog_root = section.out
         else:
             catalog_root = data
@@ -152,7 +166,7 @@ def run(cfg: Params, data: str, out: str | Path, stage2: str | None, stage3: str
         caches = {S.CATALOG.value: catalog_root, output(S.STAGE1): str(out / output(S.STAGE1))}
         p1 = config.override(cfg.stage1, out=caches[output(S.STAGE1)])
         report = stage1.run(p1, catalog_root)
-        print(report.summary_line())
+        print(f"{output(S.STAGE1)}: {report.summary_line()}")
         stage1_stage.record(cfg, p1, report)  # what `gac stage1` records beside opt_v1, for gac evaluate
         source = caches[output(S.STAGE1)]
         for name, uri in ((output(S.STAGE2), stage2), (output(S.STAGE3), stage3)):
@@ -161,8 +175,38 @@ def run(cfg: Params, data: str, out: str | Path, stage2: str | None, stage3: str
             cache = getattr(cfg, stage).cache  # this machine's device, batch and shard sizes for that stage
             write_cache(stage, model, catalog_root, source, caches[name], cache, provenance={"model": uri})
             source = caches[name]
+        geotiffs = out / "geotiff"
+        if geotiff:
+            written = export_geotiffs(source, geotiffs, f"_{output(S.STAGE3)}")
+            print(f"GeoTIFFs: {written} {output(S.STAGE3)} tiles (CRS and transform of their input tile) in {geotiffs}")
+        elif geotiffs.is_dir():  # an earlier run's, maybe of other tiles or models: never left beside these caches
+            shutil.rmtree(geotiffs)
+            print(f"GeoTIFFs: none written; {geotiffs} of an earlier run removed")
         if visualize:
-            ids = ShardStore(source).index["patch_id"].head(visualize)
-            for pid in ids:
-                export_geotiff(source, pid, out / "geotiff" / f"{pid}_opt_v3.tif")
+            shown = visualise(caches, catalog_root, out / "figures", visualize)
+            print(f"Figures: {len(shown)} comparisons (PNG) in {out / 'figures'}")
+        catalog = ShardStore(catalog_root)
+        catalogued, done = len(catalog.index), len(ShardStore(source).index)
+        rejected = len(catalog.rejected())
+        said = "".join(f" ({note})" for note in [catalog_mod.rejected_note(rejected, catalog_root)] if note)
+        print(f"Processed {done} of {catalogued + rejected} tiles{said}, Errors {catalogued - done}, Output dir {out}")
         return caches
+
+
+def visualise(caches: dict[str, str], catalog_root: str, folder: Path, n: int) -> list[str]:
+    """``<folder>/<patch_id>_compare.png`` of the first ``n`` opt_v3 tiles: σ⁰ VV and VH, opt_v1, opt_v2, opt_v3 and
+    the root's real S2 (:func:`gac.evaluation.figures.save_comparison`, without scores); returns their patch ids."""
+    from gac.evaluation.figures import save_comparison
+
+    ids = list(ShardStore(caches[output(S.STAGE3)]).index["patch_id"].head(n))
+    catalog = ShardStore(catalog_root)
+    rows = catalog.rows_for(ids)
+    s1, truth = catalog.read("s1", rows), catalog.read("s2", rows)
+    labels = [output(s) for s in GENERATING]
+    opts = {label: ShardStore(caches[label]).read("opt", ShardStore(caches[label]).rows_for(ids)) for label in labels}
+    with atomic_path(folder) as tmp:  # replaced as a whole: no figure of an earlier run's tiles stays
+        tmp.mkdir()
+        for i, pid in enumerate(ids):
+            title = " · ".join([pid, *(str(rows[g].iloc[i]) for g in ("country", "season") if g in rows)])
+            save_comparison(tmp / f"{pid}_compare.png", s1[i], {k: v[i] for k, v in opts.items()}, truth[i], title)
+    return ids

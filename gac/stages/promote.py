@@ -14,13 +14,14 @@ from gac.mlops.promote import promote_models
 HEADLINE = ("candidate", "champion_before", "champion_after", "promoted")
 
 
-def run(cfg: Params, metrics: str, models: Sequence[str] | None = None, version: str | None = None) -> list:
-    """Decide on ``models`` (default: every registered stage's) and write the decisions to ``metrics``."""
+def run(cfg: Params, metrics: str | None, models: Sequence[str] | None = None, version: str | None = None) -> list:
+    """Decide on ``models`` (default: every registered stage's) and write the decisions to ``metrics`` (``None``: no
+    file; the decisions are printed and logged to the promote run either way)."""
 
     def record(decisions) -> None:  # in the promote run, before it counts as recorded (see promote_models)
         write_json(metrics, {d.model: {k: d.to_dict()[k] for k in HEADLINE} for d in decisions})
 
-    decisions = list(promote_models(cfg, models, version, record=record))
+    decisions = list(promote_models(cfg, models, version, record=record if metrics else None))
     for decision in decisions:
         print("\n".join(decision.lines()))
     return decisions

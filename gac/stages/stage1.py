@@ -3,6 +3,7 @@ what made the cache (provenance), how fast (timing), the DVC metrics and an MLfl
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from gac.config import Params, Stage1Params
@@ -16,7 +17,9 @@ from gac.pipeline import StageName
 NAME = StageName.STAGE1
 
 
-def run(cfg: Params, section: Stage1Params, catalog_root: str, metrics: str, progress: bool = True) -> dict[str, Any]:
+def run(
+    cfg: Params, section: Stage1Params, catalog_root: str, metrics: str | Path, progress: bool = True
+) -> dict[str, Any]:
     """Generate ``section.out`` from ``catalog_root``; returns the summary written to ``metrics`` (rank 0; ``{}`` on
     the other ranks)."""
     with exclusive_first_rank(section.out):  # the cache, its provenance and timing: one writer at a time

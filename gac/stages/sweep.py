@@ -3,6 +3,7 @@ DVC metrics. Start it on several machines with one storage to share a study."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from gac import config
@@ -11,7 +12,7 @@ from gac.io.atomic import write_json
 from gac.mlops import sweep
 
 
-def run(cfg: Params, metrics: str, register: bool = True, max_steps: int | None = None) -> dict[str, Any]:
+def run(cfg: Params, metrics: str | Path, register: bool = True, max_steps: int | None = None) -> dict[str, Any]:
     """Run ``cfg.sweep``'s trials (``max_steps`` optimizer steps each when given); returns the summary written to
     ``metrics``."""
     sw = cfg.sweep

@@ -15,7 +15,7 @@ from gac.io.lock import exclusive_first_rank
 from gac.io.provenance import lineage
 from gac.io.store import ShardStore
 from gac.mlops import registry
-from gac.pipeline import STAGES, StageName, trained_model
+from gac.pipeline import StageName, metrics_beside, trained_model
 from gac.training import crossfit
 from gac.training.crossfit import OutOfFold
 from gac.training.curves import write_curves
@@ -42,7 +42,8 @@ class TrainOptions:
     write_cache: bool = True
     #: No training: write the next cache with ``<out>/model``.
     cache_only: bool = False
-    #: The DVC metrics file (default: the stage table's).
+    #: The metrics file (default: ``<out>.metrics.json`` beside the stage's folder; the DVC stage passes
+    #: ``metrics/<stage>.json``).
     metrics: str | None = None
     #: Folder of the training curves for ``dvc plots`` (default: ``<out>/plots``).
     plots: str | None = None
@@ -116,7 +117,7 @@ def _run(stage: StageName, cfg: Params, section, source_root: str, next_cache: s
             distributed=False,  # the other DDP ranks have ended: rank 0 writes every shard
         )
         summary["seconds_per_tile"] = info["seconds_per_tile"]
-    write_json(options.metrics or STAGES[stage].metrics, summary)
+    write_json(options.metrics or metrics_beside(section.out), summary)
 
     write_curves(Path(section.out) / "logs" / "metrics.csv", options.plots or Path(section.out) / "plots")
 
