@@ -344,11 +344,17 @@ def postgres():
     url = f"postgresql+psycopg2://postgres@127.0.0.1:{port}/postgres"
     import sqlalchemy
 
-    for _ in range(100):
+    deadline = time.monotonic() + 120  # a guard only: the server is polled until it accepts connections
+    while True:
         try:
             sqlalchemy.create_engine(url).connect().close()
             break
-        except Exception:
+        except sqlalchemy.exc.OperationalError:
+            if server.poll() is not None or time.monotonic() > deadline:
+                server.terminate()  # runuser passes SIGTERM on to the server (a SIGKILL would orphan it)
+                server.wait(timeout=30)
+                shutil.rmtree(data, ignore_errors=True)
+                pytest.fail(f"the PostgreSQL server (rc {server.poll()}) never accepted a connection at {url}")
             time.sleep(0.2)
     yield url
     server.terminate()
