@@ -69,3 +69,36 @@ def test_only_the_entry_point_names_the_tracked_metrics_file(spec: str, name: st
     assert re.search(rf'main\(\[\s*"{name}", "--metrics", "{tracked}"', entry.read_text()), entry
     args = build_parser().parse_args([name])
     assert args.metrics is None, f"gac {name} --metrics defaults to {args.metrics!r}"
+
+
+#: command → (the stage module its CLI runs, how the metrics path is read off that call's arguments, where it must go
+#: without --metrics given ``--output-dir <tmp>/out``; ``None``: no file).
+ROUTES = {
+    "catalog": ("gac.stages.catalog", "run", lambda a, k: a[1], "out"),
+    "stage1": ("gac.stages.stage1", "run", lambda a, k: a[3], "out"),
+    "stage2": ("gac.stages.stage2", "run", lambda a, k: a[4].metrics, "out"),
+    "stage3": ("gac.stages.stage3", "run", lambda a, k: a[4].metrics, "out"),
+    "evaluate": ("gac.stages.evaluate", "run_pipeline", lambda a, k: a[1], "out"),
+    "sweep": ("gac.stages.sweep", "run", lambda a, k: a[1], "artifacts/sweep"),
+    "promote": ("gac.stages.promote", "run", lambda a, k: a[1], None),
+}
+
+
+@pytest.mark.parametrize("command", sorted(ROUTES))
+def test_a_command_without_metrics_writes_them_beside_its_output_folder(command, monkeypatch, tmp_path) -> None:
+    """What each ``gac`` command hands its stage as the metrics file when ``--metrics`` is not given:
+    ``<out>.metrics.json`` beside its output folder, never ``metrics/…`` (``gac promote``: none). The stage is not
+    run."""
+    import importlib
+
+    from gac.cli import main
+    from gac.pipeline import metrics_beside
+
+    module, name, metrics_of, out = ROUTES[command]
+    seen = []
+    monkeypatch.setattr(importlib.import_module(module), name, lambda *a, **k: seen.append(metrics_of(a, k)))
+    monkeypatch.chdir(tmp_path)
+    args = [] if out in (None, "artifacts/sweep") else ["--output-dir", str(tmp_path / out)]
+    assert main(["--params", str(ROOT / "params.yaml"), command, *args]) == 0
+    expected = None if out is None else metrics_beside(tmp_path / out if args else out)
+    assert [None if m is None else Path(m) for m in seen] == [expected]

@@ -7,6 +7,7 @@ import argparse
 from gac.cli.common import params
 from gac.cli.flags import add_flags, apply, passed
 from gac.pipeline import StageName as S
+from gac.pipeline import metrics_beside
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -21,4 +22,5 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> None:
     from gac.stages import catalog
 
-    catalog.run(apply(params(args), passed(args, S.CATALOG)), args.metrics)
+    cfg = apply(params(args), passed(args, S.CATALOG))
+    catalog.run(cfg, args.metrics or metrics_beside(cfg.catalog.out))

@@ -17,4 +17,5 @@ def run(args: argparse.Namespace) -> None:
     from gac.stages import stage2
 
     cfg = params_with_flags(args, S.STAGE2)
-    stage2.run(cfg, cfg.stage2, cfg.stage1.out, args.opt_v2_dir or f"{cfg.stage2.out}/opt_v2", options(args))
+    opt_v2 = args.opt_v2_dir or f"{cfg.stage2.out}/opt_v2"
+    stage2.run(cfg, cfg.stage2, cfg.stage1.out, opt_v2, options(args, cfg.stage2.out))

@@ -22,4 +22,4 @@ def run(args: argparse.Namespace) -> None:
     cfg = params_with_flags(args, S.STAGE3)
     opt_v2 = args.stage2_dir or f"{cfg.stage2.out}/opt_v2"
     opt_v3 = args.opt_v3_dir or f"{cfg.stage3.out}/opt_v3"
-    stage3.run(cfg, cfg.stage3, opt_v2, opt_v3, options(args), stage2_model=args.stage2_checkpoint)
+    stage3.run(cfg, cfg.stage3, opt_v2, opt_v3, options(args, cfg.stage3.out), stage2_model=args.stage2_checkpoint)

@@ -38,9 +38,12 @@ def params_with_flags(args: argparse.Namespace, command: str):
     return apply(params(args), passed(args, command))
 
 
-def options(args: argparse.Namespace):
-    """The run switches of ``gac stage2/3`` as :class:`gac.stages.trained.TrainOptions`."""
+def options(args: argparse.Namespace, out: str):
+    """The run switches of ``gac stage2/3`` as :class:`gac.stages.trained.TrainOptions`; the metrics go beside the
+    stage's folder ``out`` unless ``--metrics`` says where."""
+    from gac.pipeline import metrics_beside
     from gac.stages.trained import TrainOptions
 
     return TrainOptions(catalog_root=None, register=not args.no_register, write_cache=not args.no_cache,
-                        cache_only=args.cache_only, metrics=args.metrics, plots=args.plots)  # fmt: skip
+                        cache_only=args.cache_only, metrics=str(args.metrics or metrics_beside(out)),
+                        plots=args.plots)  # fmt: skip
