@@ -261,16 +261,20 @@ def test_a_scene_gets_context_and_isolated_tiles_do_not_change(scene_reference: 
     np.testing.assert_array_equal(opt[2:], per_tile[2:])
 
 
-def mosaic_cli(stage1_params: Stage1Params, tmp: Path, scene_catalog: Path) -> tuple[list[str], Path]:
+def mosaic_cli(
+    stage1_params: Stage1Params, tmp: Path, scene_catalog: Path, empty_mlflow_db: Path
+) -> tuple[list[str], Path]:
     """``gac stage1`` arguments (test_stage1's) for the scene catalog with ``mosaic: true``, and the cache folder."""
     out = tmp / "opt_v1"
-    params = write_params(tmp, out, cli_params(stage1_params.model_copy(update={"mosaic": True})))
+    params = write_params(tmp, out, cli_params(stage1_params.model_copy(update={"mosaic": True})), empty_mlflow_db)
     return cli(params, scene_catalog, out, tmp / "stage1.json"), out
 
 
 @pytest.mark.slow
-def test_a_killed_mosaic_run_resumes_to_the_uninterrupted_cache(scene_catalog, p, scene_reference, tmp_path) -> None:
-    args, out = mosaic_cli(p, tmp_path, scene_catalog)
+def test_a_killed_mosaic_run_resumes_to_the_uninterrupted_cache(
+    scene_catalog, p, scene_reference, empty_mlflow_db, tmp_path
+) -> None:
+    args, out = mosaic_cli(p, tmp_path, scene_catalog, empty_mlflow_db)
     first_shard_then_kill(args, out / "shards", tmp_path / "killed.log")
     survived = (out / "shards" / "00000" / "opt.npy").stat().st_mtime_ns
     assert not (out / "shards" / "00001").exists(), "the kill must land between shards"
@@ -282,9 +286,11 @@ def test_a_killed_mosaic_run_resumes_to_the_uninterrupted_cache(scene_catalog, p
 
 
 @pytest.mark.slow
-def test_torchrun_two_ranks_write_the_single_process_mosaic_cache(scene_catalog, p, scene_reference, tmp_path) -> None:
+def test_torchrun_two_ranks_write_the_single_process_mosaic_cache(
+    scene_catalog, p, scene_reference, empty_mlflow_db, tmp_path
+) -> None:
     """Rank 0 generates the scene's shard, rank 1 the isolated tiles': the union is the single process's cache."""
-    args, out = mosaic_cli(p, tmp_path, scene_catalog)
+    args, out = mosaic_cli(p, tmp_path, scene_catalog, empty_mlflow_db)
     torchrun = Path(sys.executable).with_name("torchrun")
     cmd = [str(torchrun), "--standalone", "--nproc-per-node", "2", "-m", "gac", *args]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=ONE_THREAD)

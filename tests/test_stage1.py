@@ -156,8 +156,10 @@ def assert_same_cache(root: Path, expected: Path) -> None:
     assert not list(root.rglob(".tmp-*"))
 
 
-def write_params(tmp: Path, out: Path, stage1_params: Stage1Params) -> Path:
-    """A params.yaml for the CLI whose MLflow store and artifacts live in ``tmp``."""
+def write_params(tmp: Path, out: Path, stage1_params: Stage1Params, empty_mlflow_db: Path) -> Path:
+    """A params.yaml for the CLI whose MLflow store (a copy of the session's empty one: creating a store costs
+    seconds) and artifacts live in ``tmp``."""
+    shutil.copyfile(empty_mlflow_db, tmp / "mlflow.db")
     params = Params(
         data=DataParams(source="synthetic"),
         mlflow=MlflowParams(tracking_uri=f"sqlite:///{tmp}/mlflow.db", artifact_location=str(tmp / "mlartifacts")),
@@ -352,12 +354,12 @@ def first_shard_then_kill(args: list[str], shards: Path, log: Path, timeout: flo
 
 
 @pytest.fixture(scope="module")
-def resumed(catalog: Path, p: Stage1Params, tmp_path_factory: pytest.TempPathFactory) -> dict:
+def resumed(catalog: Path, p: Stage1Params, empty_mlflow_db: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     """SIGKILL ``gac stage1`` inside the write of its second shard (at a seeded point, :mod:`killpoint`), then rerun it
     to completion."""
     tmp = tmp_path_factory.mktemp("resume")
     out, metrics = tmp / "opt_v1", tmp / "stage1.json"
-    args = cli(write_params(tmp, out, cli_params(p)), catalog, out, metrics)
+    args = cli(write_params(tmp, out, cli_params(p), empty_mlflow_db), catalog, out, metrics)
     killed = killpoint.kill_inside_a_shard_write(args, out, N_TILES // BASE.shard_size, tmp / "killed.log", ONE_THREAD)
     done = subprocess.run(
         [sys.executable, "-m", "gac", *args], capture_output=True, text=True, timeout=600, env=ONE_THREAD
@@ -386,11 +388,12 @@ def test_a_run_killed_inside_a_shard_write_resumes_to_the_uninterrupted_cache(re
 
 @pytest.mark.slow
 def test_a_rerun_that_generates_nothing_reports_the_speed_of_the_run_that_did(
-    resumed: dict, p: Stage1Params, catalog: Path, tmp_path: Path
+    resumed: dict, p: Stage1Params, catalog: Path, empty_mlflow_db: Path, tmp_path: Path
 ) -> None:
     """``dvc metrics show`` must not read 0 tiles/s after a repro that found the cache complete."""
     rerun_metrics = tmp_path / "rerun.json"  # and an MLflow store of its own (the run test counts the first one's)
-    args = cli(write_params(tmp_path, resumed["out"], cli_params(p)), catalog, resumed["out"], rerun_metrics)
+    params = write_params(tmp_path, resumed["out"], cli_params(p), empty_mlflow_db)
+    args = cli(params, catalog, resumed["out"], rerun_metrics)
     done = subprocess.run([sys.executable, "-m", "gac", *args], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     before, after = (json.loads(f.read_text()) for f in (resumed["metrics"], rerun_metrics))
@@ -423,11 +426,13 @@ def test_the_run_is_in_mlflow_with_its_params_and_metrics(resumed: dict, p: Stag
 
 
 @pytest.mark.slow
-def test_torchrun_two_ranks_write_the_single_process_cache(catalog, p: Stage1Params, reference: Path, tmp_path) -> None:
+def test_torchrun_two_ranks_write_the_single_process_cache(
+    catalog, p: Stage1Params, reference: Path, empty_mlflow_db: Path, tmp_path
+) -> None:
     """Two ranks share the shards (i mod 2); per-batch seeding makes the union equal a single process's cache."""
     torchrun = Path(sys.executable).with_name("torchrun")
     out, metrics = tmp_path / "opt_v1", tmp_path / "stage1.json"
-    args = cli(write_params(tmp_path, out, cli_params(p)), catalog, out, metrics)
+    args = cli(write_params(tmp_path, out, cli_params(p), empty_mlflow_db), catalog, out, metrics)
     cmd = [str(torchrun), "--standalone", "--nproc-per-node", "2", "-m", "gac", *args]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=ONE_THREAD)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
