@@ -40,10 +40,14 @@ postgres:
 		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql)
 
 # pytest exits 5 when it collects no test: make fails on any non-zero status, so that cannot pass silently.
+# Then the tests marked `numerics` (float comparisons of kernel output) again with oneDNN and MKL held to AVX2
+# kernels: a second CPU's arithmetic next to this one's (docs/reproducibility.md).
 test: $(STAMP) postgres
 	$(BIN)/lint-imports
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict -q -d $(CURDIR)/.cache/site
 	GAC_WHEEL_CACHE=$(CURDIR)/.cache $(BIN)/python -m pytest
+	ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 GAC_WHEEL_CACHE=$(CURDIR)/.cache \
+		$(BIN)/python -m pytest -m numerics --durations=5
 
 lint: $(STAMP)
 	$(BIN)/ruff check gac pipelines tests benchmarks

@@ -167,9 +167,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dir", type=Path, help="make the throw-away project here (default: a temporary folder)")
     parser.add_argument("--keep", action="store_true", help="keep the throw-away project")
     parser.add_argument("--json", type=Path, help="also write the per-stage figures as JSON here")
+    parser.add_argument(
+        "--tiles",
+        type=int,
+        default=TILES,
+        help=f"synthetic tiles (default {TILES}; at least 3, so every split gets one)",
+    )
+    parser.add_argument(
+        "--scene-side",
+        type=int,
+        default=SCENE_SIDE,
+        help=f"the first k x k tiles are one scene, for the mosaic (default {SCENE_SIDE})",
+    )
     parser.add_argument("--stages", nargs="+", choices=[*STAGES, "sweep"], default=[*STAGES, "sweep"],
                         help="run only these, in pipeline order (each after its upstream; default: all)")  # fmt: skip
     args = parser.parse_args(argv)
+    if args.tiles < max(3, args.scene_side**2):
+        parser.error(f"--tiles {args.tiles}: expected at least 3 and at least the scene's {args.scene_side**2}")
 
     params = rehearsal_params(args.tiny)
     size = "tiny sizes" if args.tiny else "real sizes"
@@ -185,12 +199,12 @@ def main(argv: list[str] | None = None) -> int:
         make_project(where, params)
         logs = where / "rehearsal-logs"
         logs.mkdir()
-        synth = ["gac", "synth", "--root", "data", "--n-tiles", str(TILES), "--scene-side", str(SCENE_SIDE)]
+        synth = ["gac", "synth", "--root", "data", "--n-tiles", str(args.tiles), "--scene-side", str(args.scene_side)]
         ran = {"data": run_measured(synth, where, logs / "synth.log")}
         for stage in [s for s in (*STAGES, "sweep") if s in args.stages]:
             target = "sweeps/dvc.yaml:sweep" if stage == "sweep" else stage
             ran[stage] = run_measured(["dvc", "repro", target], where, logs / f"{stage}.log")
-        rows = stage_rows(where, ran, model_figures(params))
+        rows = stage_rows(where, ran, model_figures(params), args.tiles)
     finally:
         if not args.keep and not args.dir:
             shutil.rmtree(where, ignore_errors=True)
@@ -204,13 +218,13 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def stage_rows(where: Path, ran: dict[str, tuple[float, float]], models: dict[str, dict]) -> list[dict]:
+def stage_rows(where: Path, ran: dict[str, tuple[float, float]], models: dict[str, dict], n_tiles: int) -> list[dict]:
     """One row per stage: wall seconds, tiles handled, s/tile, peak RSS, and the model figures where it has a model."""
     from gac.io.store import ShardStore
 
     index = ShardStore(where / "artifacts" / "catalog").index
     test = int((index["split"] == "test").sum())
-    tiles = {"data": TILES, "catalog": TILES, "stage1": len(index), "stage2": len(index), "stage3": len(index),
+    tiles = {"data": n_tiles, "catalog": n_tiles, "stage1": len(index), "stage2": len(index), "stage3": len(index),
              "evaluate": test, "promote": None, "sweep": len(index)}  # fmt: skip
     rows = []
     for stage, (seconds, rss) in ran.items():

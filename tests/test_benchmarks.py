@@ -48,11 +48,12 @@ def test_the_rehearsal_keeps_the_gpu_configs_models_and_changes_only_what_a_cpu_
 
 @pytest.mark.slow
 def test_the_rehearsal_runs_dvc_stages_in_a_throw_away_project_and_reports_each(tmp_path: Path) -> None:
-    """Catalog, Stage 1 (mosaic over the 3 x 3 scene) and Stage 2 (int8 where the config says, LoRA) through ``dvc
-    repro``; the project's own folder is not touched."""
+    """Catalog, Stage 1 (mosaic over a 2 x 2 scene: the smallest with windows that overlap both ways) and Stage 2
+    (int8 where the config says, LoRA) through ``dvc repro`` on 6 tiles; the project's own folder is not touched."""
     before = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True).stdout
-    cmd = [sys.executable, str(BENCHMARKS / "rehearse.py"), "--tiny", "--stages", "catalog", "stage1", "stage2",
-           "--json", str(tmp_path / "rehearsal.json"), "--dir", str(tmp_path / "project")]  # fmt: skip
+    cmd = [sys.executable, str(BENCHMARKS / "rehearse.py"), "--tiny", "--tiles", "6", "--scene-side", "2",
+           "--stages", "catalog", "stage1", "stage2", "--json", str(tmp_path / "rehearsal.json"),
+           "--dir", str(tmp_path / "project")]  # fmt: skip
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     last = done.stdout.strip().splitlines()[-1]
@@ -66,7 +67,7 @@ def test_the_rehearsal_runs_dvc_stages_in_a_throw_away_project_and_reports_each(
     assert rows["stage1"]["gflop_per_tile"] > rows["stage2"]["gflop_per_tile"] > 0  # 1 diffusion model vs 1 ViT step
     project = tmp_path / "project"
     stage1 = json.loads((project / "metrics" / "stage1.json").read_text())
-    assert stage1["processed"] == rows["catalog"]["tiles"] and stage1["errors"] == 0
+    assert stage1["processed"] == rows["catalog"]["tiles"] == 6 and stage1["errors"] == 0
     assert (project / "dvc.lock").is_file() and "rehearsal-logs" in {p.name for p in project.iterdir()}
     after = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True).stdout
     assert after == before

@@ -32,6 +32,9 @@ from gac.evaluation.ablation import DETAILS, HEADLINE, METRICS, ROWS, cache_root
 from gac.io.store import ShardStore
 from gac.stages.evaluate import run as evaluate
 
+#: float comparisons of kernel output: `make test` runs them again with oneDNN and MKL held to AVX2
+pytestmark = pytest.mark.numerics
+
 NOISE_DN = {"stage1": 1500.0, "stage2": 600.0, "stage3": 150.0}
 N_VISUALIZE = 1
 

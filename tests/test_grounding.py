@@ -15,6 +15,9 @@ from gac.config import Stage3Params
 from gac.errors import GacError
 from gac.models import grounding
 
+#: float comparisons of kernel output: `make test` runs them again with oneDNN and MKL held to AVX2
+pytestmark = pytest.mark.numerics
+
 P = Stage3Params(variant="terramind_v1_tiny", img_size=128)
 STEPS = 5
 

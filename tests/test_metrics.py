@@ -19,6 +19,9 @@ from skimage.metrics import structural_similarity as sk_ssim
 from gac.errors import GacError
 from gac.evaluation import metrics
 
+#: float comparisons of kernel output: `make test` runs them again with oneDNN and MKL held to AVX2
+pytestmark = pytest.mark.numerics
+
 B, C, N = 2, 12, 120
 TOL = 1e-4
 

@@ -139,6 +139,7 @@ def test_a_one_tile_scene_is_exactly_the_padded_tile() -> None:
     assert torch.equal(out, expected)
 
 
+@pytest.mark.numerics
 def test_a_2x2_scene_is_the_mask_weighted_sum_of_a_non_identity_models_windows() -> None:
     """Blending, recomputed here window by window: over a 2 x 2 scene, each pixel is Σ mask·output / Σ mask of the
     windows covering it, with TerraTorch's blend mask. The model mixes pixels across the window (a shift, and the

@@ -113,8 +113,15 @@ def fitted(request, catalog: Path, opt_v1: Path, mlflow_params: MlflowParams) ->
 
     stage = request.param
     section = SECTIONS[stage].model_copy(update={"out": str(catalog.parent / stage)})
-    result = fit(stage, section, mlflow_params, str(catalog), str(opt_v1), tags={"gac.data": "synthetic"},
-                 log_model=log_and_register)
+    result = fit(
+        stage,
+        section,
+        mlflow_params,
+        str(catalog),
+        str(opt_v1),
+        tags={"gac.data": "synthetic"},
+        log_model=log_and_register,
+    )
     assert result is not None
     return {"stage": stage, "section": section, "result": result}
 
