@@ -41,7 +41,7 @@ postgres:
 
 # pytest exits 5 when it collects no test: make fails on any non-zero status, so that cannot pass silently.
 # Then the tests marked `numerics` (float comparisons of kernel output) again with oneDNN and MKL held to AVX2
-# kernels: a second CPU's arithmetic next to this one's (docs/reproducibility.md).
+# kernels: a second CPU's arithmetic next to this one's (docs/real-world.md, "CPUs").
 test: $(STAMP) postgres
 	$(BIN)/lint-imports
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict -q -d $(CURDIR)/.cache/site

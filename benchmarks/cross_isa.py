@@ -62,8 +62,11 @@ def main(argv: list[str] | None = None) -> int:
     subprocess.run(["git", "clone", "-q", str(ROOT), str(where)], check=True)
     env = os.environ | {"PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "PYTHONPATH": str(where),
                         "ONEDNN_MAX_CPU_ISA": args.isa, "MKL_ENABLE_INSTRUCTIONS": args.isa}  # fmt: skip
-    for cmd in (["gac", "sample", "--root", "data"], ["dvc", "add", "-q", "data"], ["dvc", "repro", "--force"]):
-        subprocess.run(cmd, cwd=where, env=env, check=True, stdout=subprocess.DEVNULL)
+    log = where.parent / "cross-isa.log"
+    with log.open("w") as out:
+        for cmd in (["gac", "sample", "--root", "data"], ["dvc", "add", "-q", "data"], ["dvc", "repro", "--force"]):
+            if subprocess.run(cmd, cwd=where, env=env, stdout=out, stderr=subprocess.STDOUT, check=False).returncode:
+                sys.exit(f"cross-isa: {' '.join(cmd)} failed; its log {log}:\n{log.read_text()[-4000:]}")
 
     committed = outs(yaml.safe_load(committed_text(where, "dvc.lock")))
     rerun = outs(yaml.safe_load((where / "dvc.lock").read_text()))
