@@ -71,11 +71,12 @@ def check_stage1(size: dict, device: str) -> dict:
     args = argparse.Namespace(tiles=size["tiles"], timesteps=size["timesteps"], img_size=size["img_size"],
                               batch_size=size["batch"], variant=size["stage1"], device=device, threads=None,
                               channels_last=False, precision=precision, repeats=1, seed=0, mosaic=True,
-                              scene_side=size["scene_side"])  # fmt: skip
+                              scene_side=size["scene_side"], profile_rows=15)  # fmt: skip
     r = bench.run(args)
     return {"variant": size["stage1"], "precision": precision, "tiles_per_s": r["batched_tps"],
             "mosaic_tiles_per_s": r["mosaic_tps"], "gflop_per_tile": r["flops_per_tile"] / 1e9,
-            "mosaic_gflop_per_tile": r["mosaic_flops_per_tile"] / 1e9}  # fmt: skip
+            "mosaic_gflop_per_tile": r["mosaic_flops_per_tile"] / 1e9, "bf16_vs_fp32": r["quality"],
+            "profile": r["profile"].splitlines()}  # fmt: skip
 
 
 def check_training(stage: str, size: dict, device: str) -> dict:

@@ -144,24 +144,70 @@ def split_time(model, fn: Callable[[], object], device) -> dict[str, float]:
     return spent
 
 
+def wake(model) -> None:
+    """Give the layers TerraMind's diffusion decoder zero-initialises PyTorch's default init, in place.
+
+    A random-init decoder returns the per-band pretraining mean for every pixel whatever the SAR (its residual,
+    attention and output convolutions start at zero), so bf16 and fp32 would agree trivially; woken, the output depends
+    on the SAR and the noise as a trained model's does. FLOPs and timings are the same either way.
+    """
+    import math
+
+    import torch
+
+    with torch.no_grad():
+        for weight in model.parameters():
+            if weight.dim() > 1 and not weight.any():
+                torch.nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
+
+
+def profiler_activities(device) -> list:
+    import torch
+
+    cpu = [torch.profiler.ProfilerActivity.CPU]
+    return cpu + [torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else cpu
+
+
+def bf16_vs_fp32(model, s1, p, device, seed: int) -> dict[str, float] | None:
+    """PSNR (dB) and SAM (degrees) of bf16 opt_v1 against fp32 opt_v1: the same tiles, weights and seeds, both rounded
+    to the uint16 DN the cache stores; ``None`` where the device has no native bf16."""
+    import numpy as np
+    import torch
+
+    from gac.evaluation import metrics
+    from gac.inference import engine
+    from gac.inference import generate as stage1
+
+    if not engine.native_bf16(device):
+        return None
+    out = {}
+    for precision in ("32", "bf16"):
+        stage1.seed_batch(seed, "quality", 0)
+        dn = stage1.generate(model, s1, p.model_copy(update={"precision": precision}), device)
+        out[precision] = metrics.to_reflectance(torch.from_numpy(engine.to_dn(dn.numpy()).astype(np.float32)))
+    return {"psnr": metrics.psnr(out["bf16"], out["32"]).mean().item(),
+            "sam_deg": metrics.sam_deg(out["bf16"], out["32"]).mean().item()}  # fmt: skip
+
+
 def run(args: argparse.Namespace) -> dict:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
     from gac.config import Stage1Params
+    from gac.inference import engine
     from gac.inference import generate as stage1
     from gac.models.terramind import build_generator
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    device = stage1.resolve_device(args.device)
     p = Stage1Params(
         variant=args.variant,
         timesteps=args.timesteps,
         img_size=args.img_size,
         batch_size=args.batch_size,
-        precision=args.precision,
+        precision=engine.resolve_precision(device, args.precision)[0],
     )
-    device = stage1.resolve_device(args.device)
     stage1.check_precision(device, p.precision)
     peaks = {"32": matmul_peak(device, torch.float32, reps=10), "bf16": matmul_peak(device, torch.bfloat16, reps=3)}
     if p.precision == "16":
@@ -172,6 +218,7 @@ def run(args: argparse.Namespace) -> dict:
     torch.manual_seed(args.seed)
     model = build_generator(p).to(device)
     build_s = time.perf_counter() - start
+    wake(model)
     if args.channels_last:  # the convolutions live in the tokenizer's diffusion decoder (a UNet)
         model.tokenizer.to(memory_format=torch.channels_last)
 
@@ -210,6 +257,10 @@ def run(args: argparse.Namespace) -> dict:
         with FlopCounterMode(display=False) as counter:
             stage1.generate_scenes(model, s1, places, p, device)
         mosaic_flops = counter.get_total_flops() / len(s1)
+    with torch.profiler.profile(activities=profiler_activities(device)) as prof:
+        batched()
+    by_op = prof.key_averages().table(sort_by=f"self_{'cuda' if device.type == 'cuda' else 'cpu'}_time_total",
+                                      row_limit=args.profile_rows)  # fmt: skip
     batched_tps = len(s1) / best["batched"]["total"]
     naive_tps = len(s1) / best["naive"]["total"]
     return {
@@ -227,6 +278,8 @@ def run(args: argparse.Namespace) -> dict:
         "naive_achieved": flops_per_tile * naive_tps,
         "parts": best,
         "peaks": peaks,
+        "profile": by_op,
+        "quality": bf16_vs_fp32(model, s1[: p.batch_size], p, device, args.seed),
     }
 
 
@@ -240,7 +293,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu", help="cpu | cuda | auto (default %(default)s)")
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
     parser.add_argument("--channels-last", action="store_true", help="NHWC convolution weights (both paths)")
-    parser.add_argument("--precision", default="32", choices=["32", "bf16", "16"], help="as stage1.precision")
+    parser.add_argument("--precision", default="32", choices=["32", "bf16", "16", "auto"], help="as stage1.precision")
+    parser.add_argument("--profile-rows", type=int, default=15, help="operators in the profile table (%(default)s)")
     parser.add_argument("--repeats", type=int, default=2, help="timed passes per path, best kept (%(default)s)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--mosaic", action="store_true", help="also the mosaic path, on a synthetic scene")
@@ -283,6 +337,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"FLOPs (FlopCounterMode, the whole scene): mosaic {r['mosaic_flops_per_tile'] / giga:.1f} GFLOP per "
               f"tile; mosaic vs naive loop: tiles/s {r['mosaic_tps'] / r['naive_tps']:.2f}x")  # fmt: skip
         print(f"mosaic vs per-tile at {p.img_size} px: FLOPs per tile {flops:.2f}x, tiles/s {speed:.2f}x")
+    print(f"torch.profiler, one batched pass, by operator (self time):\n{r['profile']}")
+    q = r["quality"]
+    if q:
+        print(f"bf16 vs fp32 opt_v1 (batch of {p.batch_size}, same weights and seeds, uint16 DN): PSNR "
+              f"{q['psnr']:.1f} dB, SAM {q['sam_deg']:.2f} deg")  # fmt: skip
+    per_tile = 1 / (r["mosaic_tps"] if args.mosaic else r["batched_tps"])
+    how = "with mosaic" if args.mosaic else "batched"
+    psnr = f"{q['psnr']:.1f} dB" if q else "n/a (no native bf16)"
+    print(f"stage1 {r['device'].type}: {name} {per_tile:.2f} s/tile {how}, batched "
+          f"{100 * r['achieved'] / peak:.0f} % of the {name} matmul peak, bf16 vs fp32 PSNR {psnr}")  # fmt: skip
     return 0
 
 

@@ -88,7 +88,8 @@ class Stage1Params(Section):
     batch_size: int = Field(default=4, gt=0)
     max_tiles: int | None = Field(default=None, gt=0)
     device: str = "auto"
-    precision: Literal["32", "bf16", "16"] = "32"
+    #: ``auto``: bf16 where the device multiplies it in hardware (a GPU, a CPU with AMX or AVX512-BF16), else 32.
+    precision: Literal["32", "bf16", "16", "auto"] = "32"
     seed: int = 0
     shard_size: int = Field(default=16, gt=0)
     num_workers: int = Field(default=0, ge=0)

@@ -92,3 +92,28 @@ def test_the_device_check_runs_every_check_on_a_cpu_at_tiny_sizes(tmp_path: Path
     assert checks["torchrun"]["backend"] == "gloo" and checks["torchrun"]["metrics"]["errors"] == 0
     assert checks["torchrun"]["metrics"]["processed"] == checks["cache_engine"]["tiles"]
     assert result["unreached"] and result["goals"]["stage2_peak_gb"] == 3.0
+
+
+@pytest.mark.slow
+def test_the_stage1_benchmark_profiles_compares_bf16_with_fp32_and_ends_with_its_line() -> None:
+    """``stage1_throughput.py`` at tiny sizes with ``--precision auto`` (bf16 where this CPU has it): an operator
+    profile, the bf16-vs-fp32 comparison where bf16 is native, and the issue's last line."""
+    from gac.evaluation import metrics
+    from gac.inference import engine
+
+    cmd = [sys.executable, str(BENCHMARKS / "stage1_throughput.py"), "--img-size", "128", "--timesteps", "1",
+           "--tiles", "2", "--batch-size", "2", "--repeats", "1", "--mosaic", "--scene-side", "2",
+           "--precision", "auto", "--profile-rows", "5"]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    native = engine.native_bf16(engine.resolve_device("cpu"))
+    name = "bf16" if native else "fp32"
+    last = done.stdout.strip().splitlines()[-1]
+    quality = r"\d+\.\d dB" if native else r"n/a \(no native bf16\)"
+    assert re.fullmatch(rf"stage1 cpu: {name} \d+\.\d\d s/tile with mosaic, batched \d+ % of the {name} matmul peak, "
+                        rf"bf16 vs fp32 PSNR {quality}", last), last  # fmt: skip
+    profile = done.stdout.split("by operator (self time):\n", 1)[1]
+    assert "Self CPU" in profile and "aten::" in profile  # torch.profiler's table, operators by self time
+    if native:  # bf16 really ran: its opt_v1 is not fp32's (that would be PSNR_MAX_DB, the cap of identical tiles)
+        psnr = float(re.search(r"bf16 vs fp32 opt_v1 .*: PSNR (\S+) dB", done.stdout).group(1))
+        assert 0 < psnr < metrics.PSNR_MAX_DB

@@ -32,8 +32,10 @@ def run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def repo(tmp_path_factory: pytest.TempPathFactory, synthetic_root: Path) -> Path:
-    """The project as a fresh git + DVC repo after ``dvc repro`` (data tracked by ``data.dvc``, a first commit)."""
+def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The project as a fresh git + DVC repo after ``dvc repro`` (data tracked by ``data.dvc``, a first commit), on
+    9 synthetic tiles (3 per split: what experiments retrain and rescore, kept small since every stage runs 3 times)."""
+    from gac.data.synthetic import generate
     tmp = tmp_path_factory.mktemp("experiments")
     repo = tmp / "repo"
     repo.mkdir()
@@ -51,7 +53,7 @@ def repo(tmp_path_factory: pytest.TempPathFactory, synthetic_root: Path) -> Path
         params[stage]["train"].update(TRAIN)
     params["evaluate"] = {"n_visualize": 1}
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    shutil.copytree(synthetic_root, repo / "data")
+    generate(repo / "data", n_tiles=9, seed=0)
     run(["git", "init", "-q"], repo)
     run(["dvc", "init", "-q"], repo)
     shutil.copy(ROOT / ".dvc" / "config", repo / ".dvc" / "config")  # the project's cache links (hardlinks here)

@@ -302,6 +302,43 @@ def test_a_precision_without_native_support_is_refused_before_any_tile(
     assert not (tmp_path / "opt_v1").exists()  # refused before the cache (or a model) was touched
 
 
+def test_precision_auto_picks_the_native_one_says_why_and_keeps_it_in_the_provenance(
+    catalog: Path,
+    p: Stage1Params,
+    model: torch.nn.Module,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``auto`` is bf16 on a CPU with AVX512-BF16/AMX and 32 elsewhere: the cache equals the one the chosen precision
+    writes when it is set by hand (same identity, same bytes), and the choice is printed and kept in provenance."""
+    from gac.config import Params
+    from gac.inference import engine
+    from gac.io.provenance import read_provenance
+    from gac.stages import stage1 as stage
+
+    native = stage1.native_bf16(CPU)
+    auto = p.model_copy(update={"out": str(tmp_path / "auto"), "max_tiles": 2, "precision": "auto"})
+    section, why = stage.choose_precision(auto)
+    assert section.precision == ("bf16" if native else "32")
+    assert why.startswith("auto: ") and ("AMX" in why or "AVX512-BF16" in why) == native
+    assert capsys.readouterr().out == f"stage1.precision: {section.precision} ({why})\n"
+    report = stage1.run(auto, str(catalog), model=model, progress=False)
+    by_hand = p.model_copy(update={"out": str(tmp_path / "set"), "max_tiles": 2, "precision": section.precision})
+    stage1.run(by_hand, str(catalog), model=model, progress=False)
+    assert_same_cache(tmp_path / "auto", tmp_path / "set")
+    assert json.loads((tmp_path / "auto" / "stage1.json").read_text()) == json.loads(
+        (tmp_path / "set" / "stage1.json").read_text()
+    )
+    stage.record(Params(), section, report, why)
+    provenance = read_provenance(tmp_path / "auto", "stage1")
+    assert (provenance["precision"], provenance["precision_choice"]) == (section.precision, why)
+    # and where the hardware has no bf16 (this CPU's probe answering no), auto falls back to float32 and says so
+    monkeypatch.setattr(engine, "native_bf16", lambda device: False)
+    assert engine.resolve_precision(CPU, "auto") == (
+        "32", "auto: cpu without native bf16 (needs AMX or AVX512-BF16 on a CPU, or a bf16 GPU)")  # fmt: skip
+
+
 # -- weights from a local checkpoint --------------------------------------------------------------------------------
 def test_ckpt_path_loads_exactly_those_weights(weights: tuple[Path, torch.nn.Module], p: Stage1Params) -> None:
     """The saved weights come back exactly (the woken layers are zero in any fresh init: only loading sets them)."""

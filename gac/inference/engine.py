@@ -106,6 +106,19 @@ def native_bf16(device: torch.device) -> bool:
     return device.type == "cpu" and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
 
 
+def resolve_precision(device: torch.device, precision: str) -> tuple[str, str]:
+    """``precision``, with ``auto`` made ``bf16`` where ``device`` multiplies bf16 in hardware and ``32`` elsewhere;
+    and why, in words (printed by the stage and kept in the cache's provenance)."""
+    if precision != "auto":
+        return precision, "set in params"
+    if not native_bf16(device):
+        return "32", f"auto: {device.type} without native bf16 (needs AMX or AVX512-BF16 on a CPU, or a bf16 GPU)"
+    if device.type == "cuda":
+        return "bf16", f"auto: {torch.cuda.get_device_name(device)} computes bf16"
+    isa = "AMX" if torch.cpu._is_amx_tile_supported() else "AVX512-BF16"
+    return "bf16", f"auto: the CPU has {isa}"
+
+
 def check_precision(device: torch.device, precision: str, key: str = "stage1.precision") -> None:
     """Refuse, in one line and before any model is built, a precision ``device`` has no fast path for."""
     native = {"32": True, "bf16": native_bf16(device), "16": device.type == "cuda"}

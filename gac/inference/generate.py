@@ -93,6 +93,7 @@ def run(
     """Generate the missing shards of opt_v1 for this rank (see :func:`gac.inference.engine.run`); rank 0 finalises
     the index."""
     device = resolve_device(p.device)
+    p = p.model_copy(update={"precision": engine.resolve_precision(device, p.precision)[0]})
     check_precision(device, p.precision)
     index = ShardStore(catalog_root).index
     if p.max_tiles is not None:

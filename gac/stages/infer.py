@@ -164,10 +164,10 @@ def run(
             catalog_root = data
             ShardStore(catalog_root).index  # noqa: B018 - fails early with a clear line if it is not a store
         caches = {S.CATALOG.value: catalog_root, output(S.STAGE1): str(out / output(S.STAGE1))}
-        p1 = config.override(cfg.stage1, out=caches[output(S.STAGE1)])
+        p1, why = stage1_stage.choose_precision(config.override(cfg.stage1, out=caches[output(S.STAGE1)]))
         report = stage1.run(p1, catalog_root)
         print(f"{output(S.STAGE1)}: {report.summary_line()}")
-        stage1_stage.record(cfg, p1, report)  # what `gac stage1` records beside opt_v1, for gac evaluate
+        stage1_stage.record(cfg, p1, report, why)  # what `gac stage1` records beside opt_v1, for gac evaluate
         source = caches[output(S.STAGE1)]
         for name, uri in ((output(S.STAGE2), stage2), (output(S.STAGE3), stage3)):
             stage, model = load_stage(uri)
