@@ -36,6 +36,7 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The project as a fresh git + DVC repo after ``dvc repro`` (data tracked by ``data.dvc``, a first commit), on
     9 synthetic tiles (3 per split: what experiments retrain and rescore, kept small since every stage runs 3 times)."""
     from gac.data.synthetic import generate
+
     tmp = tmp_path_factory.mktemp("experiments")
     repo = tmp / "repo"
     repo.mkdir()
@@ -63,6 +64,15 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     run(["dvc", "repro"], repo)
     run(["git", "add", "-A"], repo)
     run(["git", "commit", "-qm", "dvc repro"], repo)
+    return repo
+
+
+def at_baseline(repo: Path) -> Path:
+    """The workspace as committed, whatever ``dvc exp run`` left in it (a run's outputs stay in the workspace): git's
+    files back, then DVC's outputs from the cache, as a user returns to the baseline. Tests that read the workspace
+    start here, so they pass in any order."""
+    run(["git", "checkout", "--", "."], repo)
+    run(["dvc", "checkout", "--force"], repo)
     return repo
 
 
@@ -108,6 +118,7 @@ def test_the_stage3_version_names_what_it_was_trained_on(repo: Path) -> None:
     from gac.io.provenance import read_provenance
     from gac.io.store import ShardStore
 
+    at_baseline(repo)
     (base2,), (base3,) = runs(repo, "stage2", "workspace"), runs(repo, "stage3", "workspace")
     c = MlflowClient(yaml.safe_load((repo / "params.yaml").read_text())["mlflow"]["tracking_uri"])
     (v2,) = [v for v in c.search_model_versions("name = 'gac-stage2'") if v.run_id == base2.info.run_id]
@@ -125,6 +136,7 @@ def test_the_stage3_version_names_what_it_was_trained_on(repo: Path) -> None:
 
 @pytest.mark.slow
 def test_an_experiment_retrains_what_it_changes_and_continues_what_it_extends(repo: Path) -> None:
+    at_baseline(repo)
     (base2,), (base3,) = runs(repo, "stage2", "workspace"), runs(repo, "stage3", "workspace")
     # .dvc/config links the workspace to the cache ("hardlink,copy"): where the file system can hardlink, the workspace
     # file *is* the cache's copy, else it is a copy of it
@@ -177,6 +189,7 @@ def test_metrics_show_is_short_and_plots_show_draws_one_metric_per_curve(repo: P
     sweep's, committed beside, counted in); ``dvc plots show`` draws every training curve without blank cells."""
     from gac.training.curves import CURVES
 
+    at_baseline(repo)
     shown = json.loads(run(["dvc", "metrics", "show", "--json"], repo).stdout)
     columns = flatten(json.loads((ROOT / "metrics" / "sweep.json").read_text()))
     ((_, workspace),) = shown.items()  # the workspace only (its key is "" in DVC 3's JSON)
