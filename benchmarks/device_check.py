@@ -67,16 +67,16 @@ def check_stage1(size: dict, device: str) -> dict:
     spec = importlib.util.spec_from_file_location("stage1_throughput", HERE / "stage1_throughput.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    precision = "bf16" if device.startswith("cuda") else "32"
+    precision = "bf16" if device.startswith("cuda") else "auto"  # a CPU: bf16 where it is native (AVX512-BF16, AMX)
     args = argparse.Namespace(tiles=size["tiles"], timesteps=size["timesteps"], img_size=size["img_size"],
                               batch_size=size["batch"], variant=size["stage1"], device=device, threads=None,
                               channels_last=False, precision=precision, repeats=1, seed=0, mosaic=True,
                               scene_side=size["scene_side"], profile_rows=15)  # fmt: skip
     r = bench.run(args)
-    return {"variant": size["stage1"], "precision": precision, "tiles_per_s": r["batched_tps"],
+    return {"variant": size["stage1"], "precision": r["p"].precision, "tiles_per_s": r["batched_tps"],
             "mosaic_tiles_per_s": r["mosaic_tps"], "gflop_per_tile": r["flops_per_tile"] / 1e9,
             "mosaic_gflop_per_tile": r["mosaic_flops_per_tile"] / 1e9, "bf16_vs_fp32": r["quality"],
-            "profile": r["profile"].splitlines()}  # fmt: skip
+            "profile": r["profile"].splitlines(), "line": bench.last_line(r, mosaic=True)}  # fmt: skip
 
 
 def check_training(stage: str, size: dict, device: str) -> dict:

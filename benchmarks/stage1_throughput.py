@@ -342,12 +342,19 @@ def main(argv: list[str] | None = None) -> int:
     if q:
         print(f"bf16 vs fp32 opt_v1 (batch of {p.batch_size}, same weights and seeds, uint16 DN): PSNR "
               f"{q['psnr']:.1f} dB, SAM {q['sam_deg']:.2f} deg")  # fmt: skip
-    per_tile = 1 / (r["mosaic_tps"] if args.mosaic else r["batched_tps"])
-    how = "with mosaic" if args.mosaic else "batched"
-    psnr = f"{q['psnr']:.1f} dB" if q else "n/a (no native bf16)"
-    print(f"stage1 {r['device'].type}: {name} {per_tile:.2f} s/tile {how}, batched "
-          f"{100 * r['achieved'] / peak:.0f} % of the {name} matmul peak, bf16 vs fp32 PSNR {psnr}")  # fmt: skip
+    print(last_line(r, args.mosaic))
     return 0
+
+
+def last_line(r: dict, mosaic: bool) -> str:
+    """``stage1 <device>: <precision> <s> s/tile with mosaic, batched <P> % of the <precision> matmul peak, bf16 vs
+    fp32 PSNR <q> dB`` from :func:`run`'s result (``batched`` for the s/tile without ``--mosaic``)."""
+    name = {"32": "fp32", "bf16": "bf16", "16": "fp16"}[r["p"].precision]
+    per_tile = 1 / (r["mosaic_tps"] if mosaic else r["batched_tps"])
+    share = 100 * r["achieved"] / r["peaks"][r["p"].precision][0]
+    psnr = f"{r['quality']['psnr']:.1f} dB" if r["quality"] else "n/a (no native bf16)"
+    return (f"stage1 {r['device'].type}: {name} {per_tile:.2f} s/tile {'with mosaic' if mosaic else 'batched'}, "
+            f"batched {share:.0f} % of the {name} matmul peak, bf16 vs fp32 PSNR {psnr}")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -75,6 +75,9 @@ def test_the_rehearsal_runs_dvc_stages_in_a_throw_away_project_and_reports_each(
 
 @pytest.mark.slow
 def test_the_device_check_runs_every_check_on_a_cpu_at_tiny_sizes(tmp_path: Path) -> None:
+    from gac.evaluation import metrics
+    from gac.inference import engine
+
     out = tmp_path / "device_check.json"
     cmd = [sys.executable, str(BENCHMARKS / "device_check.py"), "--device", "cpu", "--tiny", "--out", str(out)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=tmp_path)
@@ -85,6 +88,19 @@ def test_the_device_check_runs_every_check_on_a_cpu_at_tiny_sizes(tmp_path: Path
     assert list(checks) == ["stage1", "stage2", "stage3", "cache_engine", "torchrun"]
     assert all(c["ok"] and c["seconds"] > 0 and c["peak_gb"] > 0 for c in checks.values())
     assert checks["stage1"]["tiles_per_s"] > 0 and checks["stage1"]["mosaic_tiles_per_s"] > 0
+    # Stage 1 ran benchmarks/stage1_throughput.py's own run(): precision auto, its operator profile, bf16 against fp32
+    # where bf16 is native, and the benchmark's last line
+    native = engine.native_bf16(engine.resolve_device("cpu"))
+    name = "bf16" if native else "fp32"
+    assert checks["stage1"]["precision"] == ("bf16" if native else "32")
+    quality = r"\d+\.\d dB" if native else r"n/a \(no native bf16\)"
+    line = checks["stage1"]["line"]
+    assert re.fullmatch(rf"stage1 cpu: {name} \d+\.\d\d s/tile with mosaic, batched \d+ % of the {name} matmul peak, "
+                        rf"bf16 vs fp32 PSNR {quality}", line), line  # fmt: skip
+    assert any("Self CPU" in row for row in checks["stage1"]["profile"])  # torch.profiler's table by operator
+    assert any(row.strip().startswith("aten::") for row in checks["stage1"]["profile"])
+    if native:  # bf16 really ran: its opt_v1 is not fp32's (that would be PSNR_MAX_DB, the cap of identical tiles)
+        assert 0 < checks["stage1"]["bf16_vs_fp32"]["psnr"] < metrics.PSNR_MAX_DB
     for stage in ("stage2", "stage3"):
         assert checks[stage]["steps"] == 2 and checks[stage]["s_per_step"] > 0
         assert 0 < checks[stage]["trainable"] < checks[stage]["params"]
@@ -92,28 +108,3 @@ def test_the_device_check_runs_every_check_on_a_cpu_at_tiny_sizes(tmp_path: Path
     assert checks["torchrun"]["backend"] == "gloo" and checks["torchrun"]["metrics"]["errors"] == 0
     assert checks["torchrun"]["metrics"]["processed"] == checks["cache_engine"]["tiles"]
     assert result["unreached"] and result["goals"]["stage2_peak_gb"] == 3.0
-
-
-@pytest.mark.slow
-def test_the_stage1_benchmark_profiles_compares_bf16_with_fp32_and_ends_with_its_line() -> None:
-    """``stage1_throughput.py`` at tiny sizes with ``--precision auto`` (bf16 where this CPU has it): an operator
-    profile, the bf16-vs-fp32 comparison where bf16 is native, and the issue's last line."""
-    from gac.evaluation import metrics
-    from gac.inference import engine
-
-    cmd = [sys.executable, str(BENCHMARKS / "stage1_throughput.py"), "--img-size", "128", "--timesteps", "1",
-           "--tiles", "2", "--batch-size", "2", "--repeats", "1", "--mosaic", "--scene-side", "2",
-           "--precision", "auto", "--profile-rows", "5"]  # fmt: skip
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    native = engine.native_bf16(engine.resolve_device("cpu"))
-    name = "bf16" if native else "fp32"
-    last = done.stdout.strip().splitlines()[-1]
-    quality = r"\d+\.\d dB" if native else r"n/a \(no native bf16\)"
-    assert re.fullmatch(rf"stage1 cpu: {name} \d+\.\d\d s/tile with mosaic, batched \d+ % of the {name} matmul peak, "
-                        rf"bf16 vs fp32 PSNR {quality}", last), last  # fmt: skip
-    profile = done.stdout.split("by operator (self time):\n", 1)[1]
-    assert "Self CPU" in profile and "aten::" in profile  # torch.profiler's table, operators by self time
-    if native:  # bf16 really ran: its opt_v1 is not fp32's (that would be PSNR_MAX_DB, the cap of identical tiles)
-        psnr = float(re.search(r"bf16 vs fp32 opt_v1 .*: PSNR (\S+) dB", done.stdout).group(1))
-        assert 0 < psnr < metrics.PSNR_MAX_DB

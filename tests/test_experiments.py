@@ -148,7 +148,8 @@ def test_an_experiment_retrains_what_it_changes_and_continues_what_it_extends(re
     else:
         assert cached.read_bytes() == linked.read_bytes()
 
-    run(["dvc", "exp", "run", "-n", "other-lr", "-S", "stage2.train.lr=0.002"], repo)
+    # up to Stage 3, what the experiments change (evaluate and promote would follow on a plain `dvc exp run`)
+    run(["dvc", "exp", "run", "-n", "other-lr", "-S", "stage2.train.lr=0.002", "stage3"], repo)
     (lr2,), (lr3,) = runs(repo, "stage2", "other-lr"), runs(repo, "stage3", "other-lr")
     # Stage 2 *and* Stage 3 (whose input opt_v2 changed) trained again from step 0, each in a new run
     for new, old in ((lr2, base2), (lr3, base3)):
@@ -160,7 +161,7 @@ def test_an_experiment_retrains_what_it_changes_and_continues_what_it_extends(re
     assert not list((repo / "artifacts").glob("stage*/checkpoints/last-v*.ckpt"))
 
     epochs = TRAIN["epochs"] + 1
-    run(["dvc", "exp", "run", "-n", "more-epochs", "-S", f"stage3.train.epochs={epochs}"], repo)
+    run(["dvc", "exp", "run", "-n", "more-epochs", "-S", f"stage3.train.epochs={epochs}", "stage3"], repo)
     assert runs(repo, "stage2", "more-epochs") == []  # nothing upstream changed
     (more3,) = runs(repo, "stage3", "more-epochs")
     assert more3.data.tags["gac.resumed_from_run"] == lr3.info.run_id  # continued, not restarted

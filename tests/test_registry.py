@@ -24,9 +24,6 @@ import pytest
 from gac.config import MlflowParams, Stage3Params
 from gac.sensors import DN_SCALE
 
-#: float comparisons of kernel output: `make test` runs them again with oneDNN and MKL held to AVX2
-pytestmark = pytest.mark.numerics
-
 ROOT = Path(__file__).resolve().parents[1]
 NAME = "gac-stage3"
 #: How far the registered model's prediction may be from the in-process model's: one DN (reflectance 1/DN_SCALE), the
