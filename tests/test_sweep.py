@@ -5,79 +5,26 @@ Trials are made cheap (1–2 optimizer steps on 2 tiles), not fake: each one tra
 
 from __future__ import annotations
 
-import glob
 import os
 import shutil
 import signal
-import socket
 import subprocess
-import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
+import sweeping
+from sweeping import ENV, sweep_cmd, sweep_params, trials_of
 
-from gac.config import CatalogParams, Params, TargetParams
-from gac.data import synthetic
-from gac.data.catalog import build
+from gac.config import Params, TargetParams
 from gac.evaluation.direction import higher_is_better
 from gac.io.store import ShardStore
 from gac.mlops.sweep import GRACE_S, HEARTBEAT_S, OBJECTIVES
+from tools import servers
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def stores(tmp_path_factory) -> dict[str, str]:
-    """A catalog of synthetic tiles and an opt_v1 cache standing in for Stage 1's.
-
-    opt_v1 is the truth blurred and offset (Stage 1's own tests cover TerraMind generation); the sweep only needs a
-    cache in the real format to train on.
-    """
-    tmp = tmp_path_factory.mktemp("sweep-data")
-    synthetic.generate(tmp / "raw", 9, seed=3)
-    catalog = build(CatalogParams(out=str(tmp / "catalog"), workers=0), tmp / "raw", progress=False)
-    assert catalog.tiles == 9
-    cat = ShardStore(tmp / "catalog")
-    s2 = cat.read("s2").astype(np.float32)
-    degraded = (0.5 * s2 + 0.5 * s2.mean(axis=(2, 3), keepdims=True) + 150).clip(0, 65535).astype(np.uint16)
-    opt = ShardStore(tmp / "opt_v1")
-    opt.write_shard("00000", cat.index.drop(columns=["shard", "row"]), {"opt": degraded})
-    opt.finalize()
-    return {"catalog": str(tmp / "catalog"), "opt_v1": str(tmp / "opt_v1")}
-
-
-def _params(tmp: Path, stores: dict[str, str], storage: str, n_trials: int) -> Path:
-    raw = Params().model_dump()
-    raw["mlflow"] = {"tracking_uri": f"sqlite:///{tmp}/mlflow.db", "artifact_location": str(tmp / "mlartifacts"),
-                     "experiment": "gac"}  # fmt: skip
-    raw["catalog"]["out"] = stores["catalog"]
-    raw["stage1"]["out"] = stores["opt_v1"]
-    train = raw["stage2"]["train"]
-    train.update(max_steps=1, batch_size=2, max_tiles=2, val_every_n_steps=1, save_every_n_steps=1, epochs=1)
-    raw["stage2"]["img_size"] = 128
-    raw["sweep"].update(storage=storage, n_trials=n_trials, out=str(tmp / "sweep"), study="test-study")
-    raw["sweep"]["space"]["lora_rank"] = [2, 4]
-    path = tmp / "params.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    return path
-
-
-def _sweep_cmd(params: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "gac", "--params", str(params), "sweep", "--metrics", str(params.parent / "s.json"),
-            *extra]  # fmt: skip
-
-
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "GAC_PROGRESS": "0"}
-
-
-def _trials(storage: str, study: str = "test-study"):
-    import optuna
-
-    return optuna.load_study(study_name=study, storage=storage).get_trials(deepcopy=False)
+stores = sweeping.stores  # the module-scoped fixture
 
 
 def _dominates(a: dict[str, float], b: dict[str, float]) -> bool:
@@ -178,10 +125,10 @@ def test_sweep_pareto_mlflow_and_registration(tmp_path, stores, one_thread):
     from gac.mlops.sweep import RUN_ID, RUN_URL
 
     storage = f"sqlite:///{tmp_path}/optuna.db"
-    params = _params(tmp_path, stores, storage, n_trials=2)
-    done = subprocess.run(_sweep_cmd(params), env=ENV, capture_output=True, text=True, timeout=900)
+    params = sweep_params(tmp_path, stores, storage, n_trials=2)
+    done = subprocess.run(sweep_cmd(params), env=ENV, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
-    trials = _trials(storage)
+    trials = trials_of(storage)
     assert [t.state.name for t in trials] == ["COMPLETE", "COMPLETE"]
     assert all(len(t.values) == 4 for t in trials)
     # optuna-dashboard and trials_dataframe name the objectives instead of "Objective 0…3"
@@ -278,8 +225,8 @@ def test_kill_and_continue(tmp_path, stores):
     import optuna
 
     storage = f"sqlite:///{tmp_path}/optuna.db"
-    params = _params(tmp_path, stores, storage, n_trials=2)
-    proc = subprocess.Popen(_sweep_cmd(params, "--no-register"), env=ENV, stdout=subprocess.DEVNULL,
+    params = sweep_params(tmp_path, stores, storage, n_trials=2)
+    proc = subprocess.Popen(sweep_cmd(params, "--no-register"), env=ENV, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
     deadline = time.monotonic() + 600
     try:  # kill once the first trial is training (its checkpoint folder appears)
@@ -305,69 +252,28 @@ def test_kill_and_continue(tmp_path, stores):
             break
         assert asked_at < killed_at + GRACE_S + HEARTBEAT_S, "the killed trial's heartbeat did not go stale"
         time.sleep(0.5)
-    again = subprocess.run(_sweep_cmd(params, "--no-register"), env=ENV, capture_output=True, text=True, timeout=900)
+    again = subprocess.run(sweep_cmd(params, "--no-register"), env=ENV, capture_output=True, text=True, timeout=900)
     assert again.returncode == 0, again.stderr[-3000:]
-    trials = _trials(storage)
+    trials = trials_of(storage)
     states = [t.state.name for t in trials]
     assert states.count("COMPLETE") == 2
     assert states[0] == "FAIL"  # the killed one, not lost and not repeated under its number
     assert len({t.number for t in trials}) == len(trials)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _pg_bin(name: str) -> str:
-    found = shutil.which(name) or next(iter(sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"))), None)
-    if found is None:
-        pytest.fail(f"PostgreSQL's {name} not found: `make test` installs the postgresql package")
-    return found
-
-
 @pytest.fixture(scope="module")
-def postgres():
-    """A throw-away PostgreSQL server on 127.0.0.1 (run as the postgres user when the tests run as root)."""
-    data = Path(tempfile.mkdtemp(prefix="gac-pg-"))
-    as_user: list[str] = []
-    if os.geteuid() == 0:
-        shutil.chown(data, "postgres", "postgres")
-        as_user = ["runuser", "-u", "postgres", "--"]
-    subprocess.run([*as_user, _pg_bin("initdb"), "-D", str(data / "db"), "-U", "postgres", "--auth=trust"],
-                   check=True, capture_output=True)  # fmt: skip
-    port = _free_port()
-    server = subprocess.Popen([*as_user, _pg_bin("postgres"), "-D", str(data / "db"), "-h", "127.0.0.1",
-                               "-p", str(port), "-k", str(data)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    url = f"postgresql+psycopg2://postgres@127.0.0.1:{port}/postgres"
-    import sqlalchemy
-
-    deadline = time.monotonic() + 120  # a guard only: the server is polled until it accepts connections
-    while True:
-        try:
-            sqlalchemy.create_engine(url).connect().close()
-            break
-        except sqlalchemy.exc.OperationalError:
-            if server.poll() is not None or time.monotonic() > deadline:
-                server.terminate()  # runuser passes SIGTERM on to the server (a SIGKILL would orphan it)
-                server.wait(timeout=30)
-                shutil.rmtree(data, ignore_errors=True)
-                pytest.fail(f"the PostgreSQL server (rc {server.poll()}) never accepted a connection at {url}")
-            time.sleep(0.2)
-    yield url
-    server.terminate()
-    server.wait(timeout=30)
-    shutil.rmtree(data, ignore_errors=True)
+def postgres(tmp_path_factory):
+    """A throw-away PostgreSQL server on 127.0.0.1 (:func:`tools.servers.postgres`)."""
+    with servers.postgres(tmp_path_factory.mktemp("pg") / "cluster") as url:
+        yield url
 
 
 def test_two_workers_share_one_postgres_study(tmp_path, stores, postgres):
     """Two worker processes on one PostgreSQL study: exactly the budget, distinct numbers, both contributed."""
-    params = _params(tmp_path, stores, postgres, n_trials=4)
+    params = sweep_params(tmp_path, stores, postgres, n_trials=4)
     workers = [
         subprocess.Popen(
-            _sweep_cmd(params, "--no-register"),
+            sweep_cmd(params, "--no-register"),
             env={**ENV, "GAC_WORKER": str(i)},
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -377,7 +283,7 @@ def test_two_workers_share_one_postgres_study(tmp_path, stores, postgres):
     ]
     outputs = [w.communicate(timeout=1500)[0] for w in workers]
     assert all(w.returncode == 0 for w in workers), outputs[0][-2000:] + outputs[1][-2000:]
-    trials = _trials(postgres)
+    trials = trials_of(postgres)
     assert [t.state.name for t in trials].count("COMPLETE") == 4
     assert len(trials) == 4
     assert len({t.number for t in trials}) == 4

@@ -1,7 +1,13 @@
 """MLflow in one place: the tracking store, experiments and runs every stage logs to.
 
-The store is SQLite plus an artifact folder, both under ``mlruns/`` (MLflow 3's file store is legacy). Stages call
-:func:`start_run`; nothing else sets the tracking URI, so the UI command in the README always shows every run.
+The embedded store is SQLite plus an artifact folder, both under ``mlruns/`` (MLflow 3's file store is legacy). Stages
+call :func:`start_run`; nothing else sets the tracking URI, so the UI command in the README always shows every run.
+
+**A team's server.** ``MLFLOW_TRACKING_URI``, when set, wins over ``mlflow.tracking_uri`` (:func:`uri`), as it does
+for every MLflow client; each run records the store it went to (tag ``gac.tracking_uri``, credentials dropped). With
+an ``http(s)://`` server, experiments take the server's artifact root, so artifacts go through its proxy
+(``mlflow server --artifacts-destination s3://…``: ``mlflow-artifacts:/`` URIs) and nothing is written under the
+project; an ``artifact_location`` with a scheme (``s3://bucket/gac``) is kept as given (:func:`artifact_root`).
 
 **A store that can be moved or copied.** The tracking URI ``sqlite:///mlruns/mlflow.db`` is relative to the working
 directory (the project root, where DVC runs every stage and the README starts the UI), but MLflow writes the
@@ -17,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -29,56 +36,112 @@ from gac.io.store import ShardStore
 STORE_LOCK_WAIT_S = 300.0
 
 
+def uri(params: MlflowParams) -> str:
+    """The tracking store runs go to: ``MLFLOW_TRACKING_URI`` when set (how every MLflow user reaches a team's server),
+    else ``mlflow.tracking_uri`` (the embedded SQLite store)."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or params.tracking_uri
+
+
+def safe_uri(tracking_uri: str) -> str:
+    """``tracking_uri`` without credentials (``user:secret@`` dropped), fit for a tag or a log line."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(tracking_uri)
+    if parts.password is None and parts.username is None:
+        return tracking_uri
+    host = parts.hostname or ""
+    netloc = f"{host}:{parts.port}" if parts.port else host
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def _has_scheme(location: str) -> bool:
+    """``s3://…``, ``gs://…``, ``mlflow-artifacts:/…``, ``file:///…``: a URI MLflow resolves itself."""
+    return re.match(r"^[A-Za-z][A-Za-z0-9+.-]+:", location) is not None
+
+
+def artifact_root(params: MlflowParams, tracking_uri: str) -> str | None:
+    """The artifact location a new experiment is created with.
+
+    * one with a scheme (``s3://bucket/gac``) is kept as given;
+    * with a tracking server (``http(s)://``) a plain path means "the server's default": ``None``, so the server
+      picks its proxied ``mlflow-artifacts:/`` root (``mlflow server --artifacts-destination …``) and no client needs
+      the artifact store's credentials or a shared disk;
+    * otherwise the folder, as an absolute ``file:`` URI (see :func:`setup` for the relative SQLite case).
+    """
+    location = params.artifact_location
+    if _has_scheme(location):
+        return location
+    if tracking_uri.split(":", 1)[0] in ("http", "https", "databricks"):
+        return None
+    return Path(location).resolve().as_uri()
+
+
 def setup(params: MlflowParams) -> str:
-    """Point MLflow at the project store and make sure the experiment exists; return its id.
+    """Point MLflow at the tracking store (:func:`uri`) and make sure the experiment exists; return its id.
 
     Creating a SQLite store migrates its schema; two processes doing that at once (sweep workers, DDP ranks) break
     each other, so for SQLite the first use is serialised with a lock file beside the database. A relative
-    ``artifact_location`` is stored relative (see the module docstring); an experiment an earlier version created with
-    that folder's absolute path is rewritten to the relative one, with its runs, logged models and model versions.
+    ``artifact_location`` of a SQLite store is stored relative (see the module docstring); an experiment created with
+    that folder's absolute path is rewritten to the relative one, with its runs, logged models and model versions
+    (:func:`_relocate`). Nothing is written under the project for any other store.
     """
     import mlflow
 
+    tracking_uri = uri(params)
     lock = contextlib.nullcontext()
-    if params.tracking_uri.startswith("sqlite:///"):
-        db = Path(params.tracking_uri.removeprefix("sqlite:///"))
+    sqlite = tracking_uri.startswith("sqlite:///")
+    if sqlite:
+        db = Path(tracking_uri.removeprefix("sqlite:///"))
         db.parent.mkdir(parents=True, exist_ok=True)
         lock = exclusive(db, "creating the MLflow store", wait=STORE_LOCK_WAIT_S)
-    mlflow.set_tracking_uri(params.tracking_uri)
-    location = Path(params.artifact_location)
-    relative = not location.is_absolute() and _is_sql(params.tracking_uri)
+    mlflow.set_tracking_uri(tracking_uri)
+    root = artifact_root(params, tracking_uri)
+    relative = sqlite and not _has_scheme(params.artifact_location) and not Path(params.artifact_location).is_absolute()
     with lock:
         experiment = mlflow.get_experiment_by_name(params.experiment)
         if experiment is None:
-            location.resolve().mkdir(parents=True, exist_ok=True)
-            experiment_id = mlflow.create_experiment(params.experiment, artifact_location=location.resolve().as_uri())
+            if root is not None and root.startswith("file:"):
+                Path(params.artifact_location).resolve().mkdir(parents=True, exist_ok=True)
+            experiment_id = mlflow.create_experiment(params.experiment, artifact_location=root)
             experiment = mlflow.get_experiment(experiment_id)
-        if relative and experiment.artifact_location == location.resolve().as_uri():
-            _relocate(params.tracking_uri, experiment.experiment_id, experiment.artifact_location, location.as_posix())
+        if relative and experiment.artifact_location == root:
+            relative_to = Path(params.artifact_location).as_posix()
+            _relocate(tracking_uri, experiment.experiment_id, experiment.artifact_location, relative_to)
     return mlflow.set_experiment(params.experiment).experiment_id
 
 
-def _is_sql(tracking_uri: str) -> bool:
-    """Whether MLflow keeps this store in a SQL database (SQLite, PostgreSQL, MySQL, SQL Server)."""
-    scheme = tracking_uri.split(":", 1)[0].split("+", 1)[0]
-    return scheme in {"sqlite", "postgresql", "mysql", "mssql"}
+#: The columns :func:`_relocate` rewrites: (table, column, whether the table has an ``experiment_id``).
+RELOCATED_COLUMNS = (
+    ("experiments", "artifact_location", True),
+    ("runs", "artifact_uri", True),
+    ("logged_models", "artifact_location", True),
+    ("model_versions", "storage_location", False),
+)
+#: The MLflow schema (alembic revision) :func:`_relocate` was written against; on another it refuses, and
+#: ``tests/test_tracking.py`` fails on a fresh store of the installed MLflow, so a new MLflow is checked first.
+RELOCATED_SCHEMA = "dc11669786a5"
 
 
 def _relocate(tracking_uri: str, experiment_id: str, old: str, new: str) -> None:
     """Replace the location prefix ``old`` by ``new`` in the experiment, its runs, its logged models and the model
-    versions stored under it.
+    versions stored under it (SQLite stores only).
 
-    MLflow has no API to change an artifact location (it is fixed when the experiment is made), so this is four SQL
-    updates on MLflow's own tables, in one transaction; only values that start with ``old`` change.
+    MLflow has no API to change an artifact location (it is fixed when the experiment is made, and its SQL store
+    makes a relative one absolute), so this is four SQL updates on MLflow's own tables, in one transaction; only
+    values that start with ``old`` change. It depends on MLflow's private schema, hence :data:`RELOCATED_SCHEMA`: on a
+    store of another revision the location stays absolute (a moved copy then needs the old path) and one line says so.
     """
     import sqlalchemy
 
-    columns = (("experiments", "artifact_location", True), ("runs", "artifact_uri", True),
-               ("logged_models", "artifact_location", True), ("model_versions", "storage_location", False))  # fmt: skip
     engine = sqlalchemy.create_engine(tracking_uri)
     try:
         with engine.begin() as db:
-            for table, column, by_experiment in columns:
+            revision = db.execute(sqlalchemy.text("SELECT version_num FROM alembic_version")).scalar()
+            if revision != RELOCATED_SCHEMA:
+                print(f"mlflow: {tracking_uri}: schema {revision}, not {RELOCATED_SCHEMA}: the artifact location "
+                      f"stays {old} (absolute) until GAC's relocation is checked against this MLflow")  # fmt: skip
+                return
+            for table, column, by_experiment in RELOCATED_COLUMNS:
                 where = f"substr({column}, 1, :n) = :old" + (" AND experiment_id = :id" if by_experiment else "")
                 db.execute(
                     sqlalchemy.text(f"UPDATE {table} SET {column} = :new || substr({column}, :n + 1) WHERE {where}"),
@@ -120,9 +183,13 @@ def run_name(stage: str, detail: str | None = None) -> str:
 
 
 def run_tags(stage: str) -> dict[str, str]:
-    """Tags every GAC run carries: stage, git commit, DVC stage, DVC experiment (and its baseline revision)."""
+    """Tags every GAC run carries: stage, git commit, DVC stage, DVC experiment (and its baseline revision), and the
+    tracking store it was written to (:func:`safe_uri`: a run copied between stores still says where it was made)."""
+    import mlflow
+
     tags = {
         "gac.stage": stage,
+        "gac.tracking_uri": safe_uri(mlflow.get_tracking_uri()),
         "gac.git_commit": git_commit(),
         "gac.dvc_stage": os.environ.get("DVC_STAGE", stage),
         "gac.dvc_experiment": dvc_experiment(),
@@ -147,7 +214,7 @@ def start_run(
     all_tags = run_tags(stage) | {k: str(v) for k, v in (tags or {}).items()}
     if stage not in SHARED_RUNS:
         close_stale_runs(experiment_id, all_tags["gac.stage"])
-        all_tags |= dict(zip(OWNER_TAGS, _owner(os.getpid()), strict=True))
+        all_tags |= dict(zip(OWNER_TAGS, process_owner(os.getpid()), strict=True))
     with mlflow.start_run(run_name=run_name(stage, detail), tags=all_tags, **kwargs) as run:
         yield run
 
@@ -159,7 +226,7 @@ OWNER_TAGS = ("gac.host", "gac.pid", "gac.pid_start")
 SHARED_RUNS = frozenset({"sweep"})
 
 
-def _owner(pid: int) -> tuple[str, str, str]:
+def process_owner(pid: int) -> tuple[str, str, str]:
     """``(host, pid, start)`` of a process of this machine; start is the kernel's start time of the process (ticks
     since boot, from ``/proc``), empty where there is no ``/proc``."""
     import socket
@@ -171,12 +238,12 @@ def _owner(pid: int) -> tuple[str, str, str]:
     return socket.gethostname(), str(pid), start
 
 
-def _alive(pid: str, start: str) -> bool:
-    """Whether the process ``pid`` of this machine that started at ``start`` (:func:`_owner`) still runs."""
+def process_alive(pid: str, start: str) -> bool:
+    """Whether the process ``pid`` of this machine that started at ``start`` (:func:`process_owner`) still runs."""
     if not pid.isdigit():
         return True  # not ours to judge
     if start:
-        return _owner(int(pid))[2] == start
+        return process_owner(int(pid))[2] == start
     try:
         os.kill(int(pid), 0)
     except ProcessLookupError:
@@ -207,7 +274,7 @@ def close_stale_runs(experiment_id: str, stage: str) -> list[str]:
     closed = []
     for run in found:
         pid, start = (run.data.tags.get(key, "") for key in OWNER_TAGS[1:])
-        if not _alive(pid, start):
+        if not process_alive(pid, start):
             client.set_terminated(run.info.run_id, status="KILLED")
             print(f"{stage}: run {run.info.run_id} ({run.info.run_name}) was left RUNNING by process {pid}, which "
                   f"is gone: marked KILLED")  # fmt: skip

@@ -207,11 +207,11 @@ def same_content(client, name: str, digest: str) -> tuple[Any, str] | None:
     return None
 
 
-def lock_target(name: str, registry_uri: str | None = None) -> Path:
-    """What :func:`registry_lock` locks for registered model ``name`` (:func:`gac.io.lock.exclusive` puts a hidden
-    ``.<target>.lock`` beside it): beside the database for a SQLite registry (``mlruns/.mlflow.db.gac-stage2.lock``),
-    in the store folder for a file registry, else under ``~/.cache/gac/locks/<server>/``."""
-    import hashlib
+def lock_target(name: str, registry_uri: str | None = None) -> Path | None:
+    """What :func:`registry_lock` ``flock``-s for registered model ``name`` on a registry of this machine
+    (:func:`gac.io.lock.exclusive` puts a hidden ``.<target>.lock`` beside it): beside the database for a SQLite
+    registry (``mlruns/.mlflow.db.gac-stage2.lock``), in the store folder for a file registry. ``None`` for a registry
+    other machines share (a server, PostgreSQL): that one is locked on the registry itself (:func:`shared_lock`)."""
     from urllib.parse import urlparse
 
     import mlflow
@@ -223,22 +223,93 @@ def lock_target(name: str, registry_uri: str | None = None) -> Path:
     parsed = urlparse(uri)
     if parsed.scheme in ("", "file"):
         return Path(parsed.path or uri) / name
-    server = f"{parsed.scheme}-{parsed.hostname or 'local'}-{hashlib.sha256(uri.encode()).hexdigest()[:8]}"
-    return Path.home() / ".cache" / "gac" / "locks" / server / name  # the hash, not the URI: it may hold credentials
+    return None
+
+
+#: Suffix of the registered model that is the cross-host lock of a registered model (``gac-stage2.lock``).
+LOCK_SUFFIX = ".lock"
+#: Seconds after which a lock another machine took is taken for its holder's crash (a registration uploads a model,
+#: a promotion moves aliases: both take seconds to minutes). A lock of this machine is judged by its process instead.
+LOCK_LEASE_S = 3600.0
+#: Shared locks this process holds (re-entrant, as :func:`gac.io.lock.exclusive` is).
+_held_shared: set[str] = set()
+
+
+@contextlib.contextmanager
+def shared_lock(name: str, what: str) -> Iterator[None]:
+    """Hold registered model ``name``'s lock on a registry many machines share, for the ``with`` block; raise
+    :class:`~gac.errors.GacError` naming the holder if another process has it.
+
+    A compare-and-set on the registry itself: the lock is a registered model ``<name>.lock``, which only one client
+    can create (the registry's unique name; MLflow answers ``RESOURCE_ALREADY_EXISTS`` to the others), tagged with its
+    holder (host, pid, process start: :data:`gac.io.tracking.OWNER_TAGS`) and deleted on release. No ``flock`` or
+    shared disk is needed, so it excludes processes on every host that uses the server. A lock whose holder died is
+    broken: at once on the holder's own host (the process is gone), after :data:`LOCK_LEASE_S` elsewhere.
+    """
+    import os
+    import time
+
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    lock = f"{name}{LOCK_SUFFIX}"
+    if lock in _held_shared:
+        yield
+        return
+    client = mlflow.MlflowClient()
+    owner = dict(zip(tracking.OWNER_TAGS, tracking.process_owner(os.getpid()), strict=True))
+    for attempt in range(2):
+        try:
+            about = f"Lock of {name} held by {what}; deleted when it ends."
+            client.create_registered_model(lock, tags={**owner, "gac.lock_for": what}, description=about)
+            break
+        except MlflowException as e:
+            if e.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        try:
+            held = client.get_registered_model(lock)
+        except MlflowException:  # released meanwhile
+            continue
+        host, pid, start = (held.tags.get(k, "") for k in tracking.OWNER_TAGS)
+        age = time.time() - held.creation_timestamp / 1000
+        dead = host == owner["gac.host"] and not tracking.process_alive(pid, start)
+        if attempt == 0 and (dead or age > LOCK_LEASE_S):
+            print(f"{name}: breaking the registry lock of pid {pid} on {host} ({held.tags.get('gac.lock_for')}), "
+                  f"{'which is gone' if host == owner['gac.host'] else f'held {age:.0f} s'}")  # fmt: skip
+            with contextlib.suppress(MlflowException):
+                client.delete_registered_model(lock)
+            continue
+        raise GacError(f"{name}: in use by pid {pid} on {host} ({held.tags.get('gac.lock_for')}) for {age:.0f} s "
+                       f"(registered model {lock}); wait for it to finish")  # fmt: skip
+    else:
+        raise GacError(f"{name}: could not take the registry lock {lock}")
+    _held_shared.add(lock)
+    try:
+        yield
+    finally:
+        _held_shared.discard(lock)
+        client.delete_registered_model(lock)
+
+
+def _lock(name: str, what: str):
+    target = lock_target(name)
+    return exclusive(target, what) if target is not None else shared_lock(name, what)
 
 
 @contextlib.contextmanager
 def registry_lock(names: Iterable[str], what: str, wait: float = LOCK_WAIT_S) -> Iterator[None]:
-    """Hold the exclusive lock of every registered model in ``names`` for the ``with`` block.
+    """Hold the exclusive lock of every registered model in ``names`` for the ``with`` block (a name may also stand
+    for another section that processes of every host must take in turn, e.g. ``sweep-<study>``: making its parent run).
 
     Why: a registration (find the version of this content, else create it, then alias and tag it) and a promotion
     (record the intent, move the aliases, record the decision) are each several registry writes that must not
     interleave with another process's on the same model. Waits up to ``wait`` seconds for a holder (these updates
     take seconds, and failing a training run at its end for that would be worse), then raises the
-    :class:`~gac.errors.GacError` of :func:`gac.io.lock.exclusive`, which names the holder. Locks are taken in sorted
-    order and all released on any miss, so two holders never wait on each other.
+    :class:`~gac.errors.GacError` that names the holder. Locks are taken in sorted order and all released on any miss,
+    so two holders never wait on each other.
 
-    ``flock`` covers one machine: processes on other machines sharing a registry server are not excluded.
+    The lock is an ``flock`` for a registry of this machine (SQLite, a folder) and a lock on the registry itself for
+    one that several machines share (:func:`shared_lock`).
     """
     import time
 
@@ -247,7 +318,7 @@ def registry_lock(names: Iterable[str], what: str, wait: float = LOCK_WAIT_S) ->
         stack = contextlib.ExitStack()
         try:
             for name in sorted(set(names)):
-                stack.enter_context(exclusive(lock_target(name), what))
+                stack.enter_context(_lock(name, what))
         except GacError:
             stack.close()
             if time.monotonic() >= deadline:

@@ -34,6 +34,7 @@ from __future__ import annotations
 import math
 import os
 import socket
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -60,6 +61,8 @@ PARENT_RUN = "mlflow_parent_run_id"
 #: Trial user attributes linking a trial to its MLflow run: the run id and the run's page in the MLflow UI.
 RUN_ID = "mlflow_run_id"
 RUN_URL = "mlflow_run_url"
+#: Trial user attribute: the MLflow URI of the model the trial logged (``models:/m-…``), loadable on every host.
+MODEL_URI = "mlflow_model_uri"
 COUNTED = ("COMPLETE", "RUNNING")
 #: Heartbeat of running trials and how stale one may get before it is declared failed (its worker died).
 HEARTBEAT_S = 3
@@ -181,13 +184,20 @@ def run(cfg: Params, n_trials: int | None = None, register: bool = True) -> dict
     tracking.setup(cfg.mlflow)
     storage = cfg.sweep.storage.split("@")[-1]  # no credentials in params or tags
     study_tags = {"optuna.study": cfg.sweep.study, "optuna.storage": storage, "gac.data": cfg.data.source}
+    # Workers that start together (on any host) would each make a parent run: the first to hold the lock makes it
     parent_id = study.user_attrs.get(PARENT_RUN)
     if parent_id is None:
-        with tracking.start_run(cfg.mlflow, "sweep", tags=study_tags, detail=f"study {cfg.sweep.study} ({stage})") as p:
-            mlflow.log_params({"study": cfg.sweep.study, "stage": stage, "budget": budget, "storage": storage})
-        study.set_user_attr(PARENT_RUN, p.info.run_id)
-        study.set_user_attr("mlflow_parent_run_url", tracking.run_url(cfg.mlflow, p.info.experiment_id, p.info.run_id))
-        parent_id = study.user_attrs[PARENT_RUN]  # another worker may have set it first
+        with registry.registry_lock([f"sweep-{cfg.sweep.study}"], "creating the sweep's parent run"):
+            parent_id = study.user_attrs.get(PARENT_RUN)
+            if parent_id is None:
+                detail = f"study {cfg.sweep.study} ({stage})"
+                with tracking.start_run(cfg.mlflow, "sweep", tags=study_tags, detail=detail) as p:
+                    mlflow.log_params({"study": cfg.sweep.study, "stage": stage, "budget": budget, "storage": storage})
+                url = tracking.run_url(cfg.mlflow, p.info.experiment_id, p.info.run_id)
+                study.set_user_attr("mlflow_parent_run_url", url)
+                study.set_user_attr(PARENT_RUN, p.info.run_id)
+                parent_id = p.info.run_id
+    _check_parent(cfg, parent_id)
 
     def objective(trial):
         section = suggest(trial, cfg)
@@ -205,6 +215,7 @@ def run(cfg: Params, n_trials: int | None = None, register: bool = True) -> dict
             _, _, model = load_model(result.model_dir)
             values = score(stage, model, catalog_root, source_root, exclude=tuple(cfg.data.exclude))
             trial.set_user_attr("model_dir", result.model_dir)
+            trial.set_user_attr(MODEL_URI, _logged_model_uri(run.info.run_id))
             out = {k: values[k] for k in OBJECTIVES}
             mlflow.log_metrics(out)
             if not all(math.isfinite(v) for v in out.values()):
@@ -224,7 +235,46 @@ def run(cfg: Params, n_trials: int | None = None, register: bool = True) -> dict
             if failed(study) >= max(budget, 3):  # every trial fails: a bug or a bad space, not bad luck
                 raise GacError(f"sweep {cfg.sweep.study}: {failed(study)} failed trials (see trials.csv / MLflow)")
             study.optimize(objective, n_trials=1, catch=(Exception,), callbacks=[record_state])
+    wait_for_others(study)
     return summarise(cfg, study, register=register)
+
+
+def _check_parent(cfg: Params, parent_id: str) -> None:
+    """The study's parent run must be in this worker's tracking store: one line saying how to get there if not."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    try:
+        mlflow.MlflowClient().get_run(parent_id)
+    except MlflowException:
+        raise GacError(
+            f"sweep.storage {cfg.sweep.storage.split('@')[-1]}: study {cfg.sweep.study}'s MLflow parent run "
+            f"{parent_id} is not in {tracking.safe_uri(tracking.uri(cfg.mlflow))}: every worker of a shared study "
+            f"logs to the same MLflow server (export MLFLOW_TRACKING_URI=http://<server>:5000 on each host)"
+        ) from None
+
+
+#: Seconds between looks at the trials other workers are still running (:func:`wait_for_others`).
+WAIT_POLL_S = 2.0
+
+
+def wait_for_others(study) -> None:
+    """Return once no trial is running: the budget is used up, but other workers (other hosts) may still be finishing
+    trials that count toward it, and the Pareto front and the winner must include them. A worker that died is failed
+    by the heartbeat (:func:`counted` calls ``fail_stale_trials``), so this never waits for good."""
+    import optuna
+
+    announced = False
+    while True:
+        optuna.storages.fail_stale_trials(study)
+        running = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+        if not running:
+            return
+        if not announced:
+            print(f"sweep {study.study_name}: waiting for {len(running)} trial(s) other workers are running "
+                  f"({', '.join(str(t.number) for t in running)}) before summarising", flush=True)  # fmt: skip
+            announced = True
+        time.sleep(WAIT_POLL_S)
 
 
 def summarise(cfg: Params, study, register: bool = True) -> dict[str, Any]:
@@ -261,7 +311,7 @@ def summarise(cfg: Params, study, register: bool = True) -> dict[str, Any]:
         summary["best_trial"] = best.number
         summary["best"] = dict(zip(OBJECTIVES, best.values, strict=True))
         summary["best_params"] = best.params
-        mlflow.set_tracking_uri(cfg.mlflow.tracking_uri)
+        mlflow.set_tracking_uri(tracking.uri(cfg.mlflow))
         with mlflow.start_run(run_id=study.user_attrs[PARENT_RUN]):
             mlflow.log_artifact(str(out / "pareto.csv"))
             mlflow.log_artifact(str(out / "trials.csv"))
@@ -300,20 +350,75 @@ def _register(cfg: Params, best) -> tuple[str, dict[str, float]]:
     The trial was chosen on the validation split; a champion's ``eval.*`` tags come from ``gac evaluate`` on the test
     split. Tagging the winner with its validation scores would let ``gac promote`` compare numbers measured on
     different tiles, so it is scored here as ``gac evaluate`` scores (see :func:`score`), before it is registered.
+
+    **Exactly once, whatever the number of workers and hosts.** Every worker summarises the finished study, so each
+    reaches this point; under the registry's lock (:func:`gac.mlops.registry.registry_lock`, a lock on the registry
+    itself when it is a shared server) the first registers, and the others find its finished version by the tags
+    ``optuna.study``/``optuna.trial`` and return it. The model comes from the trial's MLflow run when the host that
+    trained it is another one.
     """
     import mlflow
 
+    mlflow.set_tracking_uri(tracking.uri(cfg.mlflow))
+    name = registry.MODEL_NAMES[cfg.sweep.stage]
+    with registry.registry_lock([name], f"registering sweep {cfg.sweep.study}'s winner"):
+        done = _registered(cfg, name, best)
+        if done is not None:
+            return done
+        with tempfile.TemporaryDirectory() as tmp:
+            return _register_locked(cfg, best, _model_dir(best, Path(tmp)))
+
+
+def _registered(cfg: Params, name: str, best) -> tuple[str, dict[str, float]] | None:
+    """The version and test scores of this study's winner if a worker (of any host) registered it already."""
+    import mlflow
+
+    found = mlflow.MlflowClient().search_model_versions(
+        f"name = '{name}' and tags.`optuna.study` = '{cfg.sweep.study}' and tags.`optuna.trial` = '{best.number}'"
+    )
+    done = [v for v in found if registry.DONE_TAG in v.tags]
+    if not done:
+        return None
+    version = max(done, key=lambda v: int(v.version))
+    test = {m: float(version.tags[f"eval.{m}"]) for m in OBJECTIVES if f"eval.{m}" in version.tags}
+    test["tiles"] = int(float(version.tags.get("eval.tiles", 0)))
+    print(f"sweep {cfg.sweep.study}: trial {best.number} is {name} version {version.version} already "
+          f"(registered by another worker)")  # fmt: skip
+    return str(version.version), test
+
+
+def _model_dir(best, tmp: Path) -> str:
+    """The winner's model folder: where it was trained if that is on this host, else downloaded from its MLflow run
+    (a worker on another host trained it)."""
+    import mlflow
+
     model_dir = best.user_attrs["model_dir"]
+    if Path(model_dir).is_dir() or MODEL_URI not in best.user_attrs:
+        return model_dir
+    folder = Path(mlflow.artifacts.download_artifacts(best.user_attrs[MODEL_URI], dst_path=str(tmp)))
+    return str(folder / "artifacts" / "model")
+
+
+def _logged_model_uri(run_id: str) -> str:
+    """``models:/<id>`` of the model a trial's run logged (:func:`gac.mlops.registry.log_and_register`)."""
+    import mlflow
+
+    found = mlflow.search_logged_models(filter_string=f"source_run_id = '{run_id}'", output_format="list")
+    return f"models:/{found[0].model_id}" if found else ""
+
+
+def _register_locked(cfg: Params, best, model_dir: str) -> tuple[str, dict[str, float]]:
+    import mlflow
+
     stage, section, model = load_model(model_dir)
     test = score(stage, model, cfg.catalog.out, source_of(cfg), split="test", exclude=tuple(cfg.data.exclude))
     values = dict(zip(OBJECTIVES, best.values, strict=True))
     run_id = best.user_attrs.get(RUN_ID) or best.user_attrs["run_id"]  # "run_id": studies of earlier versions
-    mlflow.set_tracking_uri(cfg.mlflow.tracking_uri)
     with mlflow.start_run(run_id=run_id):
         mlflow.log_metrics({f"test/{k}": v for k, v in test.items() if k != "tiles" and math.isfinite(v)})
         version = registry.log_and_register(
             model_dir, section, values,
-            tags={"gac.data": cfg.data.source, "optuna.trial": str(best.number),
+            tags={"gac.data": cfg.data.source, "optuna.study": cfg.sweep.study, "optuna.trial": str(best.number),
                   **lineage(cfg.sweep.stage, cfg.catalog.out, source_of(cfg))},
         )  # fmt: skip
     context = {"split": "test", "data_source": cfg.data.source, "source": f"optuna trial {best.number}",

@@ -184,7 +184,7 @@ def fit(
         all_tags["gac.resumed_from_run"] = earlier_run["run_id"]
     mlf = MLFlowLogger(
         experiment_name=mlflow_params.experiment,
-        tracking_uri=mlflow_params.tracking_uri,
+        tracking_uri=tracking.uri(mlflow_params),
         run_name=tracking.run_name(stage),
         tags=all_tags,
         run_id=run_id,
@@ -338,7 +338,7 @@ def _log_result(
     """Log the best checkpoint, ``media`` (called in the run) and, through ``log_model``, the model to the run."""
     import mlflow
 
-    mlflow.set_tracking_uri(mlflow_params.tracking_uri)
+    mlflow.set_tracking_uri(tracking.uri(mlflow_params))
     active = mlflow.active_run()
     same = active is not None and active.info.run_id == result.run_id  # a sweep trial's run is already open
     with contextlib.nullcontext() if same else mlflow.start_run(run_id=result.run_id):
