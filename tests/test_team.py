@@ -9,6 +9,7 @@ host that trained the winner, and go on from the others: load, promote, register
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -227,3 +228,27 @@ def test_promotes_from_two_hosts_at_once_promote_once_and_infer_runs_the_champio
     assert done.returncode == 0, done.stderr[-3000:]
     assert "Errors 0" in done.stdout
     assert (b.folder / "out" / "opt_v3").is_dir()
+
+
+def test_a_stage_run_with_mlflow_tracking_uri_set_writes_nothing_locally_and_its_artifacts_reach_s3(
+    team, tmp_path, monkeypatch
+):
+    """The committed params (SQLite under ``mlruns/``) with ``MLFLOW_TRACKING_URI`` pointing at the server: the run
+    and its artifact are on the server, the artifact in the S3 bucket behind its proxy, and no ``mlruns/`` here."""
+    import mlflow
+
+    from gac.config import MlflowParams
+    from gac.io import tracking
+
+    monkeypatch.chdir(tmp_path)
+    for key in [k for k in os.environ if k.startswith("AWS_")]:
+        monkeypatch.delenv(key)  # the client has no S3 keys: the server proxies
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", team.tracking_uri)
+    with tracking.start_run(MlflowParams(), "stage1") as run:
+        mlflow.log_text("opt_v1 written", "notes/stage1.txt")
+    assert list(tmp_path.iterdir()) == []
+    got = mlflow.MlflowClient(team.tracking_uri).get_run(run.info.run_id)
+    assert got.data.tags["gac.tracking_uri"] == team.tracking_uri
+    listed = servers.s3_client(team.s3_env).list_objects_v2(Bucket=servers.ARTIFACT_BUCKET)
+    keys = [o["Key"] for o in listed["Contents"]]
+    assert any(k.endswith(f"{run.info.run_id}/artifacts/notes/stage1.txt") for k in keys), keys

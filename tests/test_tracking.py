@@ -115,6 +115,58 @@ def test_a_store_made_with_the_absolute_location_is_rewritten_relative(
     assert mlflow.get_run(elsewhere.info.run_id).info.artifact_uri.startswith((tmp_path / "elsewhere").as_uri())
 
 
+def test_mlflow_tracking_uri_wins_over_params_and_runs_record_their_store(
+    tmp_path: Path, empty_mlflow_db: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With ``MLFLOW_TRACKING_URI`` set, runs go there and say so; the params' database is not made. (Against a
+    server, with nothing written locally at all: tests/test_team.py.)"""
+    import mlflow
+
+    team = _store(tmp_path / "team", empty_mlflow_db)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{team}")
+    params = MlflowParams()  # the committed default: sqlite:///mlruns/mlflow.db, mlruns/artifacts
+    with tracking.start_run(params, "stage2") as run:
+        pass
+    assert not (tmp_path / "mlruns" / "mlflow.db").exists()
+    found = mlflow.MlflowClient(f"sqlite:///{team}").get_run(run.info.run_id)
+    assert found.data.tags["gac.tracking_uri"] == f"sqlite:///{team}"
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    assert tracking.uri(params) == params.tracking_uri
+
+
+@pytest.mark.parametrize("location", ["s3://team-bucket/gac", "mlflow-artifacts:/gac", "gs://b/gac"])
+def test_an_artifact_location_with_a_scheme_is_kept_as_given(
+    tmp_path: Path, empty_mlflow_db: Path, location: str
+) -> None:
+    import mlflow
+
+    params = _params(_store(tmp_path, empty_mlflow_db)).model_copy(update={"artifact_location": location})
+    tracking.setup(params)
+    assert mlflow.get_experiment_by_name("gac").artifact_location == location
+    assert tracking.artifact_root(params, "http://mlflow.example:5000") == location
+    plain = params.model_copy(update={"artifact_location": "mlruns/artifacts"})
+    assert tracking.artifact_root(plain, "http://mlflow.example:5000") is None  # the server's proxied root
+    assert tracking.safe_uri("postgresql://me:secret@db:5432/mlflow") == "postgresql://db:5432/mlflow"
+
+
+def test_the_relocation_matches_the_installed_mlflows_schema(empty_mlflow_db: Path) -> None:
+    """:func:`gac.io.tracking._relocate` rewrites MLflow's own tables: a new MLflow schema fails here first."""
+    import sqlalchemy
+
+    engine = sqlalchemy.create_engine(f"sqlite:///{empty_mlflow_db}")
+    try:
+        with engine.connect() as db:
+            revision = db.execute(sqlalchemy.text("SELECT version_num FROM alembic_version")).scalar()
+        columns = {t: {c["name"] for c in sqlalchemy.inspect(engine).get_columns(t)} for t, _, _ in
+                   tracking.RELOCATED_COLUMNS}  # fmt: skip
+    finally:
+        engine.dispose()
+    assert revision == tracking.RELOCATED_SCHEMA, f"MLflow's schema is {revision}: check _relocate, then update it"
+    for table, column, by_experiment in tracking.RELOCATED_COLUMNS:
+        assert column in columns[table] and (not by_experiment or "experiment_id" in columns[table])
+
+
 def test_run_names_say_stage_detail_experiment_and_revision(monkeypatch: pytest.MonkeyPatch) -> None:
     rev = tracking.git_commit()[:7]
     monkeypatch.delenv("DVC_EXP_NAME", raising=False)

@@ -124,8 +124,6 @@ def postgres(folder: Path, databases: tuple[str, ...] = ()) -> Iterator[str]:
 @contextlib.contextmanager
 def s3(buckets: tuple[str, ...] = (ARTIFACT_BUCKET, DVC_BUCKET)) -> Iterator[dict[str, str]]:
     """moto's S3 server on 127.0.0.1 with ``buckets``; yields the environment a client needs to reach it."""
-    import boto3
-
     port = free_port()
     endpoint = f"http://127.0.0.1:{port}"
     server = subprocess.Popen([str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1", "-p", str(port)],
@@ -133,13 +131,20 @@ def s3(buckets: tuple[str, ...] = (ARTIFACT_BUCKET, DVC_BUCKET)) -> Iterator[dic
     try:
         _wait(lambda: _answers(endpoint), server, f"the S3 endpoint {endpoint}")
         env = {**S3_KEYS, "MLFLOW_S3_ENDPOINT_URL": endpoint, "AWS_ENDPOINT_URL": endpoint}
-        client = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
-                              aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"], region_name="us-east-1")  # fmt: skip
+        client = s3_client(env)
         for bucket in buckets:
             client.create_bucket(Bucket=bucket)
         yield env
     finally:
         _stop(server)
+
+
+def s3_client(env: dict[str, str]):
+    """A boto3 S3 client for the endpoint and keys of :func:`s3`'s environment."""
+    import boto3
+
+    keys = {"aws_access_key_id": env["AWS_ACCESS_KEY_ID"], "aws_secret_access_key": env["AWS_SECRET_ACCESS_KEY"]}
+    return boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], region_name=env["AWS_DEFAULT_REGION"], **keys)
 
 
 def _answers(url: str) -> bool:
