@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat requirements.txt requirements-dev.txt pyproject.toml | sha256sum | cut -c1-12)
 
-.PHONY: setup data repro sweep rehearse test lint postgres
+.PHONY: setup data repro sweep rehearse test lint postgres mlflow-server
 
 setup: $(STAMP)
 
@@ -38,6 +38,12 @@ rehearse: $(STAMP)
 postgres:
 	@command -v initdb >/dev/null || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || \
 		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql)
+
+# A team's servers, for real, on this machine: PostgreSQL (MLflow's backend store and Optuna's storage), an S3 endpoint
+# (moto) and `mlflow server` with proxied S3 artifacts, fresh in a new folder under .cache/, until Ctrl-C. It prints
+# what each host exports (docs/team.md). A team runs the same three against its own database and object store.
+mlflow-server: $(STAMP) postgres
+	$(BIN)/python -m tools.servers --dir $(CURDIR)/.cache/team-$$(date +%Y%m%d-%H%M%S)
 
 # pytest exits 5 when it collects no test: make fails on any non-zero status, so that cannot pass silently.
 # Then the tests marked `numerics` (float comparisons of kernel output) again with oneDNN and MKL held to AVX2

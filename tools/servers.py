@@ -156,10 +156,13 @@ def _answers(url: str) -> bool:
 
 
 @contextlib.contextmanager
-def mlflow_server(backend_uri: str, artifacts: str, env: dict[str, str], log: Path) -> Iterator[str]:
-    """``mlflow server`` on 127.0.0.1 with ``backend_uri`` and the proxied ``--artifacts-destination artifacts``;
-    yields its URL. ``env`` carries the S3 endpoint and credentials: the server's, never the clients'."""
-    port = free_port()
+def mlflow_server(
+    backend_uri: str, artifacts: str, env: dict[str, str], log: Path, port: int | None = None
+) -> Iterator[str]:
+    """``mlflow server`` on 127.0.0.1:``port`` (default: a free one) with ``backend_uri`` and the proxied
+    ``--artifacts-destination artifacts``; yields its URL. ``env`` carries the S3 endpoint and credentials: the
+    server's, never the clients'."""
+    port = port or free_port()
     url = f"http://127.0.0.1:{port}"
     mlflow = str(Path(sys.executable).with_name("mlflow"))
     cmd = [mlflow, "server", "--backend-store-uri", backend_uri, "--artifacts-destination", artifacts,
@@ -187,7 +190,7 @@ class Team:
 
 
 @contextlib.contextmanager
-def team(folder: Path) -> Iterator[Team]:
+def team(folder: Path, port: int | None = None) -> Iterator[Team]:
     """PostgreSQL (databases ``mlflow`` and ``optuna``), S3, and an MLflow server over both; see the module docstring.
 
     ``Team.host_env`` is what every host exports: the tracking server, and the S3 endpoint and keys only for DVC's
@@ -195,19 +198,21 @@ def team(folder: Path) -> Iterator[Team]:
     folder.mkdir(parents=True, exist_ok=True)
     with postgres(folder / "pg", ("mlflow", "optuna")) as pg, s3() as s3_env:
         base = pg.rsplit("/", 1)[0]
-        with mlflow_server(f"{base}/mlflow", f"s3://{ARTIFACT_BUCKET}/artifacts", s3_env, folder / "mlflow.log") as url:
+        artifacts = f"s3://{ARTIFACT_BUCKET}/artifacts"
+        with mlflow_server(f"{base}/mlflow", artifacts, s3_env, folder / "mlflow.log", port) as url:
             yield Team(url, f"{base}/optuna", s3_env, {"MLFLOW_TRACKING_URI": url})
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dir", type=Path, default=None, help="the servers' files (default: a temp folder)")
+    parser.add_argument("--port", type=int, default=5000, help="the MLflow server's port (default: 5000)")
     args = parser.parse_args(argv)
     folder = args.dir or Path(tempfile.mkdtemp(prefix="gac-team-"))
     if folder.exists() and any(folder.iterdir()):
         print(f"{folder}: not empty; give an empty or new --dir (the servers start fresh each time)", file=sys.stderr)
         return 2
-    with team(folder) as t:
+    with team(folder, args.port) as t:
         print("# every host (MLflow artifacts go through the server):")
         print(f"export MLFLOW_TRACKING_URI={t.tracking_uri}")
         print("# a sweep's workers share the study:")
