@@ -42,6 +42,23 @@ def uri(params: MlflowParams) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or params.tracking_uri
 
 
+def use(tracking_uri: str) -> None:
+    """``mlflow.set_tracking_uri`` without its side effect on ``MLFLOW_TRACKING_URI``.
+
+    MLflow also exports the URI it is given to the environment (for subprocesses); GAC keeps that variable for what a
+    user set (:func:`uri` gives it precedence), so a process that opens two stores, one after the other, or a child
+    process with params of its own, is not sent to the first store by GAC's own earlier call.
+    """
+    import mlflow
+
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(tracking_uri)
+    if before is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = before
+
+
 def safe_uri(tracking_uri: str) -> str:
     """``tracking_uri`` without credentials (``user:secret@`` dropped), fit for a tag or a log line."""
     from urllib.parse import urlsplit, urlunsplit
@@ -94,7 +111,7 @@ def setup(params: MlflowParams) -> str:
         db = Path(tracking_uri.removeprefix("sqlite:///"))
         db.parent.mkdir(parents=True, exist_ok=True)
         lock = exclusive(db, "creating the MLflow store", wait=STORE_LOCK_WAIT_S)
-    mlflow.set_tracking_uri(tracking_uri)
+    use(tracking_uri)
     root = artifact_root(params, tracking_uri)
     relative = sqlite and not _has_scheme(params.artifact_location) and not Path(params.artifact_location).is_absolute()
     with lock:

@@ -311,7 +311,7 @@ def summarise(cfg: Params, study, register: bool = True) -> dict[str, Any]:
         summary["best_trial"] = best.number
         summary["best"] = dict(zip(OBJECTIVES, best.values, strict=True))
         summary["best_params"] = best.params
-        mlflow.set_tracking_uri(tracking.uri(cfg.mlflow))
+        tracking.use(tracking.uri(cfg.mlflow))
         with mlflow.start_run(run_id=study.user_attrs[PARENT_RUN]):
             mlflow.log_artifact(str(out / "pareto.csv"))
             mlflow.log_artifact(str(out / "trials.csv"))
@@ -357,9 +357,8 @@ def _register(cfg: Params, best) -> tuple[str, dict[str, float]]:
     ``optuna.study``/``optuna.trial`` and return it. The model comes from the trial's MLflow run when the host that
     trained it is another one.
     """
-    import mlflow
 
-    mlflow.set_tracking_uri(tracking.uri(cfg.mlflow))
+    tracking.use(tracking.uri(cfg.mlflow))
     name = registry.MODEL_NAMES[cfg.sweep.stage]
     with registry.registry_lock([name], f"registering sweep {cfg.sweep.study}'s winner"):
         done = _registered(cfg, name, best)

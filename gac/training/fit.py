@@ -338,7 +338,7 @@ def _log_result(
     """Log the best checkpoint, ``media`` (called in the run) and, through ``log_model``, the model to the run."""
     import mlflow
 
-    mlflow.set_tracking_uri(tracking.uri(mlflow_params))
+    tracking.use(tracking.uri(mlflow_params))
     active = mlflow.active_run()
     same = active is not None and active.info.run_id == result.run_id  # a sweep trial's run is already open
     with contextlib.nullcontext() if same else mlflow.start_run(run_id=result.run_id):
