@@ -51,3 +51,4 @@ test: $(STAMP) postgres
 
 lint: $(STAMP)
 	$(BIN)/ruff check gac pipelines tests benchmarks
+	$(BIN)/hadolint Dockerfile
