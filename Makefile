@@ -57,3 +57,4 @@ test: $(STAMP) postgres
 
 lint: $(STAMP)
 	$(BIN)/ruff check gac pipelines tests benchmarks
+	$(BIN)/hadolint Dockerfile
