@@ -27,7 +27,8 @@ import yaml
 from test_benchmarks import _load as load_benchmark
 from test_dvc_surface import BIN, GIT_ENV, ROOT
 
-from tools.servers import DVC_BUCKET, S3_KEYS, s3
+sys.path.insert(0, str(ROOT))  # `tools` under a bare `pytest` too (`python -m pytest` puts the root there itself)
+from tools.servers import DVC_BUCKET, S3_KEYS, s3  # noqa: E402
 
 PREFIX = "gac"  # the project's folder in the team's bucket
 rehearse = load_benchmark("rehearse")  # make_project: the working tree's tracked files as a new git repository
