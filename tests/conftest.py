@@ -37,8 +37,9 @@ def pytest_configure(config: pytest.Config) -> None:
 
 #: Modules that take minutes, longest first: under pytest-xdist (``--dist loadscope``: a module stays on one worker, in
 #: collection order) they start at once instead of one of them ending the run alone on one core while the others idle.
-LONGEST_FIRST = ("test_experiments.py", "test_benchmarks.py", "test_training.py", "test_sweep.py", "test_refine.py",
-                 "test_stage1.py", "test_mosaic.py", "test_learning.py", "test_bad_input.py")  # fmt: skip
+LONGEST_FIRST = ("test_experiments.py", "test_team.py", "test_benchmarks.py", "test_training.py", "test_sweep.py",
+                 "test_refine.py", "test_stage1.py", "test_mosaic.py", "test_learning.py", "test_bad_input.py",
+                 "test_dvc_remote.py")  # fmt: skip
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

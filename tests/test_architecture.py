@@ -114,3 +114,14 @@ def test_flags_not_passed_change_nothing_and_passed_ones_reach_their_field(comma
         assert field_value(changed, flag.field) != field_value(cfg, flag.field), args
         untouched = {k: v for k, v in changed.model_dump().items() if k != flag.field.split(".")[0]}
         assert untouched == {k: v for k, v in cfg.model_dump().items() if k != flag.field.split(".")[0]}, args
+
+
+def test_importing_terratorch_leaves_float32_matmuls_in_float32():
+    """``import terratorch`` sets torch's float32 matmul precision to "medium" (bf16 on AMX CPUs); GAC restores it."""
+    code = (
+        "import torch; from gac.config import Stage2Params; from gac.models import prithvi; "
+        "prithvi.new_band_indices(Stage2Params()); import terratorch; "
+        "print(torch.get_float32_matmul_precision(), torch.backends.mkldnn.matmul.fp32_precision)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out[-2:] == ["highest", "ieee"]

@@ -27,8 +27,7 @@ import yaml
 from test_benchmarks import _load as load_benchmark
 from test_dvc_surface import BIN, GIT_ENV, ROOT
 
-sys.path.insert(0, str(ROOT))  # `tools` under a bare `pytest` too (`python -m pytest` puts the root there itself)
-from tools.servers import DVC_BUCKET, S3_KEYS, s3  # noqa: E402
+from tools.servers import DVC_BUCKET, S3_KEYS, s3
 
 PREFIX = "gac"  # the project's folder in the team's bucket
 rehearse = load_benchmark("rehearse")  # make_project: the working tree's tracked files as a new git repository

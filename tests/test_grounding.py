@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import copy
 import re
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -153,17 +151,6 @@ def test_attention_weights_reproduce_the_layer(trained, batch):
     eps = torch.finfo(torch.float32).eps
     scale = reference.abs().max().item()
     torch.testing.assert_close(seen["out"].double(), reference, rtol=GROWTH * eps, atol=GROWTH * eps * scale)
-
-
-def test_importing_terratorch_leaves_float32_matmuls_in_float32():
-    """``import terratorch`` sets torch's float32 matmul precision to "medium" (bf16 on AMX CPUs); GAC restores it."""
-    code = (
-        "import torch; from gac.config import Stage2Params; from gac.models import prithvi; "
-        "prithvi.new_band_indices(Stage2Params()); import terratorch; "
-        "print(torch.get_float32_matmul_precision(), torch.backends.mkldnn.matmul.fp32_precision)"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
-    assert out[-2:] == ["highest", "ieee"]
 
 
 def test_ckpt_path_loads_strictly(tmp_path, batch):

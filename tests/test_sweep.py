@@ -1,4 +1,4 @@
-"""The Optuna sweep: real studies on SQLite and on a PostgreSQL server this module starts, real training per trial.
+"""The Optuna sweep: real studies on SQLite, real training per trial (PostgreSQL and several hosts: test_team.py).
 
 Trials are made cheap (1–2 optimizer steps on 2 tiles), not fake: each one trains through the stage's own code.
 """
@@ -21,7 +21,6 @@ from gac.config import Params, TargetParams
 from gac.evaluation.direction import higher_is_better
 from gac.io.store import ShardStore
 from gac.mlops.sweep import GRACE_S, HEARTBEAT_S, OBJECTIVES
-from tools import servers
 
 pytestmark = pytest.mark.slow
 stores = sweeping.stores  # the module-scoped fixture
@@ -259,32 +258,3 @@ def test_kill_and_continue(tmp_path, stores):
     assert states.count("COMPLETE") == 2
     assert states[0] == "FAIL"  # the killed one, not lost and not repeated under its number
     assert len({t.number for t in trials}) == len(trials)
-
-
-@pytest.fixture(scope="module")
-def postgres(tmp_path_factory):
-    """A throw-away PostgreSQL server on 127.0.0.1 (:func:`tools.servers.postgres`)."""
-    with servers.postgres(tmp_path_factory.mktemp("pg") / "cluster") as url:
-        yield url
-
-
-def test_two_workers_share_one_postgres_study(tmp_path, stores, postgres):
-    """Two worker processes on one PostgreSQL study: exactly the budget, distinct numbers, both contributed."""
-    params = sweep_params(tmp_path, stores, postgres, n_trials=4)
-    workers = [
-        subprocess.Popen(
-            sweep_cmd(params, "--no-register"),
-            env={**ENV, "GAC_WORKER": str(i)},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )  # fmt: skip
-        for i in range(2)
-    ]
-    outputs = [w.communicate(timeout=1500)[0] for w in workers]
-    assert all(w.returncode == 0 for w in workers), outputs[0][-2000:] + outputs[1][-2000:]
-    trials = trials_of(postgres)
-    assert [t.state.name for t in trials].count("COMPLETE") == 4
-    assert len(trials) == 4
-    assert len({t.number for t in trials}) == 4
-    assert {t.user_attrs.get("worker") for t in trials} == {"0", "1"}

@@ -126,7 +126,8 @@ def test_two_hosts_share_one_study_one_parent_run_and_register_the_winner_once(t
 
     client = MlflowClient(team.tracking_uri)
     trials = swept["trials"]
-    assert [t.state.name for t in trials] == ["COMPLETE", "COMPLETE"]
+    assert [t.state.name for t in trials] == ["COMPLETE", "COMPLETE"]  # exactly the budget, nothing failed
+    assert [t.number for t in trials] == [0, 1]
     assert sorted(t.user_attrs["worker"] for t in trials) == ["A", "B"]  # one trial on each host
     experiment = client.get_experiment_by_name("gac")
     assert experiment.artifact_location.startswith("mlflow-artifacts:")  # proxied: no client needs S3 keys
