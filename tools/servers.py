@@ -167,9 +167,11 @@ def mlflow_server(
     mlflow = str(Path(sys.executable).with_name("mlflow"))
     cmd = [mlflow, "server", "--backend-store-uri", backend_uri, "--artifacts-destination", artifacts,
            "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]  # fmt: skip
+    # No server-side job execution: it serves MLflow's GenAI features (judges, trace roll-ups), which GAC does not
+    # use, and costs eight Python processes that poll the database all the time.
+    server_env = {**os.environ, **env, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     with open(log, "ab") as out:
-        server = subprocess.Popen(cmd, env={**os.environ, **env}, stdout=out, stderr=subprocess.STDOUT,
-                                  start_new_session=True)  # fmt: skip
+        server = subprocess.Popen(cmd, env=server_env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         _wait(lambda: _answers(f"{url}/health"), server, f"the MLflow server {url} (log: {log})")
         yield url
