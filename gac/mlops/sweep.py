@@ -149,8 +149,9 @@ def failed(study) -> int:
 def open_study(cfg: Params):
     """Create or load the study on ``sweep.storage`` (heartbeats fail trials of killed workers).
 
-    Workers that start together race to create Optuna's tables and the study; the loser of that race sees an
-    integrity error and simply loads what the winner made.
+    Workers that start together (on one host or several) race to create Optuna's tables and the study; the loser of
+    that race sees an integrity error, or on PostgreSQL a "relation already exists" (a ``ProgrammingError``), and
+    simply loads what the winner made.
     """
     import optuna
     import sqlalchemy.exc
@@ -166,7 +167,7 @@ def open_study(cfg: Params):
             if study.metric_names != list(OBJECTIVES):  # the dashboard's axis and column names
                 study.set_metric_names(list(OBJECTIVES))
             return study
-        except (sqlalchemy.exc.IntegrityError, optuna.exceptions.DuplicatedStudyError):
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError, optuna.exceptions.DuplicatedStudyError):
             if attempt == 4:
                 raise
             time.sleep(0.5 + attempt)
