@@ -168,31 +168,40 @@ def test_two_hosts_share_one_study_one_parent_run_and_register_the_winner_once(t
     assert worst <= 1 / DN_SCALE  # within one stored DN
 
 
-REGISTER_STAGE3 = """
-import sys, mlflow
-from gac.config import Params, Stage3Params
-from gac.mlops import registry
-from gac.mlops.model_card import tag_evaluation
-from gac.mlops.sweep import score
-from gac.models.grounding import build_grounder
-from gac.training.export import save_model
-from gac.io import tracking
+def register_stage3(host: Host, stage2_version: str, monkeypatch) -> str:
+    """On ``host`` (its folder, ``HOME`` and environment, in this process: a registration proves nothing more in a
+    process of its own), register an untrained Stage 3 on Stage 2 ``stage2_version``'s output, tagged with its
+    test-split scores (on opt_v1 as its input: the test is about who promotes what, not about the model)."""
+    import mlflow
+    import yaml as yml
 
-cfg, stage2_version = Params.model_validate(__import__("yaml").safe_load(open(sys.argv[1]))), sys.argv[2]
-section = Stage3Params(img_size=128)
-model = build_grounder(section).eval()
-save_model("stage3", section, model, "m3")
-test = score("stage3", model, cfg.catalog.out, cfg.stage1.out, split="test")
-with tracking.start_run(cfg.mlflow, "stage3"):
-    version = registry.log_and_register("m3", section, {k: test[k] for k in ("psnr", "ssim")},
-                                        tags={"gac.stage2_model": "gac-stage2", "gac.stage2_version": stage2_version})
-tag_evaluation(mlflow.MlflowClient(), "gac-stage3", version, test, {"split": "test", "source": "opt_v1 as input"})
-print(version)
-"""
+    from gac.config import Params, Stage3Params
+    from gac.io import tracking
+    from gac.mlops import registry
+    from gac.mlops.model_card import tag_evaluation
+    from gac.models.grounding import build_grounder
+    from gac.training.export import save_model
+
+    monkeypatch.chdir(host.folder)
+    for key in [k for k in os.environ if k.startswith(("AWS_", "MLFLOW_"))]:
+        monkeypatch.delenv(key)
+    for key, value in host.env.items():
+        monkeypatch.setenv(key, value)
+    cfg = Params.model_validate(yml.safe_load(host.params.read_text()))
+    section = Stage3Params(img_size=128)
+    model = build_grounder(section).eval()
+    save_model("stage3", section, model, host.folder / "m3")
+    test = sweep.score("stage3", model, cfg.catalog.out, cfg.stage1.out, split="test")
+    with tracking.start_run(cfg.mlflow, "stage3"):
+        version = registry.log_and_register(str(host.folder / "m3"), section, {k: test[k] for k in ("psnr", "ssim")},
+                                            tags={"gac.stage2_model": "gac-stage2",
+                                                  "gac.stage2_version": stage2_version})  # fmt: skip
+    tag_evaluation(mlflow.MlflowClient(), "gac-stage3", version, test, {"split": "test", "source": "opt_v1 as input"})
+    return version
 
 
 def test_promotes_from_two_hosts_at_once_promote_once_and_infer_runs_the_champion_pair_elsewhere(
-    team, swept, stores, synthetic_root
+    team, swept, stores, synthetic_root, monkeypatch
 ):
     """Two hosts promote host A's registration at once: one moves ``champion``, the other decides against it, and
     both record their decision on the server. A third host registers a Stage 3 on that champion and promotes the
@@ -226,9 +235,7 @@ def test_promotes_from_two_hosts_at_once_promote_once_and_infer_runs_the_champio
     for host in (b, c):
         assert not (host.folder / "mlruns").exists()
 
-    done = c.run([sys.executable, "-c", REGISTER_STAGE3, str(c.params), challenger])
-    assert done.returncode == 0, done.stderr[-3000:]
-    stage3 = done.stdout.strip().splitlines()[-1]
+    stage3 = register_stage3(c, challenger, monkeypatch)
     done = c.run(c.gac("promote", "--model", "gac-stage3", "--metrics", "p3.json"))
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads((c.folder / "p3.json").read_text())["gac-stage3"]["promoted"], done.stdout
