@@ -91,7 +91,7 @@ def test_every_kind_of_bad_source_is_one_line(workdir: Path, flag: str, source: 
 
 
 def test_model_folders_run_the_whole_pipeline_on_a_bigearthnet_root_into_what_the_models_compute(
-    workdir: Path, synthetic_root: Path, non_identity
+    workdir: Path, synthetic_root: Path, non_identity, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """opt_v2 and opt_v3 are what the in-process Stage 2 and Stage 3 models compute on the tiles' opt_v1 (resp.
     opt_v2) and S1, within :data:`ROUNDING_DN`; each moves its input by far more than that."""
@@ -113,9 +113,14 @@ def test_model_folders_run_the_whole_pipeline_on_a_bigearthnet_root_into_what_th
     with pytest.raises(GacError, match=r"--stage2-checkpoint: \S+/m3: a stage3 model, expected a stage2 model"):
         check_sources({"stage2": str(workdir / "m3"), "stage3": str(workdir / "m3")})
     args = ["infer", "--data-dir", str(synthetic_root), "--output-dir", "out", "--stage2-checkpoint", "m2"]
-    done = gac([*args, "--stage3-checkpoint", "m3", "--save-visualizations", "1"], workdir)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "Processed 3 of 3 tiles, Errors 0, Output dir out\n" in done.stdout
+    from gac.cli import main
+
+    monkeypatch.chdir(workdir)  # in this process (the entry point's own behaviour: the one-line-error tests above)
+    monkeypatch.setenv("GAC_PROGRESS", "0")
+    code = main(["--params", "params.yaml", *args, "--stage3-checkpoint", "m3", "--save-visualizations", "1"])
+    printed = capsys.readouterr()
+    assert code == 0, printed.err[-3000:]
+    assert "Processed 3 of 3 tiles, Errors 0, Output dir out\n" in printed.out
     from gac.io.store import ShardStore
 
     stores = {cache: ShardStore(workdir / "out" / cache) for cache in ("opt_v1", "opt_v2", "opt_v3")}

@@ -239,8 +239,11 @@ def test_the_docs_disk_table_is_what_the_stores_take(inputs: dict[str, Path], tm
         assert gb == pytest.approx(kib * 1024 * 549_488 / 1e9, rel=0.005)
 
 
-def test_stage2_cache_only_writes_opt_v2_with_the_saved_model(inputs: dict[str, Path], tmp_path: Path) -> None:
+def test_stage2_cache_only_writes_opt_v2_with_the_saved_model(
+    inputs: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     """``gac stage2 --cache-only``: no training, opt_v2 from ``<stage2.out>/model`` (identity at init: a copy)."""
+    from gac.cli import main
     from gac.models.prithvi import build_refiner
     from gac.training.export import save_model
 
@@ -251,11 +254,12 @@ def test_stage2_cache_only_writes_opt_v2_with_the_saved_model(inputs: dict[str, 
         stage2=s2,
     )
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params.model_dump(mode="json"), sort_keys=False))
-    cmd = [sys.executable, "-m", "gac", "--params", str(tmp_path / "params.yaml"), "stage2", "--cache-only",
-           "--data-dir", str(inputs["catalog"]), "--stage1-dir", str(inputs["source"])]  # fmt: skip
-    done = subprocess.run(cmd, capture_output=True, text=True, env=ONE_THREAD, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert f"stage2: wrote {tmp_path / 'stage2' / 'opt_v2'} (8 tiles, 0 errors)" in done.stdout
+    args = ["--params", str(tmp_path / "params.yaml"), "stage2", "--cache-only", "--data-dir", str(inputs["catalog"]),
+            "--stage1-dir", str(inputs["source"])]  # fmt: skip
+    code = main(args)  # in this process: the flag's path is what is tested, not a fresh interpreter
+    printed = capsys.readouterr()
+    assert code == 0, printed.err[-3000:]
+    assert f"stage2: wrote {tmp_path / 'stage2' / 'opt_v2'} (8 tiles, 0 errors)" in printed.out
     assert not (tmp_path / "stage2" / "checkpoints").exists() and not (tmp_path / "mlflow.db").exists()  # no training
     written = ShardStore(tmp_path / "stage2" / "opt_v2").read("opt")
     np.testing.assert_array_equal(written, ShardStore(inputs["source"]).read("opt"))  # untrained refiner = identity

@@ -168,6 +168,15 @@ def test_two_hosts_share_one_study_one_parent_run_and_register_the_winner_once(t
     assert worst <= 1 / DN_SCALE  # within one stored DN
 
 
+def on_host(host: Host, monkeypatch) -> None:
+    """This process as a process of ``host``: its folder, ``HOME`` and environment (no S3 keys), until the test ends."""
+    monkeypatch.chdir(host.folder)
+    for key in [k for k in os.environ if k.startswith(("AWS_", "MLFLOW_"))]:
+        monkeypatch.delenv(key)
+    for key, value in host.env.items():
+        monkeypatch.setenv(key, value)
+
+
 def register_stage3(host: Host, stage2_version: str, monkeypatch) -> str:
     """On ``host`` (its folder, ``HOME`` and environment, in this process: a registration proves nothing more in a
     process of its own), register an untrained Stage 3 on Stage 2 ``stage2_version``'s output, tagged with its
@@ -182,11 +191,7 @@ def register_stage3(host: Host, stage2_version: str, monkeypatch) -> str:
     from gac.models.grounding import build_grounder
     from gac.training.export import save_model
 
-    monkeypatch.chdir(host.folder)
-    for key in [k for k in os.environ if k.startswith(("AWS_", "MLFLOW_"))]:
-        monkeypatch.delenv(key)
-    for key, value in host.env.items():
-        monkeypatch.setenv(key, value)
+    on_host(host, monkeypatch)
     cfg = Params.model_validate(yml.safe_load(host.params.read_text()))
     section = Stage3Params(img_size=128)
     model = build_grounder(section).eval()
@@ -201,7 +206,7 @@ def register_stage3(host: Host, stage2_version: str, monkeypatch) -> str:
 
 
 def test_promotes_from_two_hosts_at_once_promote_once_and_infer_runs_the_champion_pair_elsewhere(
-    team, swept, stores, synthetic_root, monkeypatch
+    team, swept, stores, synthetic_root, monkeypatch, capsys
 ):
     """Two hosts promote host A's registration at once: one moves ``champion``, the other decides against it, and
     both record their decision on the server. A third host registers a Stage 3 on that champion and promotes the
@@ -241,9 +246,13 @@ def test_promotes_from_two_hosts_at_once_promote_once_and_infer_runs_the_champio
     assert json.loads((c.folder / "p3.json").read_text())["gac-stage3"]["promoted"], done.stdout
     assert client.get_model_version_by_alias("gac-stage3", "champion").version == stage3
     shutil.copytree(synthetic_root, b.folder / "region")
-    done = b.run(b.gac("infer", "--data-dir", "region", "--output-dir", "out", "--no-geotiff"))
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "Errors 0" in done.stdout
+    from gac.cli import main
+
+    on_host(b, monkeypatch)  # `gac infer` in this process, as a process of host B
+    code = main(["--params", str(b.params), "infer", "--data-dir", "region", "--output-dir", "out", "--no-geotiff"])
+    printed = capsys.readouterr()
+    assert code == 0, printed.err[-3000:]
+    assert "Processed 3 of 3 tiles, Errors 0, Output dir out" in printed.out
     assert (b.folder / "out" / "opt_v3").is_dir()
 
 

@@ -553,7 +553,7 @@ def test_a_training_continues_only_with_the_same_inputs_and_model_settings(
 
 @pytest.mark.slow
 def test_stage2_load_in_8bit_trains_registers_writes_opt_v2_and_its_registered_model_computes_its_float_twin(
-    catalog: Path, opt_v1: Path, empty_mlflow_db: Path, tmp_path: Path
+    catalog: Path, opt_v1: Path, empty_mlflow_db: Path, tmp_path: Path, capsys, monkeypatch
 ) -> None:
     """``gac stage2 --load-in-8bit`` end to end: the best checkpoint goes into a fresh int8 model (bitsandbytes
     refuses it in the trained one), the model is registered, opt_v2 is written, and the registry model's prediction
@@ -565,17 +565,17 @@ def test_stage2_load_in_8bit_trains_registers_writes_opt_v2_and_its_registered_m
     import mlflow
     from safetensors.torch import load_file
 
+    from gac.cli import main
     from gac.models.prithvi import build_refiner
     from gac.sensors import DN_SCALE
     from gac.training.export import WEIGHTS
 
     params = write_params(tmp_path, catalog, opt_v1, empty_mlflow_db)
-    cmd = [
-        sys.executable, "-m", "gac", "--params", str(params), "stage2", "--load-in-8bit", "--max-steps", "2",
-        "--metrics", str(tmp_path / "stage2.json"),
-    ]  # fmt: skip
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=ENV, cwd=tmp_path)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    monkeypatch.chdir(tmp_path)  # the command in this process: the flag's path is the subject, not a fresh interpreter
+    monkeypatch.setenv("GAC_PROGRESS", "0")
+    code = main(["--params", str(params), "stage2", "--load-in-8bit", "--max-steps", "2",
+                 "--metrics", str(tmp_path / "stage2.json")])  # fmt: skip
+    assert code == 0, capsys.readouterr().err[-3000:]
     summary = json.loads((tmp_path / "stage2.json").read_text())
     assert summary["global_step"] == 2 and summary["registered_version"] == 1
     assert len(ShardStore(tmp_path / "stage2" / "opt_v2").index) == len(ShardStore(opt_v1).index)
