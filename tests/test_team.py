@@ -278,3 +278,31 @@ def test_a_stage_run_with_mlflow_tracking_uri_set_writes_nothing_locally_and_its
     listed = servers.s3_client(team.s3_env).list_objects_v2(Bucket=servers.ARTIFACT_BUCKET)
     keys = [o["Key"] for o in listed["Contents"]]
     assert any(k.endswith(f"{run.info.run_id}/artifacts/notes/stage1.txt") for k in keys), keys
+
+
+def test_make_mlflow_server_prints_each_hosts_variables_serves_and_stops_on_ctrl_c(tmp_path):
+    """What ``make mlflow-server`` runs (``python -m tools.servers``): it prints the exports, the printed server
+    answers, and Ctrl-C stops everything it started."""
+    import signal
+    import urllib.request
+
+    cmd = [sys.executable, "-m", "tools.servers", "--dir", str(tmp_path / "team"), "--port", str(servers.free_port())]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        lines = []
+        while not lines or lines[-1] != "# serving until Ctrl-C\n":
+            line = proc.stdout.readline()
+            assert line, "".join(lines)  # it ended before serving
+            lines.append(line)
+        exports = dict(ln.removeprefix("export ").strip().split("=", 1) for ln in lines if ln.startswith("export"))
+        assert set(exports) == {"MLFLOW_TRACKING_URI", *servers.S3_KEYS, "MLFLOW_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL"}
+        with urllib.request.urlopen(f"{exports['MLFLOW_TRACKING_URI']}/health", timeout=10) as answer:
+            assert answer.status == 200
+        assert any("gac sweep --storage postgresql+psycopg2://" in line for line in lines)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=120) == 0
+        with pytest.raises(OSError):  # nothing left serving
+            urllib.request.urlopen(f"{exports['MLFLOW_TRACKING_URI']}/health", timeout=5)
+    finally:
+        proc.kill()
+        proc.wait()
