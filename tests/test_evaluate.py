@@ -1,8 +1,10 @@
 """Evaluation end to end on real stores: synthetic tiles → catalog → opt caches of known quality → ablation.
 
 The caches are the true S2 tile plus Gaussian noise of known size (Stage 1 noisiest, the full pipeline least), so the
-ablation's ordering is known by construction. One test tile is missing from opt_v3 (a rejected tile) and the caches
-of Stage 2 and 3 name registered model versions in a real MLflow registry (SQLite in tmp_path).
+ablation's ordering is known by construction. opt_v3 carries the noise's true σ (a calibrated model) and opt_v2 half
+of it (an overconfident one), so their calibration figures are known too. One test tile is missing from opt_v3 (a
+rejected tile) and the caches of Stage 2 and 3 name registered model versions in a real MLflow registry (SQLite in
+tmp_path).
 """
 
 from __future__ import annotations
@@ -28,7 +30,16 @@ from gac.config import (
     TargetParams,
 )
 from gac.errors import GacError
-from gac.evaluation.ablation import DETAILS, HEADLINE, METRICS, ROWS, cache_roots, headline, metric_key
+from gac.evaluation.ablation import (
+    DETAILS,
+    HEADLINE,
+    HEADLINE_SIGMA,
+    METRICS,
+    ROWS,
+    cache_roots,
+    headline,
+    metric_key,
+)
 from gac.io.store import ShardStore
 from gac.stages.evaluate import run as evaluate
 
@@ -36,11 +47,14 @@ from gac.stages.evaluate import run as evaluate
 pytestmark = pytest.mark.numerics
 
 NOISE_DN = {"stage1": 1500.0, "stage2": 600.0, "stage3": 150.0}
+#: The σ each cache claims (key ``sigma``): the truth for opt_v3, half of it for opt_v2, none for opt_v1.
+CLAIMED_DN = {"stage2": 300.0, "stage3": 150.0}
 N_VISUALIZE = 1
 
 
 def write_cache(catalog: ShardStore, root, stage: str, sigma: float, drop: str | None, provenance: dict) -> None:
-    """An opt cache = truth + N(0, sigma) DN, without the tile ``drop`` (recorded as rejected)."""
+    """An opt cache = truth + N(0, sigma) DN, without the tile ``drop`` (recorded as rejected), with the σ of
+    :data:`CLAIMED_DN` as its ``sigma`` array where it has one."""
     index = catalog.index
     kept = index[index["patch_id"] != drop]
     rng = np.random.default_rng(len(stage))
@@ -48,7 +62,10 @@ def write_cache(catalog: ShardStore, root, stage: str, sigma: float, drop: str |
     opt = np.clip(np.rint(truth + rng.normal(0.0, sigma, truth.shape)), 0, 65535).astype(np.uint16)
     rejected = pd.DataFrame({"patch_id": [drop], "reason": ["non-finite generated output"]}) if drop else None
     store = ShardStore(root)
-    store.write_shard("00000", kept.drop(columns=["shard", "row"]), {"opt": opt}, rejected)
+    arrays = {"opt": opt}
+    if stage in CLAIMED_DN:
+        arrays["sigma"] = np.full_like(opt, CLAIMED_DN[stage])
+    store.write_shard("00000", kept.drop(columns=["shard", "row"]), arrays, rejected)
     store.finalize()
     (store.root / "provenance.json").write_text(json.dumps({"stage": stage, **provenance}))
 
@@ -133,13 +150,42 @@ def test_metrics_json_holds_the_headline_only(world):
     saved = json.loads((world["tmp"] / "metrics" / "evaluate.json").read_text())
     r = world["result"]
     assert saved == headline(r)
-    assert saved["full"] == {m: r["full"][m] for m in HEADLINE["full"]}
+    assert saved["full"] == {m: r["full"][m] for m in (*HEADLINE["full"], *HEADLINE_SIGMA)}  # opt_v3 has σ
     assert saved["truth"] == {"sar_edge": 0.0, "block_periodicity": r["truth"]["block_periodicity"]}
     assert saved["truth"]["sar_edge"] <= TargetParams().sar_edge  # the target is reachable: the truth meets it
     assert saved["tiles"] == r["provenance"]["tiles_evaluated"] == len(world["test_ids"]) - 1
     assert saved["leakage_gap_db"] == r["leakage"]["gap_db"]
     flat = [f"{k}.{m}" for k, v in saved.items() for m in (v if isinstance(v, dict) else [""])]
-    assert len(flat) <= 15 and not {"groups", "provenance", "stage1", "baseline"} & set(saved), flat
+    assert len(flat) <= 18 and not {"groups", "provenance", "stage1", "baseline"} & set(saved), flat
+
+
+def test_rows_with_sigma_are_scored_for_calibration(world):
+    """opt_v3 claims the noise's true σ: its 95 % interval covers 95 % and its UCE is near 0; opt_v2 claims half its
+    σ: its "95 %" interval covers what |z| ≤ 0.98 covers, 67 %. Pixels clipped at 0 DN (dark bands) only have smaller
+    errors, so each coverage lies between its Gaussian value and that plus the share of clipped pixels, up to the
+    binomial error. Rows without σ have no such figures; σ constant over a tile ranks nothing (Spearman undefined)."""
+    import math
+
+    from gac.evaluation.uncertainty import FIGURES
+
+    r, cfg = world["result"], world["cfg"]
+    scored = [p for p in world["test_ids"] if p != world["dropped"]]
+    pixels = len(scored) * 12 * 120 * 120
+    for stage, row in (("stage3", "full"), ("stage2", "stage1+2")):
+        store = ShardStore(cache_roots(cfg)[stage])
+        clipped = float((store.read("opt", store.rows_for(scored)) == 0).mean())
+        gaussian = math.erf(1.959963984540054 * CLAIMED_DN[stage] / NOISE_DN[stage] / math.sqrt(2))
+        binomial = 5 * math.sqrt(gaussian * (1 - gaussian) / pixels)
+        assert gaussian - binomial <= r[row]["coverage95"] <= gaussian + clipped + binomial, (row, clipped)
+        assert r[row]["sharpness"] == pytest.approx(CLAIMED_DN[stage] / 1e4)
+        assert math.isnan(r[row]["spearman_pixel"]) if isinstance(r[row]["spearman_pixel"], float) else True
+    # UCE: opt_v2's variances are a quarter of its errors' (|MSE − MV| ≈ 0.75·MSE); opt_v3's match but for the
+    # clipped pixels, a few % of its variance
+    assert r["full"]["uce"] < 0.1 * (CLAIMED_DN["stage3"] / 1e4) ** 2
+    assert r["stage1+2"]["uce"] > 0.5 * (NOISE_DN["stage2"] / 1e4) ** 2 > 50 * r["full"]["uce"]
+    assert all(m not in r[row] for row in ("stage1", "baseline", "truth") for m in FIGURES)
+    run = world["client"].get_run(r["provenance"]["mlflow_run_id"])
+    assert run.data.metrics[metric_key("full", "coverage95")] == pytest.approx(r["full"]["coverage95"])
 
 
 def test_truth_row_is_perfect_and_meets_every_target(world):
@@ -166,7 +212,9 @@ def test_printed_table_and_csvs(world):
     text = world["stdout"]
     assert f"Evaluated {len(world['test_ids']) - 1} of {len(world['test_ids'])} 'test' tiles" in text
     header = next(line for line in text.splitlines() if line.startswith("row"))
-    assert header.split() == ["row", "tiles", *METRICS, "seconds_per_tile"]
+    from gac.evaluation.uncertainty import FIGURES
+
+    assert header.split() == ["row", "tiles", *METRICS, *FIGURES, "seconds_per_tile"]
     assert [line.split()[0] for line in text.splitlines() if line.split() and line.split()[0] in ROWS] == list(ROWS)
     ablation = pd.read_csv(out / "plots" / "ablation.csv")
     assert list(ablation["row"]) == list(ROWS)

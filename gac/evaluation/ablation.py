@@ -13,6 +13,11 @@ split
                 here, or the target is unreachable by definition)
 ==============  =============================================================
 
+Rows whose cache has a predicted σ (``sigma``: Stage 2/3's calibrated Gaussian head, Stage 1's spread over several
+draws) are also scored for calibration (:mod:`gac.evaluation.uncertainty`: coverage of the 68 % and 95 % intervals,
+UCE, Spearman of |error| and σ per pixel and per tile, sharpness, NLL), in one streaming pass with the other metrics;
+``coverage95``, ``uce`` and ``spearman_pixel`` of ``full`` go into the metrics JSON.
+
 ``block_periodicity`` (:func:`gac.evaluation.metrics.block_periodicity`, lower is better, natural images < 0) is scored
 on what
 each row *adds to its input*: ``opt_v2 − opt_v1`` for ``stage1+2``, ``opt_v3 − opt_v2`` for ``full`` — a decoder that
@@ -73,6 +78,7 @@ from gac.evaluation.baseline import fit_baseline
 from gac.evaluation.direction import higher_is_better
 from gac.evaluation.figures import save_attention, save_comparison, save_grounding
 from gac.evaluation.metrics import lpips_metric
+from gac.evaluation.uncertainty import FIGURES, NOMINAL, CalibrationScore, Z
 from gac.io import tracking
 from gac.io.atomic import atomic_path, write_text
 from gac.io.geotiff import export_geotiff
@@ -105,6 +111,10 @@ HEADLINE: dict[str, tuple[str, ...]] = {
     # the reference of a real image
     "truth": ("sar_edge", "block_periodicity"),
 }
+#: The calibration figures the metrics JSON holds for the rows of :data:`HEADLINE_SIGMA_ROWS` that have σ: is the 95 %
+#: interval a 95 % interval, how far predicted variances are from the errors', and does σ rank the errors.
+HEADLINE_SIGMA: tuple[str, ...] = ("coverage95", "uce", "spearman_pixel")
+HEADLINE_SIGMA_ROWS: tuple[str, ...] = ("full",)
 #: File in the output folder holding every figure of the evaluation.
 DETAILS = "details.json"
 
@@ -186,12 +196,19 @@ def score(
     baseline=None,
     batch_size: int = 16,
     lpips_fn=None,
-) -> tuple[pd.DataFrame, float]:
-    """Per-tile metrics of every row (long format: one line per tile and row) and the baseline's seconds per tile."""
+) -> tuple[pd.DataFrame, float, dict[str, CalibrationScore]]:
+    """Per-tile metrics of every row (long format: one line per tile and row), the baseline's seconds per tile, and
+    the streaming calibration score of every row whose cache has a predicted σ (key ``sigma``).
+
+    A row with σ gets the per-tile figures of :meth:`gac.evaluation.uncertainty.CalibrationScore.update` as extra
+    columns (NaN on the other rows); its split-level figures come from :func:`calibration_table`.
+    """
     import torch
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     aligned = {stage: c.store.rows_for(rows["patch_id"]) for stage, c in caches.items()}
+    calibration = {row: CalibrationScore() for row, stage in ROWS.items()
+                   if stage is not None and caches[stage].store.has("sigma")}  # fmt: skip
     frames, baseline_seconds = [], 0.0
     for start in range(0, len(rows), batch_size):
         chunk = rows.iloc[start : start + batch_size]
@@ -207,15 +224,29 @@ def score(
         truth, s1_t = tensors["truth"], torch.from_numpy(s1).to(device)
         meta = pd.DataFrame({"patch_id": chunk["patch_id"].to_numpy(),
                              **{g: chunk[g].to_numpy() if g in chunk else "unknown" for g in GROUPS}})  # fmt: skip
+        sigmas = {row: caches[ROWS[row]].store.read("sigma", aligned[ROWS[row]].iloc[start : start + batch_size])
+                  for row in calibration}  # fmt: skip
         for row, pred in tensors.items():
             values = metrics.per_tile(pred, truth, s1_t, lpips_fn)
+            if row in calibration:
+                sigma = torch.from_numpy(sigmas[row].astype(np.float32)).to(device)
+                values |= calibration[row].update(pred, sigma, truth)
             added = metrics.to_reflectance(pred)
             if row in INPUT_ROW:
                 added = added - metrics.to_reflectance(tensors[INPUT_ROW[row]])
             values["block_periodicity"] = metrics.block_periodicity(added).cpu()
             frames.append(meta.assign(row=row, **{k: v.numpy() for k, v in values.items()}))
     per_tile = pd.concat(frames, ignore_index=True)
-    return per_tile, baseline_seconds / len(rows)
+    return per_tile, baseline_seconds / len(rows), calibration
+
+
+def calibration_table(per_tile: pd.DataFrame, calibration: dict[str, CalibrationScore]) -> dict[str, dict[str, float]]:
+    """``{row: {figure: value}}`` of the rows with σ (:data:`gac.evaluation.uncertainty.FIGURES`)."""
+    out = {}
+    for row, scorer in calibration.items():
+        sub = per_tile[per_tile["row"] == row]
+        out[row] = scorer.summary({k: sub[k].to_numpy() for k in (*Z, "sharpness", "nll", "abs_err", "spearman_pixel")})
+    return out
 
 
 def summarise(per_tile: pd.DataFrame, metric_names: list[str]) -> dict[str, dict[str, float]]:
@@ -245,8 +276,10 @@ def format_table(table: dict[str, dict[str, float]], metric_names: list[str]) ->
     lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
              for r in cells]  # fmt: skip
     up = [m for m in metric_names if higher_is_better(m)]
-    down = [m for m in metric_names if not higher_is_better(m)]
-    lines.append(f"higher is better: {', '.join(up)}; lower is better: {', '.join(down)}")
+    down = [m for m in metric_names if not higher_is_better(m) and m not in NOMINAL]
+    near = [f"{m} ({NOMINAL[m]:.3g})" for m in metric_names if m in NOMINAL]
+    lines.append(f"higher is better: {', '.join(up)}; lower is better: {', '.join(down)}"
+                 + (f"; best at the nominal level: {', '.join(near)}" if near else ""))  # fmt: skip
     return "\n".join(lines)
 
 
@@ -263,6 +296,9 @@ def headline(details: dict[str, Any]) -> dict[str, Any]:
     the leakage gap in dB (when there are train tiles to measure it on)."""
     out: dict[str, Any] = {row: {m: details[row].get(m) for m in names} for row, names in HEADLINE.items()
                            if row in details}  # fmt: skip
+    for row in HEADLINE_SIGMA_ROWS:  # the calibration headline, where the row has σ
+        if row in out and details[row].get("coverage95") is not None:
+            out[row] |= {m: details[row].get(m) for m in HEADLINE_SIGMA}
     out["tiles"] = details["provenance"]["tiles_evaluated"]
     if details.get("leakage"):
         out["leakage_gap_db"] = details["leakage"]["gap_db"]
@@ -406,9 +442,12 @@ def evaluate(
     lpips_fn = None
     if p.lpips_weights_path or p.lpips_backbone_path:
         lpips_fn = lpips_metric(p.lpips_weights_path, p.lpips_backbone_path)
-    per_tile, baseline_spt = score(rows, catalog, caches, baseline, p.batch_size, lpips_fn)
+    per_tile, baseline_spt, calibration = score(rows, catalog, caches, baseline, p.batch_size, lpips_fn)
     metric_names = [*METRICS, *(["lpips"] if lpips_fn is not None else [])]
     table = summarise(per_tile, metric_names)
+    for row, figures in calibration_table(per_tile, calibration).items():
+        table[row] |= figures
+    shown_names = [*metric_names, *(FIGURES if calibration else ())]
     for row, stage in ROWS.items():
         if row in table:
             seconds = {"baseline": baseline_spt, "truth": None}.get(row)
@@ -432,7 +471,7 @@ def evaluate(
         visualise(tmp, rows.head(p.n_visualize), catalog, caches, per_tile, attention_maps)
         if baseline is not None:
             np.savez(tmp / "baseline.npz", **baseline.state())
-    text = format_table(table, metric_names)
+    text = format_table(table, shown_names)
     if verbose:
         lacking = ", ".join(f"{k} {v}" for k, v in missing.items() if v) or "none"
         flags = ", ".join(f"{k} {v}" for k, v in excluded.items()) or "no filter"

@@ -11,7 +11,8 @@ import re
 
 #: Metrics where a larger value is better; every other metric (errors, angles, distances) is better when smaller.
 #: The one direction table: validation, sweeps (Optuna directions), the ablation's ranking and promotion read it.
-HIGHER_IS_BETTER = frozenset({"psnr", "ssim", "ms_ssim"})
+#: (The coverages of :mod:`gac.evaluation.uncertainty` are best at their nominal level: see its ``NOMINAL``.)
+HIGHER_IS_BETTER = frozenset({"psnr", "ssim", "ms_ssim", "spearman_pixel", "spearman_tile"})
 
 
 def higher_is_better(metric: str) -> bool:

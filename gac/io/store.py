@@ -199,6 +199,14 @@ class ShardStore:
             maps.popitem(last=False)
         return array
 
+    def has(self, key: str) -> bool:
+        """Whether the store's shards hold array ``key`` (e.g. ``sigma``, which only stages that predict it write).
+
+        A writer stores the same keys in every shard, so the first shard answers for all.
+        """
+        names = self.shard_names()
+        return bool(names) and (self.root / SHARDS / names[0] / f"{key}.npy").is_file()
+
     def __len__(self) -> int:
         return len(self.index)
 
