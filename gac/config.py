@@ -84,6 +84,9 @@ class Stage1Params(Section):
     #: The released ``TerraMind_Tokenizer_S2L2A.pt`` (needed beside a released ``ckpt_path`` without the hub).
     tokenizer_ckpt_path: str | None = None
     timesteps: int = Field(default=2, gt=0)
+    #: Diffusion draws per tile. ``K > 1``: opt_v1 is their mean and its ``sigma`` their spread (what the generator
+    #: cannot pin down), at ``K×`` the FLOPs; 1 is one draw and no σ.
+    samples: int = Field(default=1, ge=1)
     img_size: int = Field(default=128, gt=0, multiple_of=16)
     batch_size: int = Field(default=4, gt=0)
     max_tiles: int | None = Field(default=None, gt=0)

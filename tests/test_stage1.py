@@ -264,6 +264,29 @@ def test_changing_timesteps_rebuilds_the_cache(two_tiles: Path, catalog: Path, p
     assert not np.array_equal(after, before)
 
 
+def test_k_draws_store_their_mean_and_their_spread(two_tiles: Path, catalog: Path, p, model, tmp_path: Path) -> None:
+    """``samples: 2``: opt_v1 is the mean of two draws and ``sigma`` their spread, each draw continuing the batch's
+    seeded stream (recomputed here draw by draw); the draws differ, so the spread is real; one draw stores no σ, and
+    its fingerprint is the one it always had (a one-draw cache stays valid)."""
+    from gac.inference import engine
+
+    out = tmp_path / "opt_v1"
+    report = stage1.run(p.model_copy(update={"out": str(out), "max_tiles": 2, "samples": 2}), str(catalog),
+                        model=model, progress=False)  # fmt: skip
+    assert (report.generated, report.errors) == (2, [])
+    cat = ShardStore(catalog)
+    s1 = torch.from_numpy(cat.read("s1", cat.rows_for(ShardStore(out).index["patch_id"])))
+    engine.seed_batch(p.seed, "00000", 0)  # 2 tiles = shard 00000, batch 0, as the engine seeds it
+    draws = torch.stack([stage1.generate(model, s1, p, CPU) for _ in range(2)])
+    store = ShardStore(out)
+    assert np.array_equal(store.read("opt"), engine.to_dn(draws.mean(0).numpy()))
+    assert np.array_equal(store.read("sigma"), engine.to_dn(draws.std(0).numpy()))
+    assert (store.read("sigma") > 0).mean() > 0.5
+    assert not ShardStore(two_tiles).has("sigma") and ShardStore(out).has("sigma")
+    assert "samples" not in json.loads((two_tiles / stage1.CONFIG_FILE).read_text())
+    assert json.loads((out / stage1.CONFIG_FILE).read_text())["samples"] == 2
+
+
 def test_a_tile_with_nan_sar_is_recorded_and_the_others_are_generated(
     catalog: Path, p: Stage1Params, model: torch.nn.Module, tmp_path: Path
 ) -> None:

@@ -51,8 +51,10 @@ LOCATORS = ("shard", "row", "src_shard", "src_row")
 
 #: ``step(model, s1_db, opt_dn, patch_ids)`` → S2L2A DN (B, 12, 120, 120) float: what a stage computes for one batch.
 #: ``s1_db`` (B, 2, 120, 120) and ``opt_dn`` (B, 12, 120, 120, or ``None`` for Stage 1) arrive on the CPU, pinned on
-#: CUDA; ``patch_ids`` name the tiles (a cross-fitted Stage 2 picks each tile's model by it).
-Step = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor | None, list[str]], torch.Tensor]
+#: CUDA; ``patch_ids`` name the tiles (a cross-fitted Stage 2 picks each tile's model by it). A stage that also
+#: predicts its uncertainty returns ``{"opt": mean, "sigma": σ}``, both DN: every array is stored (uint16 DN, key as
+#: given) and a tile is kept only when all of them are finite.
+Step = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor | None, list[str]], torch.Tensor | dict[str, torch.Tensor]]
 
 
 @dataclass
@@ -209,8 +211,9 @@ class _Batches(torch.utils.data.IterableDataset):
                 yield name, b, chunk, s1, opt
 
 
-def _apply_rows(model, step: Step, s1, opt, rows: pd.DataFrame) -> tuple[list[int], np.ndarray, list[dict]]:
-    """One batch: return kept row positions, their uint16 DN, and ``{patch_id, reason}`` failures."""
+def _apply_rows(model, step: Step, s1, opt, rows: pd.DataFrame) -> tuple[list[int], dict[str, np.ndarray], list[dict]]:
+    """One batch: return kept row positions, their uint16 DN per key (``opt``, and ``sigma`` where the step gives
+    it), and ``{patch_id, reason}`` failures."""
     errors, ok = [], []
     for i, pid in enumerate(rows["patch_id"]):
         if not torch.isfinite(s1[i]).all():
@@ -219,13 +222,14 @@ def _apply_rows(model, step: Step, s1, opt, rows: pd.DataFrame) -> tuple[list[in
             errors.append({"patch_id": pid, "reason": "non-finite optical input"})
         else:
             ok.append(i)
-    empty = np.empty((0, 12, *s1.shape[-2:]), np.uint16)
+    empty = {"opt": np.empty((0, 12, *s1.shape[-2:]), np.uint16)}
     if not ok:
         return [], empty, errors
 
-    def call(idx: list[int]) -> torch.Tensor:
+    def call(idx: list[int]) -> dict[str, torch.Tensor]:
         ids = [rows["patch_id"].iloc[i] for i in idx]
-        return step(model, s1[idx], None if opt is None else opt[idx], ids).float().cpu()
+        out = step(model, s1[idx], None if opt is None else opt[idx], ids)
+        return {k: v.float().cpu() for k, v in (out if isinstance(out, dict) else {"opt": out}).items()}
 
     try:
         outs, groups = [call(ok)], [ok]
@@ -237,15 +241,16 @@ def _apply_rows(model, step: Step, s1, opt, rows: pd.DataFrame) -> tuple[list[in
                 groups.append([i])
             except Exception as e:
                 errors.append({"patch_id": rows["patch_id"].iloc[i], "reason": f"model failed: {e!r}"[:300]})
-    kept, arrays = [], []
+    kept, arrays = [], {}
     for group, out in zip(groups, outs, strict=True):
         for j, i in enumerate(group):
-            if torch.isfinite(out[j]).all():
+            if all(torch.isfinite(v[j]).all() for v in out.values()):
                 kept.append(i)
-                arrays.append(to_dn(out[j].numpy()))
+                for key, value in out.items():
+                    arrays.setdefault(key, []).append(to_dn(value[j].numpy()))
             else:
                 errors.append({"patch_id": rows["patch_id"].iloc[i], "reason": "non-finite model output"})
-    return kept, np.stack(arrays) if arrays else empty, errors
+    return kept, {key: np.stack(values) for key, values in arrays.items()} or empty, errors
 
 
 def run(
@@ -297,6 +302,13 @@ def run(
     return report
 
 
+def _concat_parts(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """One shard's arrays from its batches' (a batch whose every tile failed holds only an empty ``opt``)."""
+    shapes = {k: a.shape[1:] for part in parts for k, a in part.items()}
+    return {k: np.concatenate([part.get(k, np.empty((0, *shape), np.uint16)) for part in parts])
+            for k, shape in shapes.items()}  # fmt: skip
+
+
 def _run_locked(*, out: Path, stamp: dict, catalog_root: str, index: pd.DataFrame, step: Step, model, shard_size: int,
                 batch_size: int, device: torch.device, num_workers: int, seed: int, source_root: str | None,
                 config_file: str, progress: bool, label: str, rank: int, world: int,
@@ -343,7 +355,7 @@ def _run_locked(*, out: Path, stamp: dict, catalog_root: str, index: pd.DataFram
             parts = [state["parts"][k] for k in sorted(state["parts"])]
             meta = pd.concat([r for r, _, _ in parts]).drop(columns=[c for c in (*LOCATORS, group) if c in rows])
             errs = pd.DataFrame([e for _, _, es in parts for e in es], columns=["patch_id", "reason"])
-            store.write_shard(name, meta, {"opt": np.concatenate([a for _, a, _ in parts])}, errs)
+            store.write_shard(name, meta, _concat_parts([a for _, a, _ in parts]), errs)
             report.generated += len(meta)
             report.errors.extend(errs.to_dict("records"))
             del pending[name]

@@ -1,6 +1,7 @@
 """Stage 1: generate opt_v1 for every catalog tile with TerraMind (S1GRD → S2L2A), resumably and sharded.
 
 The opt_v1 cache is a :class:`~gac.io.store.ShardStore` with one array, ``opt`` ``(N, 12, 120, 120) uint16`` (S2L2A DN),
+(with ``stage1.samples: K > 1`` the mean of ``K`` diffusion draws, and ``sigma``, their spread: :func:`spread`)
 and the catalog's per-tile metadata (CRS, transform, split, …) in its index, so Stage 2/3 and the GeoTIFF export read it
 without going back to the catalog.
 
@@ -68,6 +69,18 @@ def generate_scenes(
     return mosaic.generate(forward, s1_db.to(device, non_blocking=True), places, p.img_size, p.batch_size).cpu()
 
 
+def spread(draws: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``K`` draws ``(K, B, 12, H, W)`` DN → ``{"opt": their mean, "sigma": their standard deviation}``.
+
+    The generator is stochastic (sampled tokens, diffusion noise): where its draws disagree, the SAR did not pin the
+    optical down — TerraMind's own uncertainty, which no single draw shows. The mean is the point estimate whose
+    error that spread describes (a single draw's error would have twice its variance), hence ``opt`` is the mean, not
+    draw 0; the spread uses ``K − 1`` (unbiased variance). Draw ``k`` continues the batch's seeded RNG stream, so the
+    cache is as reproducible as a one-draw cache.
+    """
+    return {"opt": draws.mean(0), "sigma": draws.std(0, correction=1)}
+
+
 def fingerprint(p: Stage1Params, catalog_ids: list[str]) -> dict:
     """Everything that determines opt_v1; a cache written under another fingerprint is not resumed."""
 
@@ -83,6 +96,8 @@ def fingerprint(p: Stage1Params, catalog_ids: list[str]) -> dict:
         weights += f"+tokenizer:{file_sha(p.tokenizer_ckpt_path)}"
     keys = ("variant", "timesteps", "img_size", "seed", "shard_size", "batch_size", "precision", "mosaic")
     ident = {k: getattr(p, k) for k in keys} | {"weights": weights}
+    if p.samples > 1:  # only then: a one-draw cache written before ``samples`` existed stays valid (no 28 h redo)
+        ident["samples"] = p.samples
     ident["tiles"] = fingerprints.ids_digest(catalog_ids)
     return ident
 
@@ -111,10 +126,15 @@ def run(
     if p.mosaic:  # scenes contiguous, in the order of their first tile: the engine keeps each in one batch and shard
         index, places = mosaic.scenes(index)
 
-    def step(m: torch.nn.Module, s1: torch.Tensor, _opt: None, ids: list[str]) -> torch.Tensor:
+    def draw(m: torch.nn.Module, s1: torch.Tensor, ids: list[str]) -> torch.Tensor:
         if p.mosaic:
             return generate_scenes(m, s1, [places[i] for i in ids], p, device)
         return generate(m, s1, p, device)
+
+    def step(m: torch.nn.Module, s1: torch.Tensor, _opt: None, ids: list[str]) -> torch.Tensor | dict:
+        if p.samples == 1:
+            return draw(m, s1, ids)
+        return spread(torch.stack([draw(m, s1, ids) for _ in range(p.samples)]))
 
     return engine.run(
         out=p.out,
