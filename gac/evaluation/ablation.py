@@ -71,13 +71,13 @@ from gac.errors import GacError
 from gac.evaluation import metrics
 from gac.evaluation.baseline import fit_baseline
 from gac.evaluation.direction import higher_is_better
-from gac.evaluation.figures import save_attention, save_comparison, save_grounding
+from gac.evaluation.figures import save_attention, save_comparison, save_grounding, weights_caption
 from gac.evaluation.metrics import lpips_metric
 from gac.io import tracking
 from gac.io.atomic import atomic_path, write_text
 from gac.io.geotiff import export_geotiff
 from gac.io.provenance import read_provenance
-from gac.io.store import ShardStore
+from gac.io.store import SIGMA, ShardStore
 from gac.pipeline import GENERATING, metrics_beside, output
 from gac.pipeline import StageName as S
 
@@ -283,7 +283,11 @@ def _finite(data: Any) -> Any:
 
 def visualise(out: Path, rows: pd.DataFrame, catalog: ShardStore, caches: dict[str, Cache], per_tile: pd.DataFrame,
               attention_maps: AttentionMaps | None = None) -> list[str]:  # fmt: skip
-    """Pictures and opt_v3 GeoTIFFs of ``rows``; returns their patch ids."""
+    """Pictures and opt_v3 GeoTIFFs of ``rows``; returns their patch ids.
+
+    Every figure's title names the split and where each cache's weights came from (its provenance); the comparison
+    shows opt_v3's σ beside its error when the cache has ``sigma``.
+    """
 
     if rows.empty:
         return []
@@ -292,15 +296,20 @@ def visualise(out: Path, rows: pd.DataFrame, catalog: ShardStore, caches: dict[s
     opts = {stage: c.store.read("opt", c.store.rows_for(rows["patch_id"])) for stage, c in caches.items()}
     attention = attention_maps(s1, opts[S.STAGE2]) if attention_maps is not None else None
     scores = per_tile.set_index(["patch_id", "row"])
+    sigma = caches[S.STAGE3].store.read_optional(SIGMA, rows["patch_id"])
+    origin = weights_caption({LABELS[s]: c.provenance.get("weights_origin") for s, c in caches.items()}, rows["split"])
     shown = {row: LABELS[stage] for row, stage in ROWS.items() if stage is not None}  # ablation row -> opt_vN
     for i, pid in enumerate(rows["patch_id"]):
         named = {label: opts[ROWS[row]][i] for row, label in shown.items()}
         tile_scores = {label: scores.loc[(pid, row)].to_dict() for row, label in shown.items()}
         title = " · ".join([pid, *(str(rows[g].iloc[i]) for g in GROUPS if g in rows)])  # where and when
-        save_comparison(out / "figures" / f"{pid}_compare.png", s1[i], named, truth[i], title, tile_scores)
-        save_grounding(out / "figures" / f"{pid}_grounding.png", s1[i], opts[S.STAGE2][i], opts[S.STAGE3][i], title)
+        save_comparison(out / "figures" / f"{pid}_compare.png", s1[i], named, truth[i], title, tile_scores,
+                        sigma=None if sigma is None else sigma[i], origin=origin)  # fmt: skip
+        save_grounding(out / "figures" / f"{pid}_grounding.png", s1[i], opts[S.STAGE2][i], opts[S.STAGE3][i], title,
+                       origin=origin)  # fmt: skip
         if attention is not None:
-            save_attention(out / "figures" / f"{pid}_attention.png", s1[i], np.asarray(attention[i]), title)
+            save_attention(out / "figures" / f"{pid}_attention.png", s1[i], np.asarray(attention[i]), title,
+                           origin=origin)  # fmt: skip
         export_geotiff(caches[S.STAGE3].store.root, pid, out / "geotiff" / f"{pid}_opt_v3.tif")
     return list(rows["patch_id"])
 
