@@ -227,10 +227,11 @@ def _error_panels(fig: Figure, axes: list[Axes], maps: Mapping[str, np.ndarray],
 
     top = max(float(np.percentile(m, ERROR_PERCENTILE)) for m in maps.values())
     norm = Normalize(vmin=0.0, vmax=top if top > 0 else 1e-6)
-    for ax, (label, values) in zip(axes, maps.items(), strict=True):
-        im = ax.imshow(values, cmap=cmap, norm=norm, interpolation="nearest")
+    images = [ax.imshow(values, cmap=cmap, norm=norm, interpolation="nearest") for ax, values in
+              zip(axes, maps.values(), strict=True)]  # fmt: skip
+    for ax, label in zip(axes, maps, strict=True):
         _bare(ax, f"{label}\nmean over {band_list(n_bands)}")
-    _colourbar(fig, im, axes, f"{' and '.join(maps)}, mean over {n_bands} bands [reflectance]", extend="max")
+    _colourbar(fig, images[0], axes, f"{' and '.join(maps)}, mean over {n_bands} bands [reflectance]", extend="max")
 
 
 def _edge_contours(ax: Axes, edges: np.ndarray) -> bool:
