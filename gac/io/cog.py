@@ -14,10 +14,13 @@ overlap, all on the product's UTM grid, so the tiles of one product (and one CRS
   IFDs before the image data), written atomically (:func:`gac.io.atomic.atomic_path`).
 
 Memory: a real product is up to 10980² px × 24 bands (5.8 GB as uint16), so it is never held whole. The scene is
-assembled :data:`STRIP_ROWS` rows at a time (at most ``STRIP_ROWS × width × bands × 2`` bytes: 135 MB for a full
-product with σ, plus one tile read from the store's memory maps) into a temporary striped, compressed GTiff beside
-the output; GDAL then translates that into the COG (its overviews are computed through GDAL's block cache,
-``GDAL_CACHEMAX``), and the temporary file goes with the atomic write's folder.
+assembled one :data:`BLOCKSIZE` block at a time (12.6 MB with σ, plus the tiles touching it, read from the store's
+memory maps) into a temporary tiled, sparse GTiff beside the output (blocks no tile touches are never written). GDAL
+then translates that into the COG; its overviews are computed one block row at a time through a block cache of
+:data:`CACHE_BLOCK_ROWS` block rows, so memory grows with the scene's *width*, not its area. Measured peaks (24
+bands, 2 cores): 0.85 GB in 9 s for the sample's product (21 tiles spread over 6120 × 5400 px), 1.4 GB in 30 s for
+tiles spanning a whole product (10920 × 10920 px).
+The temporary file goes with the atomic write's folder.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -34,6 +38,9 @@ from gac.io.atomic import atomic_path
 from gac.io.geotiff import describe, tile_bands
 from gac.io.store import SIGMA, ShardStore
 
+if TYPE_CHECKING:
+    from rasterio.windows import Window
+
 #: Block (tile) size of the COG in px: GDAL's default, what web viewers and QGIS read in one request.
 BLOCKSIZE = 512
 #: Value of pixels no tile covers: the uint16 DN no prediction reaches in practice (reflectance 6.55; the caches
@@ -41,6 +48,12 @@ BLOCKSIZE = 512
 NODATA = 65535
 #: Rows of the scene assembled in memory at a time (see the module docstring's memory bound).
 STRIP_ROWS = 256
+#: GDAL's block cache while it computes the overviews, in block rows of the scene (all bands, full width), and at
+#: least :data:`MIN_CACHE` bytes. Overviews are computed one block row at a time (``GDAL_OVR_CHUNK_MAX_SIZE``); with
+#: less cache GDAL reads each block many times (measured: 6120 x 5400 px x 24 bands, 2 cores: 37 s with 3 block rows
+#: of cache, 166 s with 256 MB and GDAL's default chunks).
+CACHE_BLOCK_ROWS = 3
+MIN_CACHE = 256 << 20
 #: How far (in px) a tile's corner may sit from the scene's pixel grid: float noise of a transform, not a shift.
 GRID_TOLERANCE_PX = 1e-6
 
@@ -105,43 +118,71 @@ def _refuse_overlaps(offsets: pd.DataFrame, h: int, w: int, name: str) -> None:
 
 def write_scene(store: ShardStore, rows: pd.DataFrame, path: str | Path, name: str, blocksize: int = BLOCKSIZE) -> Path:
     """Write the tiles ``rows`` (store index rows of one scene) as one COG at ``path`` (see the module docstring)."""
-    import rasterio
-    import rasterio.shutil
-    from affine import Affine
-
-    path, sigma = Path(path), store.has(SIGMA)
+    sigma = store.has(SIGMA)
     first = tile_bands(store, rows["shard"].iloc[0], [rows["row"].iloc[0]], sigma)[0]
     grid = scene_grid(rows, first.shape[1:], name)
     georeference = ", ".join(sorted({str(g) for g in rows.get("georeference", pd.Series(["file"]))}))
+    with atomic_path(path) as tmp:
+        blocks = tmp.with_name(f"{tmp.stem}.blocks.tif")
+        _write_blocks(store, grid, first, sigma, blocks, blocksize, georeference)
+        _translate_to_cog(blocks, tmp, blocksize * grid.width * first.shape[0] * first.itemsize, blocksize)
+    return Path(path)
+
+
+def _write_blocks(store: ShardStore, grid: Grid, first: np.ndarray, sigma: bool, path: Path, blocksize: int,
+                  georeference: str) -> None:  # fmt: skip
+    """The scene as a tiled, sparse GTiff, one ``blocksize`` block in memory at a time; blocks no tile touches are
+    not written (they read as :data:`NODATA`), so a scene of scattered tiles costs what its tiles cost."""
+    import rasterio
+    from affine import Affine
+    from rasterio.windows import Window
+
     profile = {
         "driver": "GTiff", "height": grid.height, "width": grid.width, "count": first.shape[0],
         "dtype": first.dtype.name, "crs": grid.crs, "transform": Affine(*grid.transform), "nodata": NODATA,
-        "blockysize": min(STRIP_ROWS, grid.height), "compress": "deflate", "zlevel": 1, "predictor": 2,
+        "tiled": True, "blockxsize": blocksize, "blockysize": blocksize, "sparse_ok": True,
+        "compress": "deflate", "zlevel": 1, "predictor": 2, "bigtiff": "if_safer",
     }  # fmt: skip
-    with atomic_path(path) as tmp:
-        strips = tmp.with_name(f"{tmp.stem}.strips.tif")
-        with rasterio.open(strips, "w", **profile) as dst:
-            describe(dst, first.shape[0], georeference)
-            for top in range(0, grid.height, STRIP_ROWS):
-                strip = _strip(store, grid, top, first, sigma)
-                dst.write(strip, window=((top, top + strip.shape[1]), (0, grid.width)))
-        rasterio.shutil.copy(strips, tmp, driver="COG", BLOCKSIZE=blocksize, COMPRESS="DEFLATE", PREDICTOR="YES",
-                             OVERVIEWS="AUTO", OVERVIEW_RESAMPLING="AVERAGE")  # fmt: skip
-    return path
+    with rasterio.open(path, "w", **profile) as dst:
+        describe(dst, first.shape[0], georeference)
+        for top in range(0, grid.height, blocksize):
+            for left in range(0, grid.width, blocksize):
+                window = Window(left, top, min(blocksize, grid.width - left), min(blocksize, grid.height - top))
+                pixels = _window(store, grid, window, first, sigma)
+                if pixels is not None:
+                    dst.write(pixels, window=window)
 
 
-def _strip(store: ShardStore, grid: Grid, top: int, first: np.ndarray, sigma: bool) -> np.ndarray:
-    """Rows ``top`` … ``top + STRIP_ROWS`` of the scene (fewer at its end): :data:`NODATA` where no tile is."""
-    rows = min(STRIP_ROWS, grid.height - top)
+def _translate_to_cog(blocks: Path, path: Path, block_row: int, blocksize: int) -> None:
+    """GDAL's ``COG`` driver from the blocks file to ``path``, computing the overviews one block row (``block_row``
+    bytes: all bands, full width) at a time through a cache of :data:`CACHE_BLOCK_ROWS` of them."""
+    import rasterio
+    import rasterio.shutil
+
+    with rasterio.Env(GDAL_CACHEMAX=max(MIN_CACHE, CACHE_BLOCK_ROWS * block_row), GDAL_OVR_CHUNK_MAX_SIZE=block_row):
+        rasterio.shutil.copy(blocks, path, driver="COG", BLOCKSIZE=blocksize, COMPRESS="DEFLATE", PREDICTOR="YES",
+                             OVERVIEWS="AUTO", OVERVIEW_RESAMPLING="AVERAGE", BIGTIFF="IF_SAFER")  # fmt: skip
+
+
+def _window(store: ShardStore, grid: Grid, window: Window, first: np.ndarray, sigma: bool) -> np.ndarray | None:
+    """The scene's pixels in ``window``, :data:`NODATA` where no tile is; ``None`` when no tile touches it."""
     h, w = first.shape[1:]
-    strip = np.full((first.shape[0], rows, grid.width), NODATA, dtype=first.dtype)
+    top, left, bottom, right = (
+        window.row_off,
+        window.col_off,
+        window.row_off + window.height,
+        window.col_off + window.width,
+    )
     o = grid.offsets
-    for shard, row, y, x in o[(o["y"] < top + rows) & (o["y"] + h > top)][["shard", "row", "y", "x"]].itertuples(
-        index=False
-    ):
-        lo, hi = max(top, y), min(top + rows, y + h)
-        strip[:, lo - top : hi - top, x : x + w] = tile_bands(store, shard, [row], sigma)[0][:, lo - y : hi - y]
-    return strip
+    touching = o[(o["y"] < bottom) & (o["y"] + h > top) & (o["x"] < right) & (o["x"] + w > left)]
+    if touching.empty:
+        return None
+    pixels = np.full((first.shape[0], window.height, window.width), NODATA, dtype=first.dtype)
+    for shard, row, y, x in touching[["shard", "row", "y", "x"]].itertuples(index=False):
+        y0, y1, x0, x1 = max(top, y), min(bottom, y + h), max(left, x), min(right, x + w)
+        tile = tile_bands(store, shard, [row], sigma)[0]
+        pixels[:, y0 - top : y1 - top, x0 - left : x1 - left] = tile[:, y0 - y : y1 - y, x0 - x : x1 - x]
+    return pixels
 
 
 def write_scenes(
