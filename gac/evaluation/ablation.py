@@ -34,12 +34,14 @@ Outputs (``out_dir``, default ``evaluate.out``, replaced as a whole):
 * ``plots/ablation.csv`` (rows × metrics, for ``dvc plots``), ``plots/groups.csv``, ``plots/per_tile.csv``;
 * ``figures/<patch_id>_compare.png``: σ⁰ VV and VH (fixed dB windows), opt_v1, opt_v2, opt_v3 titled with their
   per-tile PSNR, SSIM, SAM and SAR-edge scores, the truth (true colour B04/B03/B02, one stretch for the whole row:
-  the truth's 2–98 % percentiles) and the error ``|opt_v3 − truth|`` (mean over the 12 bands, reflectance);
+  the truth's 2–98 % percentiles) and the error ``|opt_v3 − truth|`` (mean over the 12 bands, reflectance), with
+  opt_v3's σ beside it on the same colour scale when its cache has ``sigma``;
 * ``figures/<patch_id>_grounding.png``: ``|opt_v3 − opt_v2|`` with the SAR's Sobel edges as contours (where Stage 3
   changed the image, and whether that is where the radar sees boundaries); ``figures/<patch_id>_attention.png`` when
   an attention-map hook is given. Every figure states its composite, stretch, units and bands
-  (:mod:`gac.evaluation.figures`);
-* ``geotiff/<patch_id>_opt_v3.tif`` with the tile's CRS and transform; ``baseline.npz`` (the fitted baseline);
+  (:mod:`gac.evaluation.figures`), and its title the split and each cache's weights origin (its provenance);
+* ``geotiff/<patch_id>_opt_v3.tif`` with the tile's CRS and transform (and σ bands when opt_v3 has ``sigma``);
+  ``baseline.npz`` (the fitted baseline);
 
 * ``details.json``: everything — every row × metric, the per-group tables, ``leakage`` and ``provenance`` (weights
   origin, data source, split, tile counts, the MLflow run);
