@@ -11,7 +11,9 @@ overlap, all on the product's UTM grid, so the tiles of one product (and one CRS
 * **The bands**: as every GeoTIFF export (:mod:`gac.io.geotiff`): the 12 mean bands, then their 12 σ bands when the
   store has ``sigma``; band descriptions ``B01`` … ``B12_sigma``; pixels no tile covers are :data:`NODATA`.
 * **The file**: GDAL's ``COG`` driver (tiled :data:`BLOCKSIZE` px blocks, overviews down to one block, deflate,
-  IFDs before the image data), written atomically (:func:`gac.io.atomic.atomic_path`).
+  IFDs before the image data), written atomically (:func:`gac.io.atomic.atomic_path`). Overviews average every band,
+  nodata left out; a σ band's overview is the mean σ of the pixels it covers (how unsure the model is there, zoomed
+  out), not the σ of their mean.
 
 Memory: a real product is up to 10980² px × 24 bands (5.8 GB as uint16), so it is never held whole. The scene is
 assembled one :data:`BLOCKSIZE` block at a time (12.6 MB with σ, plus the tiles touching it, read from the store's
