@@ -4,7 +4,7 @@ The caches are the true S2 tile plus Gaussian noise of known size (Stage 1 noisi
 ablation's ordering is known by construction. opt_v3 carries the noise's true σ (a calibrated model) and opt_v2 half
 of it (an overconfident one), so their calibration figures are known too. One test tile is missing from opt_v3 (a
 rejected tile) and the caches of Stage 2 and 3 name registered model versions in a real MLflow registry (SQLite in
-tmp_path).
+tmp_path). Each cache records another weights origin (:data:`ORIGINS`).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import shutil
 import numpy as np
 import pandas as pd
 import pytest
+from PIL import Image
 
 from gac.config import (
     CatalogParams,
@@ -49,6 +50,9 @@ pytestmark = pytest.mark.numerics
 NOISE_DN = {"stage1": 1500.0, "stage2": 600.0, "stage3": 150.0}
 #: The σ each cache claims (key ``sigma``): the truth for opt_v3, half of it for opt_v2, none for opt_v1.
 CLAIMED_DN = {"stage2": 300.0, "stage3": 150.0}
+#: Each cache's weights origin, one of each kind gac.io.tracking.weights_origin records.
+ORIGINS = {"stage1": "random init", "stage2": "local checkpoint: /w/Prithvi_EO_V2_tiny_TL.pt",
+           "stage3": "hub (pretrained)"}  # fmt: skip
 N_VISUALIZE = 1
 
 
@@ -107,7 +111,7 @@ def world(tmp_path_factory, empty_mlflow_db):
         reg = {"registered_model": f"gac-{stage}", "version": versions[stage],
                "model_uri": f"models:/gac-{stage}/{versions[stage]}"} if stage in versions else {}  # fmt: skip
         write_cache(catalog, cache_roots(cfg)[stage], stage, sigma, dropped if stage == "stage3" else None,
-                    {"weights_origin": f"random init ({stage})", "seconds_per_tile": 0.5, **reg})  # fmt: skip
+                    {"weights_origin": ORIGINS[stage], "seconds_per_tile": 0.5, **reg})  # fmt: skip
     calls = []
 
     def attention(s1_db: np.ndarray, opt_v2: np.ndarray) -> np.ndarray:
@@ -141,7 +145,7 @@ def test_details_json_has_every_row_metric_and_group(world):
     assert prov["split"] == "test" and prov["data_source"] == "synthetic"
     assert prov["tiles_in_split"] == len(world["test_ids"]) and prov["tiles_evaluated"] == evaluated
     assert prov["missing"] == {"opt_v1": 0, "opt_v2": 0, "opt_v3": 1}
-    assert prov["stages"]["stage2"]["weights_origin"] == "random init (stage2)"
+    assert prov["stages"]["stage2"]["weights_origin"] == ORIGINS["stage2"]
     assert "ridge regression" in prov["stages"]["baseline"]["weights_origin"]
 
 
@@ -236,6 +240,11 @@ def test_figures_are_real_pictures(world):
         image = mpimg.imread(path)
         assert path.stat().st_size > 10_000 and image.shape[0] > 200 and image[..., :3].std() > 0.05, path.name
     assert world["attention_calls"] == [((N_VISUALIZE, 2, 120, 120), (N_VISUALIZE, 12, 120, 120))]
+    origin = ("split test · weights: opt_v1 random init; opt_v2 released file Prithvi_EO_V2_tiny_TL.pt; opt_v3 the "
+              "hub (pretrained) — random-init weights (demo: not a trained model)")  # fmt: skip
+    for path in figures.iterdir():  # every title names the weights' origin and the split (kept in the PNG)
+        with Image.open(path) as img:
+            assert img.text["Title"].split("\n")[1] == origin, path.name
 
 
 def test_geotiff_has_tile_georeference(world):
@@ -247,9 +256,11 @@ def test_geotiff_has_tile_georeference(world):
     with rasterio.open(world["tmp"] / "out" / "geotiff" / f"{pid}_opt_v3.tif") as src:
         assert src.crs == rasterio.crs.CRS.from_user_input(row["crs"])
         assert src.transform == Affine(*list(row["transform"])[:6])
-        assert src.count == 12 and src.dtypes[0] == "uint16"
+        assert src.count == 24 and src.dtypes[0] == "uint16"  # opt_v3 has sigma: 12 mean and 12 σ bands
+        assert src.descriptions[11:13] == ("B12", "B01_sigma")
         cache = ShardStore(cache_roots(world["cfg"])["stage3"])
-        np.testing.assert_array_equal(src.read(), cache.read("opt", cache.rows_for([pid]))[0])
+        np.testing.assert_array_equal(src.read(), np.concatenate([cache.read(k, cache.rows_for([pid]))[0]
+                                                                  for k in ("opt", "sigma")]))  # fmt: skip
 
 
 def test_mlflow_run_and_model_version_tags(world):

@@ -99,6 +99,50 @@ def test_comparison_error_map_names_its_bands_and_unit(tile):
     assert ax.images[0].get_clim()[0] == 0.0
 
 
+def test_comparison_sigma_panel_shares_the_error_maps_scale_and_unit(tile):
+    truth = tile["truth"]
+    off = {"opt_v3": truth.astype(np.float32) + 500}  # |error| 0.05 reflectance everywhere
+    sigma = np.full_like(truth, 1500)  # σ 0.15: the larger map sets the shared top
+    sigma[:, :60] = 300
+    fig = figures.comparison_figure(tile["s1"], off, truth, sigma=sigma)
+    error, unsure = by_title(fig, "|opt_v3 − truth|"), by_title(fig, "σ of opt_v3")
+    assert fig.axes.index(unsure) == fig.axes.index(error) + 1  # next to the error map
+    assert "B01–B08, B8A, B09, B11, B12" in unsure.get_title()
+    np.testing.assert_allclose(unsure.images[0].get_array(), sigma.mean(axis=0) / 10000, atol=1e-6)
+    assert unsure.images[0].norm is error.images[0].norm  # one colour scale: a colour is one reflectance in both
+    assert error.images[0].get_clim() == (0.0, pytest.approx(0.15))
+    label = "|opt_v3 − truth| and σ of opt_v3, mean over 12 bands [reflectance]"
+    assert colourbar_label(error) == label
+    bars = [ax for ax in fig.axes if ax.get_ylabel().endswith("[reflectance]")]
+    assert len(bars) == 1, "one colourbar for both maps"
+    without = figures.comparison_figure(tile["s1"], off, truth)
+    assert not [ax for ax in without.axes if ax.get_title().startswith("σ of")]
+    assert len(without.axes) == len(fig.axes) - 1
+
+
+def test_titles_name_the_weights_origin_and_the_split(tile, tmp_path):
+    origins = {"opt_v1": "random init", "opt_v2": "local checkpoint: /w/Prithvi_EO_V2_tiny_TL.pt",
+               "opt_v3": "hub (pretrained)"}  # fmt: skip
+    caption = figures.weights_caption(origins, ["test", "test"])
+    assert caption == ("split test · weights: opt_v1 random init; opt_v2 released file Prithvi_EO_V2_tiny_TL.pt; "
+                       "opt_v3 the hub (pretrained) — random-init weights (demo: not a trained model)")  # fmt: skip
+    same = figures.weights_caption(dict.fromkeys(NAMES, "hub (pretrained)"), ["validation", "test"])
+    assert same == "split test, validation · weights: opt_v1, opt_v2, opt_v3 the hub (pretrained)"
+    assert "unknown origin" in figures.weights_caption({"opt_v1": None}, ["test"])
+    s1, preds = tile["s1"], tile["preds"]
+    made = [
+        figures.comparison_figure(s1, preds, tile["truth"], "P_1_2", origin=caption),
+        figures.grounding_figure(s1, preds["opt_v2"], preds["opt_v3"], "P_1_2", origin=caption),
+        figures.attention_figure(s1, np.full((14, 14), 0.3), "P_1_2", origin=caption),
+    ]
+    for fig in made:
+        first, second = fig.get_suptitle().split("\n")[:2]
+        assert first.startswith("P_1_2") and second == caption, fig.get_suptitle()
+    path = figures.save_comparison(tmp_path / "c.png", s1, preds, tile["truth"], "P_1_2", origin=caption)
+    with Image.open(path) as img:
+        assert img.text["Title"].split("\n")[1] == caption  # the PNG keeps its title when it travels alone
+
+
 def test_comparison_without_scores_names_the_panels_only(tile):
     fig = figures.comparison_figure(tile["s1"], tile["preds"], tile["truth"])
     assert by_title(fig, "opt_v1").get_title() == "opt_v1"

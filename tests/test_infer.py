@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import rasterio
 import yaml
+from PIL import Image
 
 from gac.config import Stage2Params, Stage3Params
 
@@ -117,7 +118,8 @@ def test_model_folders_run_the_whole_pipeline_on_a_bigearthnet_root_into_what_th
 
     monkeypatch.chdir(workdir)  # in this process (the entry point's own behaviour: the one-line-error tests above)
     monkeypatch.setenv("GAC_PROGRESS", "0")
-    code = main(["--params", "params.yaml", *args, "--stage3-checkpoint", "m3", "--save-visualizations", "1"])
+    code = main(["--params", "params.yaml", *args, "--stage3-checkpoint", "m3", "--save-visualizations", "1",
+                 "--scenes"])  # fmt: skip
     printed = capsys.readouterr()
     assert code == 0, printed.err[-3000:]
     assert "Processed 3 of 3 tiles, Errors 0, Output dir out\n" in printed.out
@@ -130,7 +132,15 @@ def test_model_folders_run_the_whole_pipeline_on_a_bigearthnet_root_into_what_th
     assert len(tifs) == 3
     with rasterio.open(tifs[0]) as src:
         assert src.count == 12 and src.crs is not None and src.transform.a == 10.0
-    assert len(list((workdir / "out" / "figures").glob("*_compare.png"))) == 1  # --save-visualizations 1
+    (figure,) = (workdir / "out" / "figures").glob("*_compare.png")  # --save-visualizations 1
+    with Image.open(figure) as img:  # the title says the models are random-init tiny ones, not trained ones
+        title = img.text["Title"]
+    assert "weights: opt_v1, opt_v2, opt_v3 random init — random-init weights (demo: not a trained model)" in title
+    scenes = sorted((workdir / "out" / "scenes").glob("*.tif"))  # --scenes: the tiles' products as COGs
+    assert f"Scenes: {len(scenes)} Cloud-Optimized GeoTIFFs of 3 opt_v3 tiles, one a scene in out/scenes" in printed.out
+    for path in scenes:  # the pixels and layout of a scene: tests/test_cog.py
+        with rasterio.open(path) as src:
+            assert src.tags(ns="IMAGE_STRUCTURE")["LAYOUT"] == "COG" and src.count == 12
     catalog = ShardStore(workdir / "out" / "catalog")
     s1 = torch.from_numpy(catalog.read("s1", catalog.rows_for(ids)).astype(np.float32))
     for stage, source, cache in (("stage2", "opt_v1", "opt_v2"), ("stage3", "opt_v2", "opt_v3")):

@@ -263,3 +263,7 @@ def test_stage2_cache_only_writes_opt_v2_with_the_saved_model(
     assert not (tmp_path / "stage2" / "checkpoints").exists() and not (tmp_path / "mlflow.db").exists()  # no training
     written = ShardStore(tmp_path / "stage2" / "opt_v2").read("opt")
     np.testing.assert_array_equal(written, ShardStore(inputs["source"]).read("opt"))  # untrained refiner = identity
+    from gac.io.provenance import read_provenance
+
+    # the figures' titles name it: the saved model's base weights, as a training run records them
+    assert read_provenance(tmp_path / "stage2" / "opt_v2", "stage2")["weights_origin"] == "random init"

@@ -1,5 +1,6 @@
 """``gac infer``: run the whole pipeline on a catalog or a BigEarthNet v2 root (see :mod:`gac.stages.infer`); writes
-the caches and, unless ``--no-geotiff``, a GeoTIFF of every opt_v3 tile."""
+the caches and, unless ``--no-geotiff``, a GeoTIFF of every opt_v3 tile; with ``--scenes`` one Cloud-Optimized GeoTIFF
+per scene."""
 
 from __future__ import annotations
 
@@ -28,6 +29,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "transform of its input tile)",
     )
     p.add_argument(
+        "--scenes",
+        action="store_true",
+        help="also write <output-dir>/scenes/<product>.tif: one Cloud-Optimized GeoTIFF per Sentinel-2 product, its "
+        "opt_v3 tiles on their common grid (mean bands B01…B12, then B01_sigma…B12_sigma when the cache has σ)",
+    )
+    p.add_argument(
         "--save-visualizations",
         type=int,
         default=0,
@@ -50,6 +57,7 @@ def run(args: argparse.Namespace) -> None:
         args.stage3_checkpoint,
         visualize=args.save_visualizations,
         geotiff=not args.no_geotiff,
+        scenes=args.scenes,
     )
     for name, path in caches.items():
         print(f"{name}: {path}")

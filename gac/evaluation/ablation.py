@@ -39,12 +39,14 @@ Outputs (``out_dir``, default ``evaluate.out``, replaced as a whole):
 * ``plots/ablation.csv`` (rows × metrics, for ``dvc plots``), ``plots/groups.csv``, ``plots/per_tile.csv``;
 * ``figures/<patch_id>_compare.png``: σ⁰ VV and VH (fixed dB windows), opt_v1, opt_v2, opt_v3 titled with their
   per-tile PSNR, SSIM, SAM and SAR-edge scores, the truth (true colour B04/B03/B02, one stretch for the whole row:
-  the truth's 2–98 % percentiles) and the error ``|opt_v3 − truth|`` (mean over the 12 bands, reflectance);
+  the truth's 2–98 % percentiles) and the error ``|opt_v3 − truth|`` (mean over the 12 bands, reflectance), with
+  opt_v3's σ beside it on the same colour scale when its cache has ``sigma``;
 * ``figures/<patch_id>_grounding.png``: ``|opt_v3 − opt_v2|`` with the SAR's Sobel edges as contours (where Stage 3
   changed the image, and whether that is where the radar sees boundaries); ``figures/<patch_id>_attention.png`` when
   an attention-map hook is given. Every figure states its composite, stretch, units and bands
-  (:mod:`gac.evaluation.figures`);
-* ``geotiff/<patch_id>_opt_v3.tif`` with the tile's CRS and transform; ``baseline.npz`` (the fitted baseline);
+  (:mod:`gac.evaluation.figures`), and its title the split and each cache's weights origin (its provenance);
+* ``geotiff/<patch_id>_opt_v3.tif`` with the tile's CRS and transform (and σ bands when opt_v3 has ``sigma``);
+  ``baseline.npz`` (the fitted baseline);
 
 * ``details.json``: everything — every row × metric, the per-group tables, ``leakage`` and ``provenance`` (weights
   origin, data source, split, tile counts, the MLflow run);
@@ -76,14 +78,14 @@ from gac.errors import GacError
 from gac.evaluation import metrics
 from gac.evaluation.baseline import fit_baseline
 from gac.evaluation.direction import higher_is_better
-from gac.evaluation.figures import save_attention, save_comparison, save_grounding
+from gac.evaluation.figures import save_attention, save_comparison, save_grounding, weights_caption
 from gac.evaluation.metrics import lpips_metric
 from gac.evaluation.uncertainty import FIGURES, NOMINAL, CalibrationScore, Z
 from gac.io import tracking
 from gac.io.atomic import atomic_path, write_text
 from gac.io.geotiff import export_geotiff
 from gac.io.provenance import read_provenance
-from gac.io.store import ShardStore
+from gac.io.store import SIGMA, ShardStore
 from gac.pipeline import GENERATING, metrics_beside, output
 from gac.pipeline import StageName as S
 
@@ -319,7 +321,11 @@ def _finite(data: Any) -> Any:
 
 def visualise(out: Path, rows: pd.DataFrame, catalog: ShardStore, caches: dict[str, Cache], per_tile: pd.DataFrame,
               attention_maps: AttentionMaps | None = None) -> list[str]:  # fmt: skip
-    """Pictures and opt_v3 GeoTIFFs of ``rows``; returns their patch ids."""
+    """Pictures and opt_v3 GeoTIFFs of ``rows``; returns their patch ids.
+
+    Every figure's title names the split and where each cache's weights came from (its provenance); the comparison
+    shows opt_v3's σ beside its error when the cache has ``sigma``.
+    """
 
     if rows.empty:
         return []
@@ -328,15 +334,20 @@ def visualise(out: Path, rows: pd.DataFrame, catalog: ShardStore, caches: dict[s
     opts = {stage: c.store.read("opt", c.store.rows_for(rows["patch_id"])) for stage, c in caches.items()}
     attention = attention_maps(s1, opts[S.STAGE2]) if attention_maps is not None else None
     scores = per_tile.set_index(["patch_id", "row"])
+    sigma = caches[S.STAGE3].store.read_optional(SIGMA, rows["patch_id"])
+    origin = weights_caption({LABELS[s]: c.provenance.get("weights_origin") for s, c in caches.items()}, rows["split"])
     shown = {row: LABELS[stage] for row, stage in ROWS.items() if stage is not None}  # ablation row -> opt_vN
     for i, pid in enumerate(rows["patch_id"]):
         named = {label: opts[ROWS[row]][i] for row, label in shown.items()}
         tile_scores = {label: scores.loc[(pid, row)].to_dict() for row, label in shown.items()}
         title = " · ".join([pid, *(str(rows[g].iloc[i]) for g in GROUPS if g in rows)])  # where and when
-        save_comparison(out / "figures" / f"{pid}_compare.png", s1[i], named, truth[i], title, tile_scores)
-        save_grounding(out / "figures" / f"{pid}_grounding.png", s1[i], opts[S.STAGE2][i], opts[S.STAGE3][i], title)
+        save_comparison(out / "figures" / f"{pid}_compare.png", s1[i], named, truth[i], title, tile_scores,
+                        sigma=None if sigma is None else sigma[i], origin=origin)  # fmt: skip
+        save_grounding(out / "figures" / f"{pid}_grounding.png", s1[i], opts[S.STAGE2][i], opts[S.STAGE3][i], title,
+                       origin=origin)  # fmt: skip
         if attention is not None:
-            save_attention(out / "figures" / f"{pid}_attention.png", s1[i], np.asarray(attention[i]), title)
+            save_attention(out / "figures" / f"{pid}_attention.png", s1[i], np.asarray(attention[i]), title,
+                           origin=origin)  # fmt: skip
         export_geotiff(caches[S.STAGE3].store.root, pid, out / "geotiff" / f"{pid}_opt_v3.tif")
     return list(rows["patch_id"])
 

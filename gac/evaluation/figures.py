@@ -32,6 +32,14 @@ Why each choice:
 * **Error and change maps name their bands and unit**: ``|opt_v3 − truth|, mean over 12 bands [reflectance]``
   (reflectance = DN / 10000). The colour scale runs from 0 to the map's 99th percentile (the colourbar is marked
   as extended above it), so a few saturated pixels (clouds, specular targets) cannot wash out the rest of the map.
+* **Uncertainty beside the error**: when the last prediction's cache holds ``sigma`` (its calibrated 1 σ per pixel
+  and band), the comparison shows ``σ of opt_v3`` (mean over the same bands, reflectance) next to the error map, on
+  *one* colour scale with one colourbar (0 to the larger of the two maps' 99th percentiles). Where the model is
+  honest about its uncertainty the two maps look alike (for a Gaussian error, mean |error| ≈ 0.8 σ); a region dark
+  in σ but bright in error is where it is wrong and sure of itself.
+* **Where the weights came from and which split, in every title** (:func:`weights_caption`): a pipeline run from
+  random-init weights (the sample's demo) makes flat, beige images that look like a broken pipeline unless the figure
+  says, in words, that the models were never trained from released weights.
 * **SAR edges as contours, said in the figure**: the contour is the 90th percentile of the Sobel magnitude of the
   5×5-box-smoothed mean of VV and VH in dB (:func:`sar_edges`, the SAR edges
   :func:`gac.evaluation.metrics.sar_edge_agreement`
@@ -50,7 +58,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -59,6 +67,7 @@ import numpy as np
 from gac.evaluation.baseline import box_mean
 from gac.evaluation.metrics import DN_SCALE, SAR_DB_RANGE, SAR_EDGE_BOX
 from gac.io.atomic import atomic_path
+from gac.io.tracking import HUB, LOCAL_CHECKPOINT, RANDOM_INIT
 from gac.sensors import S1_BANDS, S2_BANDS
 
 if TYPE_CHECKING:
@@ -89,6 +98,8 @@ _CAPTION: dict[str, tuple[str, str, str]] = {
     "sar_edge": ("SAR-edge {:.2f}", "SAR-edge = optical edge error where the SAR sees edges, 0…1", "lower"),
 }
 _FONT = 8
+#: What a title adds when a prediction comes from random-init weights.
+RANDOM_INIT_WARNING = "random-init weights (demo: not a trained model)"
 
 
 # ------------------------------------------------------------------------------------------------- helpers
@@ -120,6 +131,33 @@ def metric_caption(scores: Mapping[str, float] | None) -> tuple[str, str]:
     lines = [[part("psnr"), part("ssim")], [part("sam_deg"), part("sar_edge")]]
     first, second = (" · ".join(p for p in line if p) for line in lines)
     return first, second
+
+
+def weights_origin_text(origin: str | None) -> str:
+    """A cache's ``weights_origin`` (:func:`gac.io.tracking.weights_origin`, kept in its ``provenance.json``) for a
+    title: ``random init``, ``released file <name>`` or ``the hub (pretrained)``; anything else as recorded."""
+    if not origin:
+        return "unknown origin"
+    if origin.startswith(LOCAL_CHECKPOINT):
+        return f"released file {Path(origin.removeprefix(LOCAL_CHECKPOINT).strip()).name}"
+    return {RANDOM_INIT: RANDOM_INIT, HUB: "the hub (pretrained)"}.get(origin, origin)
+
+
+def weights_caption(origins: Mapping[str, str | None], splits: Iterable[str]) -> str:
+    """A title line naming the split and where each prediction's weights came from, equal origins grouped:
+    ``split test · weights: opt_v1, opt_v2, opt_v3 random init — random-init weights (demo: not a trained model)``.
+
+    Args:
+        origins: ``{prediction: weights_origin}`` from the caches' provenance (for a refining stage the origin of the
+            base its LoRA was trained on, as the stage records it).
+        splits: The shown tiles' splits (a catalog's ``split`` column; each named once).
+    """
+    by_origin: dict[str, list[str]] = {}
+    for name, origin in origins.items():
+        by_origin.setdefault(weights_origin_text(origin), []).append(name)
+    parts = "; ".join(f"{', '.join(names)} {text}" for text, names in by_origin.items())
+    warning = f" — {RANDOM_INIT_WARNING}" if RANDOM_INIT in by_origin else ""
+    return f"split {', '.join(sorted({str(s) for s in splits}))} · weights: {parts}{warning}"
 
 
 def band_list(n_bands: int) -> str:
@@ -165,7 +203,7 @@ def _bare(ax: Axes, title: str) -> None:
     ax.set_yticks([])
 
 
-def _colourbar(fig: Figure, im, ax: Axes, label: str, extend: str = "neither") -> None:
+def _colourbar(fig: Figure, im, ax: Axes | list[Axes], label: str, extend: str = "neither") -> None:
     bar = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.03, extend=extend)
     bar.set_label(label, fontsize=_FONT - 1)
     bar.ax.tick_params(labelsize=_FONT - 1)
@@ -181,12 +219,19 @@ def _sar_panel(fig: Figure, ax: Axes, s1_db: np.ndarray, band: str, title: str |
     _bare(ax, title or f"Sentinel-1 σ⁰ {band}, {window} dB")
 
 
-def _error_panel(fig: Figure, ax: Axes, error: np.ndarray, label: str, n_bands: int, cmap: str) -> None:
-    """A mean-absolute-difference map from 0 to its :data:`ERROR_PERCENTILE` percentile, with a labelled colourbar."""
-    top = float(np.percentile(error, ERROR_PERCENTILE))
-    im = ax.imshow(error, cmap=cmap, vmin=0.0, vmax=top if top > 0 else 1e-6, interpolation="nearest")
-    _colourbar(fig, im, ax, f"{label}, mean over {n_bands} bands [reflectance]", extend="max")
-    _bare(ax, f"{label}\nmean over {band_list(n_bands)}")
+def _error_panels(fig: Figure, axes: list[Axes], maps: Mapping[str, np.ndarray], n_bands: int, cmap: str) -> None:
+    """Maps in reflectance (``{label: (H, W)}``, one per axes: an error, a change, a σ), on one colour scale from 0
+    to the largest of their :data:`ERROR_PERCENTILE` percentiles, under one labelled colourbar: a colour is the same
+    reflectance in each."""
+    from matplotlib.colors import Normalize
+
+    top = max(float(np.percentile(m, ERROR_PERCENTILE)) for m in maps.values())
+    norm = Normalize(vmin=0.0, vmax=top if top > 0 else 1e-6)
+    images = [ax.imshow(values, cmap=cmap, norm=norm, interpolation="nearest") for ax, values in
+              zip(axes, maps.values(), strict=True)]  # fmt: skip
+    for ax, label in zip(axes, maps, strict=True):
+        _bare(ax, f"{label}\nmean over {band_list(n_bands)}")
+    _colourbar(fig, images[0], axes, f"{' and '.join(maps)}, mean over {n_bands} bands [reflectance]", extend="max")
 
 
 def _edge_contours(ax: Axes, edges: np.ndarray) -> bool:
@@ -229,8 +274,12 @@ def comparison_figure(
     truth: np.ndarray,
     title: str = "",
     scores: Mapping[str, Mapping[str, float]] | None = None,
+    *,
+    sigma: np.ndarray | None = None,
+    origin: str = "",
 ) -> Figure:
-    """σ⁰ VV, σ⁰ VH, each prediction, the truth (true colour, one stretch) and ``|last prediction − truth|``.
+    """σ⁰ VV, σ⁰ VH, each prediction, the truth (true colour, one stretch), ``|last prediction − truth|`` and, when
+    ``sigma`` is given, the last prediction's σ on the error map's colour scale.
 
     Args:
         s1_db: ``(2, H, W)`` backscatter in dB, VV then VH.
@@ -240,6 +289,8 @@ def comparison_figure(
         title: First suptitle line (e.g. the patch id).
         scores: ``{name: {metric: value}}`` per-tile metrics (``psnr``, ``ssim``, ``sam_deg``, ``sar_edge``; other
             keys are ignored) shown in each prediction's title.
+        sigma: ``(12, H, W)`` DN, the last prediction's 1 σ (its cache's ``sigma``), or ``None`` (no σ panel).
+        origin: Second suptitle line: the split and where the weights came from (:func:`weights_caption`).
     """
     if not preds:
         raise ValueError("comparison_figure: no predictions to show")
@@ -249,20 +300,23 @@ def comparison_figure(
     hi = hi if hi > lo else lo + 1e-6
     last = list(preds)[-1]
     panels = {**{name: _rgb(dn) for name, dn in preds.items()}, None: truth_rgb}
-    n = len(S1_BANDS) + len(panels) + 1
+    maps = {f"|{last} − truth|": _mean_abs_diff(preds[last], truth)}
+    if sigma is not None:
+        maps[f"σ of {last}"] = _reflectance(sigma).mean(axis=0)
+    n = len(S1_BANDS) + len(panels) + len(maps)
     fig = _new_figure(2.9 * n, 3.7)
     axes = fig.subplots(1, n)
     for ax, band in zip(axes, S1_BANDS, strict=False):
         _sar_panel(fig, ax, s1_db, band)
-    for ax, (name, rgb) in zip(axes[len(S1_BANDS) :], panels.items(), strict=False):
+    for ax, (name, rgb) in zip(axes[len(S1_BANDS) : -len(maps)], panels.items(), strict=True):
         ax.imshow(np.clip((rgb - lo) / (hi - lo), 0, 1), interpolation="nearest")
         if name is None:
             _bare(ax, "truth · Sentinel-2 L2A\n(reference)")
         else:
             first, second = metric_caption(scores.get(name))
             _bare(ax, "\n".join(t for t in (f"{name} · {first}" if first else name, second) if t))
-    _error_panel(fig, axes[-1], _mean_abs_diff(preds[last], truth), f"|{last} − truth|", truth.shape[0], "inferno")
-    lines = [_stretch_text(lo, hi)]
+    _error_panels(fig, list(axes[-len(maps) :]), maps, truth.shape[0], "inferno")
+    lines = [origin, _stretch_text(lo, hi)]
     if any(scores.get(name) for name in preds):
         legend = "; ".join(f"{what} ({better} is better)" for _, what, better in _CAPTION.values())
         lines.append(f"per-tile scores vs. the truth on reflectance (DN / 10000, clipped 0–1): {legend}")
@@ -276,6 +330,8 @@ def grounding_figure(
     after: np.ndarray,
     title: str = "",
     names: tuple[str, str] = ("opt_v2", "opt_v3"),
+    *,
+    origin: str = "",
 ) -> Figure:
     """Where Stage 3 changed the image, ``|after − before|`` (mean over bands), against the SAR's edges.
 
@@ -284,24 +340,26 @@ def grounding_figure(
         before, after: ``(12, H, W)`` DN of Stage 3's input (opt_v2) and output (opt_v3).
         title: First suptitle line (e.g. the patch id).
         names: How ``before`` and ``after`` are called in the labels.
+        origin: Second suptitle line: the split and where the weights came from (:func:`weights_caption`).
     """
     edges = sar_edges(s1_db)
     fig = _new_figure(8.2, 4.0)
     axes = fig.subplots(1, 2)
     _sar_panel(fig, axes[0], s1_db, "VV", "Sentinel-1 σ⁰ VV + SAR edges")
     drawn = _edge_contours(axes[0], edges)
-    label = f"|{names[1]} − {names[0]}|"
-    _error_panel(fig, axes[1], _mean_abs_diff(after, before), label, before.shape[0], "magma")
+    _error_panels(fig, [axes[1]], {f"|{names[1]} − {names[0]}|": _mean_abs_diff(after, before)}, before.shape[0],
+                  "magma")  # fmt: skip
     _edge_contours(axes[1], edges)
     if drawn:
         _edge_legend(axes[1])
     what = f"where Stage 3 changed {names[0]} into {names[1]}, against the radar's edges"
-    _suptitle(fig, f"{title} — {what}" if title else what, _edges_text() + ("" if drawn else " (flat SAR: none)"))
+    _suptitle(fig, f"{title} — {what}" if title else what, origin,
+              _edges_text() + ("" if drawn else " (flat SAR: none)"))  # fmt: skip
     return fig
 
 
 def attention_figure(
-    s1_db: np.ndarray, attention: np.ndarray, title: str = "", patch_px: int = ATTENTION_PATCH_PX
+    s1_db: np.ndarray, attention: np.ndarray, title: str = "", patch_px: int = ATTENTION_PATCH_PX, *, origin: str = ""
 ) -> Figure:
     """Stage 3's share of cross-attention on the S1 tokens, over σ⁰ VV and on the padded model input.
 
@@ -312,6 +370,7 @@ def attention_figure(
             small to cover the tile at ``patch_px`` is stretched over the tile instead (and the figure says so).
         title: First suptitle line (e.g. the patch id).
         patch_px: Output patch size of the decoder in pixels.
+        origin: Second suptitle line: the split and where the weights came from (:func:`weights_caption`).
     """
     from matplotlib.patches import Rectangle
 
@@ -339,7 +398,7 @@ def attention_figure(
     _colourbar(fig, im, axes[1], "share of cross-attention on S1 tokens (0 = optical only, 1 = SAR only)")
     _bare(axes[1], "share on S1 tokens, whole model input")
     what = "share of cross-attention on S1 tokens, last decoder layer, mean over heads"
-    _suptitle(fig, f"{title} — {what}" if title else what, where)
+    _suptitle(fig, f"{title} — {what}" if title else what, origin, where)
     return fig
 
 
@@ -369,10 +428,16 @@ def curve_figure(steps: np.ndarray, values: np.ndarray, metric: str, title: str 
 
 
 def save_figure(fig: Figure, path: str | Path) -> Path:
-    """Write ``fig`` atomically (:func:`gac.io.atomic.atomic_path`; format from the suffix) at :data:`DPI`."""
+    """Write ``fig`` atomically (:func:`gac.io.atomic.atomic_path`; format from the suffix) at :data:`DPI`.
+
+    A PNG keeps the suptitle as its ``Title`` text chunk, so the patch, split and weights' origin stay readable
+    from the file (an image viewer's properties, ``exiftool``, PIL's ``Image.text``) once it travels alone.
+    """
     path = Path(path)
+    fmt = path.suffix.lstrip(".") or "png"
+    metadata = {"Title": fig.get_suptitle()} if fmt == "png" else None
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=DPI, bbox_inches="tight", format=path.suffix.lstrip(".") or "png")
+        fig.savefig(tmp, dpi=DPI, bbox_inches="tight", format=fmt, metadata=metadata)
     return path
 
 
@@ -383,16 +448,21 @@ def save_comparison(
     truth: np.ndarray,
     title: str = "",
     scores: Mapping[str, Mapping[str, float]] | None = None,
+    *,
+    sigma: np.ndarray | None = None,
+    origin: str = "",
 ) -> Path:
     """:func:`comparison_figure` written to ``path``."""
-    return save_figure(comparison_figure(s1_db, preds, truth, title, scores), path)
+    return save_figure(comparison_figure(s1_db, preds, truth, title, scores, sigma=sigma, origin=origin), path)
 
 
-def save_grounding(path: str | Path, s1_db: np.ndarray, before: np.ndarray, after: np.ndarray, title: str = "") -> Path:
+def save_grounding(path: str | Path, s1_db: np.ndarray, before: np.ndarray, after: np.ndarray, title: str = "", *,
+                   origin: str = "") -> Path:  # fmt: skip
     """:func:`grounding_figure` written to ``path``."""
-    return save_figure(grounding_figure(s1_db, before, after, title), path)
+    return save_figure(grounding_figure(s1_db, before, after, title, origin=origin), path)
 
 
-def save_attention(path: str | Path, s1_db: np.ndarray, attention: np.ndarray, title: str = "") -> Path:
+def save_attention(path: str | Path, s1_db: np.ndarray, attention: np.ndarray, title: str = "", *,
+                   origin: str = "") -> Path:  # fmt: skip
     """:func:`attention_figure` written to ``path``."""
-    return save_figure(attention_figure(s1_db, attention, title), path)
+    return save_figure(attention_figure(s1_db, attention, title, origin=origin), path)

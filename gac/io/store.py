@@ -41,6 +41,9 @@ SHARDS = "shards"
 INDEX = "index.parquet"
 REJECTED = "rejected.parquet"
 DIGEST = "digest.sha256"
+#: Optional array of a prediction cache: the calibrated per-pixel, per-band standard deviation (1 σ) of ``opt``, same
+#: shape and DN scale. Readers use it when the whole store has it (:meth:`ShardStore.has`) and work without it.
+SIGMA = "sigma"
 #: Memory maps (= open files) a store object keeps at most; see :meth:`ShardStore.array`.
 OPEN_MAPS = 16
 
@@ -200,12 +203,10 @@ class ShardStore:
         return array
 
     def has(self, key: str) -> bool:
-        """Whether the store's shards hold array ``key`` (e.g. ``sigma``, which only stages that predict it write).
-
-        A writer stores the same keys in every shard, so the first shard answers for all.
-        """
+        """Whether every complete shard holds array ``key``: an optional array (e.g. ``sigma``, the prediction's
+        standard deviation) is used only when the whole store has it, so a reader never mixes tiles with and without."""
         names = self.shard_names()
-        return bool(names) and (self.root / SHARDS / names[0] / f"{key}.npy").is_file()
+        return bool(names) and all((self.root / SHARDS / name / f"{key}.npy").is_file() for name in names)
 
     def __len__(self) -> int:
         return len(self.index)
@@ -222,6 +223,11 @@ class ShardStore:
                 out = np.empty((len(rows), *arr.shape[1:]), dtype=arr.dtype)
             out[i] = arr[row]
         return out
+
+    def read_optional(self, key: str, patch_ids: Iterable[str]) -> np.ndarray | None:
+        """:meth:`read` of ``key`` for ``patch_ids`` (in that order) when the store has it (:meth:`has`), else
+        ``None``: for optional arrays such as :data:`SIGMA`."""
+        return self.read(key, self.rows_for(patch_ids)) if self.has(key) else None
 
     def rows_for(self, patch_ids: Iterable[str]) -> pd.DataFrame:
         """Index rows for ``patch_ids`` in the given order, one per id.

@@ -339,8 +339,12 @@ def log_datasets(stores: dict[str, str | Path], context: str) -> None:
     mlflow.log_inputs(datasets=datasets, contexts=[context] * len(datasets), tags_list=tags_list)
 
 
+#: The values of :func:`weights_origin` (a local file's is this prefix, a space and its path).
+RANDOM_INIT, HUB, LOCAL_CHECKPOINT = "random init", "hub (pretrained)", "local checkpoint:"
+
+
 def weights_origin(pretrained: bool, ckpt_path: str | None) -> str:
-    """Where a model's weights came from, for every metrics record and model card."""
+    """Where a model's weights came from, for every metrics record, model card and figure title."""
     if ckpt_path:
-        return f"local checkpoint: {ckpt_path}"
-    return "hub (pretrained)" if pretrained else "random init"
+        return f"{LOCAL_CHECKPOINT} {ckpt_path}"
+    return HUB if pretrained else RANDOM_INIT

@@ -81,7 +81,7 @@ def attention_hook(source: str):
         return None
     import torch
 
-    _, model = load_stage(source)
+    _, _, model = load_stage(source)
     model = model.cpu().eval()
 
     def maps(s1_db, opt_v2_dn):

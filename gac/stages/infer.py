@@ -17,19 +17,23 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from gac import config
 from gac.config import Params
 from gac.data import catalog as catalog_mod
+from gac.data import layout
 from gac.errors import GacError
 from gac.inference import generate as stage1
 from gac.inference.refine import write_cache
+from gac.io import tracking
 from gac.io.atomic import atomic_path, read_json
+from gac.io.cog import write_scenes
 from gac.io.geotiff import export_geotiffs
 from gac.io.lock import exclusive_first_rank
-from gac.io.store import ShardStore
+from gac.io.store import SIGMA, ShardStore
 from gac.mlops.registry import CHAMPION, MODEL_NAMES, TRAINED_ON, trained_on
 from gac.pipeline import GENERATING, output
 from gac.pipeline import StageName as S
@@ -38,17 +42,16 @@ from gac.stages import stage1 as stage1_stage
 from gac.training.export import PARAMS, WEIGHTS, load_model
 
 
-def load_stage(source: str) -> tuple[str, torch.nn.Module]:
-    """``(stage, model)`` from a ``models:/…`` URI or a local model folder."""
+def load_stage(source: str) -> tuple[str, Any, torch.nn.Module]:
+    """``(stage, params section, model)`` from a ``models:/…`` URI or a local model folder."""
     if source.startswith("models:/") or source.startswith("runs:/"):
         import mlflow
 
         pyfunc = mlflow.pyfunc.load_model(source)
         wrapped = pyfunc.unwrap_python_model()
-        return wrapped.stage, wrapped.model
+        return wrapped.stage, wrapped.section, wrapped.model
 
-    stage, _, model = load_model(source)
-    return stage, model
+    return load_model(source)
 
 
 def paired_stage2(stage3: str) -> tuple[str, str]:
@@ -139,14 +142,17 @@ def run(
     stage3: str,
     visualize: int = 0,
     geotiff: bool = True,
+    scenes: bool = False,
 ) -> dict:
     """Run every stage on ``data`` (a BigEarthNet v2 root or a catalog folder) into ``out``; return the caches.
 
     ``stage2`` ``None``: the Stage 2 that ``stage3`` was trained on (:func:`paired_stage2`). A root is catalogued
     first, its notes and rejected tiles printed (:func:`gac.stages.catalog.build`); the last line counts every tile of
     the root, rejected ones included. ``geotiff``: every opt_v3 tile as a GeoTIFF with its input tile's CRS and
-    transform in ``<out>/geotiff`` (replaced as a whole); ``visualize``: PNG comparisons (SAR, opt_v1, opt_v2, opt_v3,
-    the real S2) of the first ``visualize`` tiles in ``<out>/figures``.
+    transform in ``<out>/geotiff`` (replaced as a whole); ``scenes``: one Cloud-Optimized GeoTIFF per scene (the
+    opt_v3 tiles of one Sentinel-2 product on their common grid, :mod:`gac.io.cog`) in ``<out>/scenes``; both carry
+    the σ bands when the cache has them; ``visualize``: PNG comparisons (SAR, opt_v1, opt_v2, opt_v3, the real S2) of
+    the first ``visualize`` tiles in ``<out>/figures``.
     """
 
     if stage2 is None:
@@ -170,18 +176,14 @@ def run(
         stage1_stage.record(cfg, p1, report, why)  # what `gac stage1` records beside opt_v1, for gac evaluate
         source = caches[output(S.STAGE1)]
         for name, uri in ((output(S.STAGE2), stage2), (output(S.STAGE3), stage3)):
-            stage, model = load_stage(uri)
+            stage, section, model = load_stage(uri)
             caches[name] = str(out / name)
             cache = getattr(cfg, stage).cache  # this machine's device, batch and shard sizes for that stage
-            write_cache(stage, model, catalog_root, source, caches[name], cache, provenance={"model": uri})
+            origin = tracking.weights_origin(section.pretrained, section.ckpt_path)  # the base's, as training records
+            write_cache(stage, model, catalog_root, source, caches[name], cache,
+                        provenance={"model": uri, "weights_origin": origin})  # fmt: skip
             source = caches[name]
-        geotiffs = out / "geotiff"
-        if geotiff:
-            written = export_geotiffs(source, geotiffs, f"_{output(S.STAGE3)}")
-            print(f"GeoTIFFs: {written} {output(S.STAGE3)} tiles (CRS and transform of their input tile) in {geotiffs}")
-        elif geotiffs.is_dir():  # an earlier run's, maybe of other tiles or models: never left beside these caches
-            shutil.rmtree(geotiffs)
-            print(f"GeoTIFFs: none written; {geotiffs} of an earlier run removed")
+        export(source, out, geotiff, scenes)
         if visualize:
             shown = visualise(caches, catalog_root, out / "figures", visualize)
             print(f"Figures: {len(shown)} comparisons (PNG) in {out / 'figures'}")
@@ -193,10 +195,34 @@ def run(
         return caches
 
 
+def export(cache: str, out: Path, geotiff: bool, scenes: bool) -> None:
+    """The final cache's tiles for a GIS: GeoTIFFs in ``<out>/geotiff``, scene COGs in ``<out>/scenes`` (each folder
+    replaced as a whole, σ bands included when the cache has them). A folder not asked for this time is removed if an
+    earlier run left one: it may hold other tiles or another model's output, never to be taken for these caches'."""
+    label, sigma = output(S.STAGE3), " with σ bands" if ShardStore(cache).has(SIGMA) else ""
+
+    def tiles(folder: Path) -> str:
+        return f"{export_geotiffs(cache, folder, f'_{label}')} {label} tiles{sigma} (CRS and transform of their input)"
+
+    def cogs(folder: Path) -> str:
+        written = write_scenes(cache, folder, lambda pid: layout.s2_tile_dir(pid) or pid)
+        return f"{len(written)} Cloud-Optimized GeoTIFFs{sigma} of {sum(written.values())} {label} tiles, one a scene"
+
+    for what, folder, wanted, write in (("GeoTIFFs", out / "geotiff", geotiff, tiles),
+                                        ("Scenes", out / "scenes", scenes, cogs)):  # fmt: skip
+        if wanted:
+            print(f"{what}: {write(folder)} in {folder}")
+        elif folder.is_dir():
+            shutil.rmtree(folder)
+            print(f"{what}: none written; {folder} of an earlier run removed")
+
+
 def visualise(caches: dict[str, str], catalog_root: str, folder: Path, n: int) -> list[str]:
-    """``<folder>/<patch_id>_compare.png`` of the first ``n`` opt_v3 tiles: σ⁰ VV and VH, opt_v1, opt_v2, opt_v3 and
-    the root's real S2 (:func:`gac.evaluation.figures.save_comparison`, without scores); returns their patch ids."""
-    from gac.evaluation.figures import save_comparison
+    """``<folder>/<patch_id>_compare.png`` of the first ``n`` opt_v3 tiles: σ⁰ VV and VH, opt_v1, opt_v2, opt_v3,
+    the root's real S2 and opt_v3's σ when its cache has it (:func:`gac.evaluation.figures.save_comparison`, without
+    scores), titled with the tiles' split and each cache's weights origin; returns their patch ids."""
+    from gac.evaluation.figures import save_comparison, weights_caption
+    from gac.io.provenance import read_provenance
 
     ids = list(ShardStore(caches[output(S.STAGE3)]).index["patch_id"].head(n))
     catalog = ShardStore(catalog_root)
@@ -204,9 +230,13 @@ def visualise(caches: dict[str, str], catalog_root: str, folder: Path, n: int) -
     s1, truth = catalog.read("s1", rows), catalog.read("s2", rows)
     labels = [output(s) for s in GENERATING]
     opts = {label: ShardStore(caches[label]).read("opt", ShardStore(caches[label]).rows_for(ids)) for label in labels}
+    sigma = ShardStore(caches[output(S.STAGE3)]).read_optional(SIGMA, ids)
+    origins = {output(s): read_provenance(caches[output(s)], s).get("weights_origin") for s in GENERATING}
+    origin = weights_caption(origins, rows.get("split", ["unknown"]))
     with atomic_path(folder) as tmp:  # replaced as a whole: no figure of an earlier run's tiles stays
         tmp.mkdir()
         for i, pid in enumerate(ids):
             title = " · ".join([pid, *(str(rows[g].iloc[i]) for g in ("country", "season") if g in rows)])
-            save_comparison(tmp / f"{pid}_compare.png", s1[i], {k: v[i] for k, v in opts.items()}, truth[i], title)
+            save_comparison(tmp / f"{pid}_compare.png", s1[i], {k: v[i] for k, v in opts.items()}, truth[i], title,
+                            sigma=None if sigma is None else sigma[i], origin=origin)  # fmt: skip
     return ids

@@ -6,6 +6,7 @@ from __future__ import annotations
 from gac.config import Params, Stage3Params
 from gac.inference.engine import resolve_device
 from gac.inference.refine import write_cache
+from gac.io.tracking import weights_origin
 from gac.pipeline import StageName, output
 from gac.stages import trained
 from gac.stages.trained import TrainOptions
@@ -26,5 +27,6 @@ def run(
         stage, stage2, model = load_model(stage2_model, resolve_device(cfg.stage2.cache.device))
         opt_v2 = f"{section.out}/{output(stage)}_from_checkpoint"
         write_cache(stage, model, options.catalog_root or cfg.catalog.out, cfg.stage1.out, opt_v2, stage2.cache,
-                    provenance={"model_dir": stage2_model})  # fmt: skip
+                    provenance={"model_dir": stage2_model,
+                                "weights_origin": weights_origin(stage2.pretrained, stage2.ckpt_path)})  # fmt: skip
     return trained.run(NAME, cfg, section, opt_v2, opt_v3, options)

@@ -63,11 +63,12 @@ def _run(stage: StageName, cfg: Params, section, source_root: str, next_cache: s
     device = engine.resolve_device(section.cache.device)
     if options.cache_only:
         model_dir = Path(section.out) / "model"
-        _, _, model = load_model(model_dir, device)
+        _, saved, model = load_model(model_dir, device)
         model, crossfit = _with_folds(model, _cross_fit(stage, section, catalog_root, source_root, cfg, False), device)
+        origin = tracking.weights_origin(saved.pretrained, saved.ckpt_path)  # the folder's base, as training records it
         info = write_cache(stage, model, catalog_root, source_root, next_cache, section.cache,
                            provenance={"model_dir": str(model_dir), "data_source": cfg.data.source,
-                                       **crossfit})  # fmt: skip
+                                       "weights_origin": origin, **crossfit})  # fmt: skip
         if engine.dist()[0] == 0:
             print(f"{stage}: wrote {next_cache} ({info['tiles']} tiles, {info['errors']} errors) with {model_dir}")
         return {}
