@@ -73,7 +73,7 @@ def uce(mu, sigma, target, bins: int = UCE_BINS) -> float:
 
 
 def coverage(mu, sigma, target, level: float) -> float:
-    """Share of pixels inside the central ``level`` interval of N(μ, σ²): ``|y − μ| ≤ z·σ``, ``z = Φ⁻¹((1+level)/2)``."""
+    """Share of pixels in the central ``level`` interval of N(μ, σ²): ``|y − μ| ≤ z·σ``, ``z = Φ⁻¹((1+level)/2)``."""
     z = math.sqrt(2.0) * torch.erfinv(torch.tensor((1.0 + level) / 2.0, dtype=torch.float64) * 2 - 1)
     inside = (_f64(target) - _f64(mu)).abs() <= z * _f64(sigma)
     return float(inside.double().mean())
@@ -104,9 +104,7 @@ def report(mu, sigma, target) -> dict[str, float]:
     """Every metric of the module docstring for one set of predictions."""
     error = (_f64(target) - _f64(mu)).abs()
     sigma64 = _f64(sigma)
-    per_tile = (
-        spearman(error.mean(dim=(1, 2, 3)), sigma64.mean(dim=(1, 2, 3))) if error.shape[0] >= 3 else float("nan")
-    )
+    per_tile = spearman(error.mean(dim=(1, 2, 3)), sigma64.mean(dim=(1, 2, 3))) if error.shape[0] >= 3 else float("nan")
     return {
         "uce": uce(mu, sigma, target),
         "coverage68": coverage(mu, sigma, target, 0.68),
