@@ -31,7 +31,7 @@ import os
 import random
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -51,8 +51,15 @@ LOCATORS = ("shard", "row", "src_shard", "src_row")
 
 #: ``step(model, s1_db, opt_dn, patch_ids)`` → S2L2A DN (B, 12, 120, 120) float: what a stage computes for one batch.
 #: ``s1_db`` (B, 2, 120, 120) and ``opt_dn`` (B, 12, 120, 120, or ``None`` for Stage 1) arrive on the CPU, pinned on
-#: CUDA; ``patch_ids`` name the tiles (a cross-fitted Stage 2 picks each tile's model by it).
-Step = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor | None, list[str]], torch.Tensor]
+#: CUDA; ``patch_ids`` name the tiles (a cross-fitted Stage 2 picks each tile's model by it). A step may instead
+#: return ``{key: DN}``, every value of that shape: each key becomes an array of the cache, e.g. ``{"opt": mean,
+#: "sigma": σ}`` (:data:`SIGMA`); a plain tensor is ``{"opt": tensor}``.
+Step = Callable[
+    [torch.nn.Module, torch.Tensor, torch.Tensor | None, list[str]], torch.Tensor | Mapping[str, torch.Tensor]
+]
+#: Cache key of the optical's per-pixel, per-band σ, beside ``opt`` and in its DN encoding (reflectance × DN_SCALE,
+#: rounded to uint16): a calibrated standard deviation of the reflectance ``opt`` holds the mean of.
+SIGMA = "sigma"
 
 
 @dataclass
@@ -209,8 +216,13 @@ class _Batches(torch.utils.data.IterableDataset):
                 yield name, b, chunk, s1, opt
 
 
-def _apply_rows(model, step: Step, s1, opt, rows: pd.DataFrame) -> tuple[list[int], np.ndarray, list[dict]]:
-    """One batch: return kept row positions, their uint16 DN, and ``{patch_id, reason}`` failures."""
+def _outputs(out: torch.Tensor | Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A step's result as ``{key: float CPU tensor}``: a plain tensor is the cache's ``opt``."""
+    return {k: v.float().cpu() for k, v in (out.items() if isinstance(out, Mapping) else [("opt", out)])}
+
+
+def _apply_rows(model, step: Step, s1, opt, rows: pd.DataFrame) -> tuple[list[int], dict[str, np.ndarray], list[dict]]:
+    """One batch: return kept row positions, their uint16 DN per cache key, and ``{patch_id, reason}`` failures."""
     errors, ok = [], []
     for i, pid in enumerate(rows["patch_id"]):
         if not torch.isfinite(s1[i]).all():
@@ -219,13 +231,13 @@ def _apply_rows(model, step: Step, s1, opt, rows: pd.DataFrame) -> tuple[list[in
             errors.append({"patch_id": pid, "reason": "non-finite optical input"})
         else:
             ok.append(i)
-    empty = np.empty((0, 12, *s1.shape[-2:]), np.uint16)
+    empty = {"opt": np.empty((0, 12, *s1.shape[-2:]), np.uint16)}
     if not ok:
         return [], empty, errors
 
-    def call(idx: list[int]) -> torch.Tensor:
+    def call(idx: list[int]) -> dict[str, torch.Tensor]:
         ids = [rows["patch_id"].iloc[i] for i in idx]
-        return step(model, s1[idx], None if opt is None else opt[idx], ids).float().cpu()
+        return _outputs(step(model, s1[idx], None if opt is None else opt[idx], ids))
 
     try:
         outs, groups = [call(ok)], [ok]
@@ -237,15 +249,22 @@ def _apply_rows(model, step: Step, s1, opt, rows: pd.DataFrame) -> tuple[list[in
                 groups.append([i])
             except Exception as e:
                 errors.append({"patch_id": rows["patch_id"].iloc[i], "reason": f"model failed: {e!r}"[:300]})
-    kept, arrays = [], []
+    kept, arrays = [], {}
     for group, out in zip(groups, outs, strict=True):
         for j, i in enumerate(group):
-            if torch.isfinite(out[j]).all():
+            if all(torch.isfinite(v[j]).all() for v in out.values()):
                 kept.append(i)
-                arrays.append(to_dn(out[j].numpy()))
+                for key, value in out.items():
+                    arrays.setdefault(key, []).append(to_dn(value[j].numpy()))
             else:
                 errors.append({"patch_id": rows["patch_id"].iloc[i], "reason": "non-finite model output"})
-    return kept, np.stack(arrays) if arrays else empty, errors
+    return kept, {k: np.stack(v) for k, v in arrays.items()} if arrays else empty, errors
+
+
+def _concat(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """A shard's arrays from its batches' ``{key: DN}``; a batch that kept no tile has only an empty ``opt``."""
+    keys = dict.fromkeys(k for part in parts for k in part)
+    return {k: np.concatenate([part[k] for part in parts if k in part]) for k in keys}
 
 
 def run(
@@ -343,7 +362,7 @@ def _run_locked(*, out: Path, stamp: dict, catalog_root: str, index: pd.DataFram
             parts = [state["parts"][k] for k in sorted(state["parts"])]
             meta = pd.concat([r for r, _, _ in parts]).drop(columns=[c for c in (*LOCATORS, group) if c in rows])
             errs = pd.DataFrame([e for _, _, es in parts for e in es], columns=["patch_id", "reason"])
-            store.write_shard(name, meta, {"opt": np.concatenate([a for _, a, _ in parts])}, errs)
+            store.write_shard(name, meta, _concat([a for _, a, _ in parts]), errs)
             report.generated += len(meta)
             report.errors.extend(errs.to_dict("records"))
             del pending[name]
