@@ -39,8 +39,10 @@ def pair(request, non_identity) -> dict:
         "opt": torch.rand(2, 12, 120, 120, generator=g) * 0.4,
         "target": torch.rand(2, 12, 120, 120, generator=g) * 0.4,
     }
-    plain, sigma = (non_identity(build(stage, w)).eval() for w in (0.0, 0.05))
-    return {"stage": stage, "plain": plain, "sigma": sigma, "batch": batch}
+    plain, after_plain = non_identity(build(stage, 0.0)).eval(), torch.random.get_rng_state()
+    sigma, after_sigma = non_identity(build(stage, 0.05)).eval(), torch.random.get_rng_state()
+    rng_kept = torch.equal(after_plain, after_sigma)
+    return {"stage": stage, "plain": plain, "sigma": sigma, "batch": batch, "rng_kept": rng_kept}
 
 
 def inputs(pair: dict) -> tuple[torch.Tensor, ...]:
@@ -56,6 +58,7 @@ def test_weight_zero_builds_no_branch_and_the_branch_changes_no_other_weight(pai
     assert extra and all(k.startswith("sigma_head.") for k in extra), extra
     assert set(plain) <= set(sigma)
     assert all(torch.equal(plain[k], sigma[k]) for k in plain)  # the branch is built last: same init for the rest
+    assert pair["rng_kept"]  # and on a forked RNG: later draws (the training data's order) are the same too
 
 
 def test_the_branch_predicts_the_same_mean_bit_for_bit_and_a_varying_sigma(pair) -> None:

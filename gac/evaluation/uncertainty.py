@@ -12,8 +12,9 @@ and band, a Gaussian N(μ, σ²) of the reflectance. All functions take ``mu``, 
                    Reflectance², 0 = calibrated.
 ``coverage68/95``  share of pixels inside the central Gaussian interval ``|y − μ| ≤ z·σ`` (z = 0.994, 1.960);
                    a calibrated σ gives 0.68 / 0.95.
-``spearman_pixel`` Spearman rank correlation of ``|y − μ|`` and σ over pixels and bands (at most
-                   :data:`MAX_RANKED` of them, evenly spaced): does a larger σ mark a larger error?
+``spearman_pixel`` Spearman rank correlation of ``|y − μ|`` and σ over the pixels of each band, averaged over
+                   bands (:func:`band_spearman`): does a larger σ mark a larger error? Per band, because pooled
+                   bands rank a σ that is merely larger in brighter bands (a constant per band) as informative.
 ``spearman_tile``  the same over tiles, of the tile's mean ``|y − μ|`` and mean σ (NaN below 3 tiles).
 ``sharpness``      mean σ (reflectance): of two calibrated models, the sharper is more useful.
 =================  =====================================================================================================
@@ -95,6 +96,12 @@ def spearman(a, b) -> float:
     return float(spearmanr(a, b).statistic)
 
 
+def band_spearman(a, b) -> float:
+    """Mean over bands (axis 1) of :func:`spearman` over each band's pixels."""
+    a, b = _f64(a), _f64(b)
+    return float(np.mean([spearman(a[:, i], b[:, i]) for i in range(a.shape[1])]))
+
+
 def sharpness(sigma) -> float:
     """Mean σ."""
     return float(_f64(sigma).mean())
@@ -109,7 +116,7 @@ def report(mu, sigma, target) -> dict[str, float]:
         "uce": uce(mu, sigma, target),
         "coverage68": coverage(mu, sigma, target, 0.68),
         "coverage95": coverage(mu, sigma, target, 0.95),
-        "spearman_pixel": spearman(error, sigma64),
+        "spearman_pixel": band_spearman(error, sigma64),
         "spearman_tile": per_tile,
         "sharpness": sharpness(sigma64),
     }

@@ -173,9 +173,13 @@ class Grounder(nn.Module):
         self.patch = encdec.decoder_embeddings[self.dec_key[OPTICAL]].patch_size
         self.pixel_head = TokenPixelDecoder(encdec.dim, channels[OPTICAL] + channels[SAR], channels[OPTICAL])
         self.sar_head = TokenPixelDecoder(encdec.dim, channels[OPTICAL], channels[SAR])
-        # created last, so the random init of everything above is the same with and without it
+        # created last and on a forked RNG: everything else, and every later draw (the data order), is the same
+        # with and without it
         guide = channels[OPTICAL] + channels[SAR]
-        self.sigma_head = SigmaHead(guide, channels[OPTICAL]) if sigma else None
+        self.sigma_head = None
+        if sigma:
+            with torch.random.fork_rng(devices=[]):
+                self.sigma_head = SigmaHead(guide, channels[OPTICAL])
 
     # --- units and geometry -------------------------------------------------------------------------------------
     def _standardise(self, mod: str, x: torch.Tensor) -> torch.Tensor:

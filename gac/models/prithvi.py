@@ -278,8 +278,12 @@ class Refiner(nn.Module):
         self.head = TokenPixelDecoder(backbone.embed_dim, len(BAND_NAMES), len(BAND_NAMES))
         self.register_buffer("mean", mean.view(1, -1, 1, 1), persistent=False)
         self.register_buffer("std", std.view(1, -1, 1, 1), persistent=False)
-        # created last, so the random init of everything above is the same with and without it
-        self.sigma_head = SigmaHead(len(BAND_NAMES), len(BAND_NAMES)) if sigma else None
+        # created last and on a forked RNG: everything else, and every later draw (the data order), is the same
+        # with and without it
+        self.sigma_head = None
+        if sigma:
+            with torch.random.fork_rng(devices=[]):
+                self.sigma_head = SigmaHead(len(BAND_NAMES), len(BAND_NAMES))
 
     def forward(self, x: Tensor) -> Tensor:
         return self.distribution(x)[0]
