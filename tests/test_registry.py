@@ -193,6 +193,7 @@ def test_the_card_and_description_say_the_units_of_the_signature(registered: dic
     card = client.get_model_version(NAME, registered["version"]).description
     assert "L2A DN" not in card
     assert "reflectance in [0, 1]" in card and "σ⁰ in dB" in card and "here opt_v2" in card and "here opt_v3" in card
+    assert "a dict of two arrays out" in card and "- output `sigma`: " in card  # this model returns its σ too
     # a regex's | must not end a table cell: every row of every table has exactly three cell borders
     rows = [line for line in card.splitlines() if line.startswith("| ")]
     assert rows and all(len(re.findall(r"(?<!\\)\|", row)) == 3 for row in rows), rows
