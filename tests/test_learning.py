@@ -33,15 +33,15 @@ stuck at its zero init, a cache written from the untrained model — still passe
   or the cache plumbing. It runs the real test's 2 epochs, the
   fewest that pass the bar (1 epoch at lr 2e-3 gains 3.74 dB, per tile ≥ 2.67: short of it).
 
-Measured on 2 shared CPU cores (``pytest -s`` prints them; a Stage 2 run takes 20–90 s there and Stage 3 50–130 s,
-with the others' load), mean scored against the clean S2: Stage 2 30.93 → 38.22 dB (+7.30; per tile +5.60 … +9.88),
-SSIM 0.906 → 0.970; Stage 3 29.02 → 32.73 dB (+3.72; per tile +2.98 … +4.52), SSIM 0.943 → 0.953, SAR-edge 0.185 →
-0.077; the lr 1e-9 control +0.00 dB on every tile. The same Stage 2 run with ``nll_weight`` 0 gives the very same
-30.93 → 38.22 dB (the σ head cannot touch the mean). Before the targets carried noise (clean targets, no σ head) the
-same runs gained +7.72 dB (Stage 2) and +3.63 dB (Stage 3). Most of the gain is the colour shift undone (a perfect
-colour correction without any deblurring would score ≈ 43 dB). Stage 3 gains less in this budget because its
-SAR-edge term pulls towards edges first: without it and the cycle term the same run gains 7.0 dB instead of 3.4
-(snowy tile scored; without the cycle term alone: unchanged).
+Measured on 2 shared CPU cores (``pytest -s`` prints them; a Stage 2 run takes 15–90 s there and Stage 3 30–130 s, with
+the others' load; back to back, this module took 72.7 s before the σ checks and 80.6 s with them), mean scored against
+the clean S2: Stage 2 30.93 → 38.22 dB (+7.30; per tile +5.60 … +9.88), SSIM 0.906 → 0.970; Stage 3 29.02 → 32.73 dB
+(+3.72; per tile +2.98 … +4.52), SSIM 0.943 → 0.953, SAR-edge 0.185 → 0.077; the lr 1e-9 control +0.00 dB on every tile.
+The same Stage 2 run with ``nll_weight`` 0 gives the very same 30.93 → 38.22 dB (the σ head cannot touch the mean).
+Before the targets carried noise (clean targets, no σ head) the same runs gained +7.72 dB (Stage 2) and +3.63 dB (Stage
+3). Most of the gain is the colour shift undone (a perfect colour correction without any deblurring would score ≈ 43
+dB). Stage 3 gains less in this budget because its SAR-edge term pulls towards edges first: without it and the cycle
+term the same run gains 7.0 dB instead of 3.4 (snowy tile scored; without the cycle term alone: unchanged).
 
 σ on the held-out tiles (DN; UCE in DN²): Stage 2 Spearman with the known σ 0.908, coverage 0.739 (68 %) and 0.937
 (95 %), UCE 29 895, Spearman(|error|, σ) 0.373 per pixel and 0.771 per tile, sharpness 235 DN; Stage 3 0.853, 0.741
