@@ -185,6 +185,10 @@ class Stage2Params(Section):
     ms_ssim_weight: float = Field(default=0.2, ge=0)
     lpips_weight: float = Field(default=0.0, ge=0)
     lpips_weights_path: str | None = None
+    #: Weight of the Gaussian NLL of a per-pixel, per-band log-variance head (aleatoric σ, calibrated on the
+    #: validation split; :mod:`gac.evaluation.uncertainty`). ``0`` builds no σ head at all: today's model, outputs and
+    #: fingerprints. The head sees the mean path's features *detached*, so the term cannot change the mean.
+    nll_weight: float = Field(default=0.0, ge=0)
     #: ``k ≥ 2``: also train ``k`` fold models, each without one fold of the train tiles, and write opt_v2 of every
     #: train tile with the model that did not see it, so Stage 3 trains on inputs as good as unseen tiles get
     #: (:mod:`gac.training.crossfit`); ``0`` = off (Stage 3 then trains on in-sample opt_v2; ``gac evaluate`` reports
@@ -213,6 +217,8 @@ class Stage3Params(Section):
     recon_weight: float = Field(default=1.0, ge=0)
     sar_edge_weight: float = Field(default=0.5, ge=0)
     cycle_weight: float = Field(default=0.5, ge=0)
+    #: As ``stage2.nll_weight``: the σ head of opt_v3 (``0`` = none).
+    nll_weight: float = Field(default=0.0, ge=0)
     train: TrainParams = TrainParams()
     cache: CacheParams = CacheParams()
     out: str = "artifacts/stage3"

@@ -151,7 +151,8 @@ HEAD_STD = 0.05
 
 def moving_heads(model: torch.nn.Module, seed: int = 5, std: float = HEAD_STD) -> torch.nn.Module:
     """``model`` with seeded N(0, ``std``) weights in the output conv of every pixel head
-    (:class:`gac.models.heads.TokenPixelDecoder`), in place; returns ``model``.
+    (:class:`gac.models.heads.TokenPixelDecoder`) and σ head (:class:`gac.models.heads.LogVarianceHead`, so its σ
+    varies), in place; returns ``model``. σ heads are built last, so the pixel heads' draws do not depend on them.
 
     Why: those convs start at zero, so an untrained stage is the identity and returns its input; a test that compares
     an output with its input, or with another stage's, could not tell a model that ran from one that was skipped. The
@@ -159,11 +160,11 @@ def moving_heads(model: torch.nn.Module, seed: int = 5, std: float = HEAD_STD) -
     """
     import torch
 
-    from gac.models.heads import TokenPixelDecoder
+    from gac.models.heads import LogVarianceHead, TokenPixelDecoder
 
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for head in (m for m in model.modules() if isinstance(m, TokenPixelDecoder)):
+        for head in (m for m in model.modules() if isinstance(m, TokenPixelDecoder | LogVarianceHead)):
             head.out.weight.normal_(0.0, std, generator=generator)
     return model
 

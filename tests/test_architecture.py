@@ -28,6 +28,10 @@ DEMO_OVERRIDES = {
     for stage in ("stage2", "stage3")
     for key, why in {"epochs": "demo budget", "patience": "demo budget", "val_every_n_steps": "demo cadence",
                      "save_every_n_steps": "demo cadence", "warmup_steps": "demo schedule"}.items()
+} | {
+    # The demo predicts σ (a σ head beside the mean); the code's default 0 builds none: the model, its outputs and
+    # fingerprints of every section that does not ask for σ stay as they were.
+    f"{stage}.nll_weight": "demo predicts σ" for stage in ("stage2", "stage3")
 }  # fmt: skip
 
 

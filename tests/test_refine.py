@@ -2,10 +2,10 @@
 ``torchrun`` ranks,
 and bounded in open files however many shards the stores have.
 
-The model is a real Stage 3 grounder (TerraMind tiny, random init) whose zero-initialised pixel head is given small
-random weights, so opt_v3 depends on every input pixel (an untrained grounder would copy opt_v2, and a shifted or mixed
-cache could not be told from a correct one). Everything runs with one intra-op thread, in process and in the
-subprocesses, so caches compare byte for byte.
+The model is a real Stage 3 grounder (TerraMind tiny, random init, with a σ head) whose zero-initialised pixel and σ
+heads are given small random weights, so opt_v3 and its σ depend on every input pixel (an untrained grounder would copy
+opt_v2, and a shifted or mixed cache could not be told from a correct one). Everything runs with one intra-op thread, in
+process and in the subprocesses, so caches compare byte for byte.
 """
 
 from __future__ import annotations
@@ -30,7 +30,8 @@ from gac.io.store import ShardStore
 
 ONE_THREAD = os.environ | {"OMP_NUM_THREADS": "1", "GAC_PROGRESS": "0"}
 CACHE = CacheParams(device="cpu", batch_size=2, shard_size=2)
-S3 = Stage3Params(img_size=128, cache=CACHE)
+#: With a σ head (moved like the pixel head), so every cache here also carries ``sigma`` through resume and ranks.
+S3 = Stage3Params(img_size=128, cache=CACHE, nll_weight=0.05)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -74,7 +75,29 @@ def assert_same_cache(root: Path, expected: Path) -> None:
     assert list(a.index["patch_id"]) == list(b.index["patch_id"])
     assert a.index["patch_id"].is_unique
     np.testing.assert_array_equal(a.read("opt"), b.read("opt"))
+    np.testing.assert_array_equal(a.read("sigma"), b.read("sigma"))
     assert not list(root.rglob(".tmp-*"))
+
+
+def test_the_cache_holds_the_calibrated_sigma_in_dn_beside_the_mean(inputs: dict[str, Path], reference: Path):
+    """Key ``sigma``: the model's calibrated σ (temperature included) in the DN encoding of ``opt``, tile by tile."""
+    from gac.inference.engine import to_dn
+    from gac.sensors import DN_SCALE
+    from gac.training.export import apply_with_sigma, load_model
+
+    stage, _, model = load_model(inputs["model"])
+    model.sigma_head.temperature.fill_(1.0)  # what the saved model holds (no calibration ran)
+    cache, cat, src = ShardStore(reference), ShardStore(inputs["catalog"]), ShardStore(inputs["source"])
+    pid = cache.index["patch_id"].iloc[3]
+    s1 = torch.from_numpy(cat.read("s1", cat.rows_for([pid])).astype(np.float32))
+    opt = torch.from_numpy(src.read("opt", src.rows_for([pid])).astype(np.float32)) / DN_SCALE
+    with torch.inference_mode():
+        mean, sigma = apply_with_sigma(stage, model, s1, opt.clamp(0, 1))
+    written = {k: cache.read(k, cache.rows_for([pid]))[0].astype(np.int32) for k in ("opt", "sigma")}
+    assert cache.read("sigma").dtype == np.uint16 and cache.read("sigma").shape == cache.read("opt").shape
+    assert np.abs(written["opt"] - to_dn((mean * DN_SCALE)[0].numpy())).max() <= 1
+    assert np.abs(written["sigma"] - to_dn((sigma * DN_SCALE)[0].numpy())).max() <= 1
+    assert written["sigma"].std() > 0  # σ varies over the tile
 
 
 def test_the_cache_moves_with_its_input_and_a_rerun_computes_nothing(inputs: dict[str, Path], reference: Path):

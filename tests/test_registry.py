@@ -1,11 +1,12 @@
 """A registered version stands alone: its code, exact requirements, digest, model card and description.
 
 The model is a real Stage 3 model folder (:func:`gac.training.export.save_model` of a freshly built, random-init
-grounder whose zero-initialised pixel head is given random weights, so it does not return its input: training is
-covered in test_training.py), logged and registered by :func:`gac.mlops.registry.log_and_register` in a real MLflow
-store (SQLite in tmp_path). The stand-alone test loads it in a subprocess where the project cannot be imported from the
-repository or the venv's editable install, only from the model's own ``code/``, and compares its prediction on a
-varied input with the in-process model's.
+grounder with a σ head (``nll_weight > 0``) whose zero-initialised pixel and σ heads are given random weights, so it
+does not return its input and its σ varies, and whose σ temperature is not 1, so the calibration must travel with
+it: training is covered in test_training.py), logged and registered by :func:`gac.mlops.registry.log_and_register`
+in a real MLflow store (SQLite in tmp_path). The stand-alone test loads it in a subprocess where the project cannot be
+imported from the repository or the venv's editable install, only from the model's own ``code/``, and compares its
+prediction (mean and σ) on a varied input with the in-process model's.
 """
 
 from __future__ import annotations
@@ -57,10 +58,12 @@ mlflow.set_tracking_uri(sys.argv[2])
 model = mlflow.pyfunc.load_model(sys.argv[3])
 with np.load(sys.argv[4]) as inputs:
     y = model.predict({key: inputs[key] for key in ("s1", "opt")})
-np.save(sys.argv[5], y)
+np.savez(sys.argv[5], **(y if isinstance(y, dict) else {"opt": y}))
 import gac
 
-print(json.dumps({"gac": gac.__file__, "example": {k: list(v.shape) for k, v in model.input_example.items()}}))
+outputs = model.metadata.get_output_schema().input_names()
+print(json.dumps({"gac": gac.__file__, "example": {k: list(v.shape) for k, v in model.input_example.items()},
+                  "outputs": outputs}))
 """
 
 
@@ -89,9 +92,10 @@ def registered(tmp_path_factory: pytest.TempPathFactory, empty_mlflow_db: Path, 
     tmp = tmp_path_factory.mktemp("registry")
     shutil.copyfile(empty_mlflow_db, tmp / "mlflow.db")
     store = MlflowParams(tracking_uri=f"sqlite:///{tmp}/mlflow.db", artifact_location=str(tmp / "mlartifacts"))
-    section = Stage3Params(img_size=128)
+    section = Stage3Params(img_size=128, nll_weight=0.05)
     torch.manual_seed(0)
     model = non_identity(build_grounder(section)).eval()
+    model.sigma_head.temperature.copy_(torch.linspace(0.5, 2.0, 12))  # as a calibration leaves it
     model_dir = save_model("stage3", section, model, tmp / "model")
     tracking.setup(store)
     with mlflow.start_run():
@@ -108,7 +112,7 @@ def test_a_registered_version_predicts_what_the_in_process_model_does_where_gac_
     what it predicts is the in-process model's output (within :data:`ONE_DN`), which is far from its input."""
     import torch
 
-    from gac.training.export import apply
+    from gac.training.export import apply_with_sigma
 
     x = varied_input()
     np.savez(tmp_path / "x.npz", **x)
@@ -116,7 +120,7 @@ def test_a_registered_version_predicts_what_the_in_process_model_does_where_gac_
     uri = registered["store"].tracking_uri
     done = subprocess.run(
         [sys.executable, "-c", STANDALONE, str(ROOT), uri, f"models:/{NAME}@challenger", tmp_path / "x.npz",
-         tmp_path / "y.npy"],
+         tmp_path / "y.npz"],
         cwd=registered["tmp"], env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-4000:]
@@ -124,14 +128,22 @@ def test_a_registered_version_predicts_what_the_in_process_model_does_where_gac_
     assert Path(ran["gac"]).parts[-3:] == ("code", "gac", "__init__.py"), ran["gac"]  # the model's code ran
     assert not Path(ran["gac"]).resolve().is_relative_to(ROOT)
     assert ran["example"] == {"s1": [1, 2, 120, 120], "opt": [1, 12, 120, 120]}
-    y = np.load(tmp_path / "y.npy")
-    assert y.shape == (1, 12, 120, 120) and y.dtype == np.float32
+    assert ran["outputs"] == ["opt", "sigma"]  # the signature says the model returns the mean and its σ
+    with np.load(tmp_path / "y.npz") as out:
+        y, sigma = out["opt"], out["sigma"]
+    assert y.shape == sigma.shape == (1, 12, 120, 120) and y.dtype == sigma.dtype == np.float32
     assert 0.0 <= y.min() <= y.max() <= 1.0  # reflectance, as the signature and the card say
+    assert sigma.min() > 0
     with torch.inference_mode():
-        expected = apply("stage3", registered["model"], torch.from_numpy(x["s1"]), torch.from_numpy(x["opt"])).numpy()
+        expected, expected_sigma = (
+            t.numpy() for t in apply_with_sigma("stage3", registered["model"], *map(torch.from_numpy, x.values()))
+        )
     moved, worst = float(np.median(np.abs(expected - x["opt"]))), float(np.abs(y - expected).max())
     assert moved > 20 * ONE_DN, moved  # not the identity: most pixels move by far more than the tolerance
     assert worst <= ONE_DN, worst
+    # σ: the same within 1 DN, and calibrated (the temperature travelled): it varies as the in-process σ does
+    assert float(np.abs(sigma - expected_sigma).max()) <= ONE_DN
+    assert float(np.percentile(expected_sigma, 90) / np.percentile(expected_sigma, 10)) > 1.5
 
 
 def test_the_registered_requirements_are_exact_and_name_no_gac(registered: dict) -> None:
@@ -181,6 +193,7 @@ def test_the_card_and_description_say_the_units_of_the_signature(registered: dic
     card = client.get_model_version(NAME, registered["version"]).description
     assert "L2A DN" not in card
     assert "reflectance in [0, 1]" in card and "σ⁰ in dB" in card and "here opt_v2" in card and "here opt_v3" in card
+    assert "a dict of two arrays out" in card and "- output `sigma`: " in card  # this model returns its σ too
     # a regex's | must not end a table cell: every row of every table has exactly three cell borders
     rows = [line for line in card.splitlines() if line.startswith("| ")]
     assert rows and all(len(re.findall(r"(?<!\\)\|", row)) == 3 for row in rows), rows

@@ -38,14 +38,19 @@ STAGE_NAMES = ("stage2", "stage3")
 TRAIN = Train(
     batch_size=2, epochs=100, max_steps=3, val_every_n_steps=1, save_every_n_steps=1, max_tiles=2, accelerator="cpu"
 )
-SECTIONS = {"stage2": Stage2Params(img_size=128, train=TRAIN), "stage3": Stage3Params(img_size=128, train=TRAIN)}
+#: Stage 3 also trains a σ head (``nll_weight``), so the fit's calibration, its logging and the registered model's
+#: ``{opt, sigma}`` run here; Stage 2 is a model without one, as the code's default builds it.
+SECTIONS = {
+    "stage2": Stage2Params(img_size=128, train=TRAIN),
+    "stage3": Stage3Params(img_size=128, train=TRAIN, nll_weight=0.05),
+}
 #: What a LoRA run may train: adapters on attention (Stage 2) or decoder cross-attention (Stage 3), and the heads.
 LORA = r"\.lora_[AB]\.default\.weight"
 TRAINABLE = {
     "stage2": re.compile(
         rf"backbone\.blocks\.\d+\.attn\.(qkv|proj){LORA}|backbone\.patch_embed\.proj\.new_band_weight|head\..+"
     ),
-    "stage3": re.compile(rf"encdec\.decoder\.\d+\.cross_attn\.(q|kv|proj){LORA}|(pixel|sar)_head\..+"),
+    "stage3": re.compile(rf"encdec\.decoder\.\d+\.cross_attn\.(q|kv|proj){LORA}|(pixel|sar|sigma)_head\..+"),
 }
 ENV = os.environ | {"GAC_PROGRESS": "0", "OMP_NUM_THREADS": "1"}
 
@@ -248,9 +253,50 @@ def test_the_registry_model_predicts_what_the_best_checkpoint_does(
     served = mlflow.pyfunc.load_model(f"models:/{MODEL_NAMES[stage]}@{CHALLENGER}").predict(x)
     with torch.inference_mode():
         expected = apply(stage, task.model, torch.from_numpy(x["s1"]), torch.from_numpy(x["opt"])).numpy()
+    if fitted["section"].nll_weight > 0:  # mean and σ; σ itself is compared in test_the_sigma_head_is_calibrated…
+        assert set(served) == {"opt", "sigma"} and served["sigma"].shape == expected.shape
+        served = served["opt"]
     assert served.shape == expected.shape == (2, 12, 120, 120)
     np.testing.assert_allclose(served, expected, atol=1e-5, rtol=0)
     assert np.abs(expected - x["opt"]).max() > 1e-4  # training moved the model away from the identity it starts as
+
+
+def test_the_sigma_head_is_calibrated_on_validation_and_the_run_logs_it(
+    fitted: dict, rebuilt, catalog: Path, opt_v1: Path, mlflow_params: MlflowParams
+) -> None:
+    """The exported model holds the per-band temperature the fit found on the validation split (the closed-form NLL
+    minimiser, recomputed here from the checkpoint's σ), and the run logs it with the calibrated report."""
+    from gac.evaluation.uncertainty import fit_temperature
+    from gac.sensors import S2_BANDS
+    from gac.training.datamodule import PairDataModule
+    from gac.training.export import apply_with_sigma, load_model
+
+    stage, result = fitted["stage"], fitted["result"]
+    _, _, model = load_model(result.model_dir)
+    if fitted["section"].nll_weight == 0:
+        assert not hasattr(model, "sigma_head") or model.sigma_head is None
+        assert not result.calibration
+        return
+    task, _ = rebuilt  # the best checkpoint: σ as trained, temperature 1
+    assert torch.equal(task.model.sigma_head.temperature, torch.ones(12))
+    data = PairDataModule(str(catalog), str(opt_v1), TRAIN.batch_size, 0, TRAIN.max_tiles)
+    data.setup("fit")
+    cat, src = ShardStore(catalog), ShardStore(opt_v1)
+    x = {"s1": cat.read("s1", cat.rows_for(data.val_ids)).astype(np.float32)}
+    x["opt"] = np.clip(src.read("opt", src.rows_for(data.val_ids)).astype(np.float32) / 10000.0, 0, 1)
+    target = torch.from_numpy(cat.read("s2", cat.rows_for(data.val_ids)).astype(np.float32) / 10000.0).clamp(0, 1)
+    with torch.inference_mode():
+        mean, sigma = apply_with_sigma(stage, task.model, torch.from_numpy(x["s1"]), torch.from_numpy(x["opt"]))
+    expected = fit_temperature(mean, sigma, target)
+    stored = model.sigma_head.temperature
+    assert not torch.allclose(stored, torch.ones(12))
+    torch.testing.assert_close(stored, expected, rtol=1e-3, atol=0)
+    metrics = client(mlflow_params).get_run(result.run_id).data.metrics
+    logged = torch.tensor([metrics[f"calibration/T_{band}"] for band in S2_BANDS])
+    torch.testing.assert_close(logged, stored, rtol=1e-6, atol=0)
+    for key in ("uce", "coverage68", "coverage95", "spearman_pixel", "spearman_tile", "sharpness"):
+        assert f"calibration/val_{key}" in metrics, key
+    assert "val/loss_nll" in metrics
 
 
 def test_rewriting_a_cache_with_the_same_model_gives_the_same_bytes(

@@ -576,3 +576,34 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+#: :func:`heteroscedastic_noise`: the band whose smoothed level decides how noisy a pixel is (B08, NIR) and the ramp
+#: over it (DN): below the first value the noise is :data:`NOISE_FRACTION` [0] of the band's level, above the second
+#: [1], linear between.
+NOISE_DRIVER, NOISE_RAMP_DN = S2_BANDS.index("B08"), (1500.0, 3000.0)
+NOISE_FRACTION = (0.01, 0.2)
+#: Smoothing (Gaussian, px) of the levels σ is computed from: σ varies over regions, not from pixel to pixel.
+NOISE_SMOOTHING_PX = 2.0
+
+
+def heteroscedastic_noise(s2_dn: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """``s2_dn`` (N, 12, H, W) plus Gaussian noise of a *known*, spatially varying σ: ``(noisy uint16 DN, σ DN)``.
+
+    Why: to test a model's per-pixel σ (``stage2/3.nll_weight``) against the truth, the world must hold noise that
+    no input can predict (fresh draws, independent of everything) but whose *size* can be predicted from what the
+    model sees. Here σ grows with the smoothed NIR level — dense vegetation, whose reflectance varies between dates
+    and cannot be recovered from another acquisition — from 1 % of a band's smoothed level (water, bare ground,
+    NIR ≤ 1500 DN) to 20 % (NIR ≥ 3000 DN), per pixel and band (:data:`NOISE_RAMP_DN`, :data:`NOISE_FRACTION`). A
+    blurred and colour-shifted copy of the tile still shows those levels, so σ is learnable from it; the draws are
+    not. Noise proportional to the level keeps y ≥ 0 (4 σ at most 80 % of it), so the clip to DN rarely cuts the
+    Gaussian. Deterministic in ``seed``.
+    """
+    from scipy.ndimage import gaussian_filter
+
+    levels = gaussian_filter(s2_dn.astype(np.float64), sigma=(0, 0, NOISE_SMOOTHING_PX, NOISE_SMOOTHING_PX))
+    low, high = NOISE_RAMP_DN
+    share = np.clip((levels[:, NOISE_DRIVER : NOISE_DRIVER + 1] - low) / (high - low), 0.0, 1.0)
+    sigma = (NOISE_FRACTION[0] + (NOISE_FRACTION[1] - NOISE_FRACTION[0]) * share) * levels
+    noisy = s2_dn + sigma * np.random.default_rng(seed).standard_normal(s2_dn.shape)
+    return np.clip(np.rint(noisy), 0, 65535).astype(np.uint16), sigma.astype(np.float32)

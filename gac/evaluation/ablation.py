@@ -80,7 +80,7 @@ from gac.evaluation.baseline import fit_baseline
 from gac.evaluation.direction import higher_is_better
 from gac.evaluation.figures import save_attention, save_comparison, save_grounding, weights_caption
 from gac.evaluation.metrics import lpips_metric
-from gac.evaluation.uncertainty import FIGURES, NOMINAL, CalibrationScore, Z
+from gac.evaluation.uncertainty import FIGURES, NOMINAL, CalibrationScore, Z, from_dn
 from gac.io import tracking
 from gac.io.atomic import atomic_path, write_text
 from gac.io.geotiff import export_geotiff
@@ -232,7 +232,7 @@ def score(
             values = metrics.per_tile(pred, truth, s1_t, lpips_fn)
             if row in calibration:
                 sigma = torch.from_numpy(sigmas[row].astype(np.float32)).to(device)
-                values |= calibration[row].update(pred, sigma, truth)
+                values |= calibration[row].update(*from_dn(pred, sigma, truth))
             added = metrics.to_reflectance(pred)
             if row in INPUT_ROW:
                 added = added - metrics.to_reflectance(tensors[INPUT_ROW[row]])

@@ -31,7 +31,7 @@ import os
 import random
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -51,10 +51,15 @@ LOCATORS = ("shard", "row", "src_shard", "src_row")
 
 #: ``step(model, s1_db, opt_dn, patch_ids)`` → S2L2A DN (B, 12, 120, 120) float: what a stage computes for one batch.
 #: ``s1_db`` (B, 2, 120, 120) and ``opt_dn`` (B, 12, 120, 120, or ``None`` for Stage 1) arrive on the CPU, pinned on
-#: CUDA; ``patch_ids`` name the tiles (a cross-fitted Stage 2 picks each tile's model by it). A stage that also
-#: predicts its uncertainty returns ``{"opt": mean, "sigma": σ}``, both DN: every array is stored (uint16 DN, key as
-#: given) and a tile is kept only when all of them are finite.
-Step = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor | None, list[str]], torch.Tensor | dict[str, torch.Tensor]]
+#: CUDA; ``patch_ids`` name the tiles (a cross-fitted Stage 2 picks each tile's model by it). A step may instead
+#: return ``{key: DN}``, every value of that shape: each key becomes an array of the cache, e.g. ``{"opt": mean,
+#: "sigma": σ}`` (:data:`SIGMA`); a plain tensor is ``{"opt": tensor}``.
+Step = Callable[
+    [torch.nn.Module, torch.Tensor, torch.Tensor | None, list[str]], torch.Tensor | Mapping[str, torch.Tensor]
+]
+#: Cache key of the optical's per-pixel, per-band σ, beside ``opt`` and in its DN encoding (reflectance × DN_SCALE,
+#: rounded to uint16): a calibrated standard deviation of the reflectance ``opt`` holds the mean of.
+SIGMA = "sigma"
 
 
 @dataclass
@@ -211,9 +216,13 @@ class _Batches(torch.utils.data.IterableDataset):
                 yield name, b, chunk, s1, opt
 
 
+def _outputs(out: torch.Tensor | Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A step's result as ``{key: float CPU tensor}``: a plain tensor is the cache's ``opt``."""
+    return {k: v.float().cpu() for k, v in (out.items() if isinstance(out, Mapping) else [("opt", out)])}
+
+
 def _apply_rows(model, step: Step, s1, opt, rows: pd.DataFrame) -> tuple[list[int], dict[str, np.ndarray], list[dict]]:
-    """One batch: return kept row positions, their uint16 DN per key (``opt``, and ``sigma`` where the step gives
-    it), and ``{patch_id, reason}`` failures."""
+    """One batch: return kept row positions, their uint16 DN per cache key, and ``{patch_id, reason}`` failures."""
     errors, ok = [], []
     for i, pid in enumerate(rows["patch_id"]):
         if not torch.isfinite(s1[i]).all():
@@ -228,8 +237,7 @@ def _apply_rows(model, step: Step, s1, opt, rows: pd.DataFrame) -> tuple[list[in
 
     def call(idx: list[int]) -> dict[str, torch.Tensor]:
         ids = [rows["patch_id"].iloc[i] for i in idx]
-        out = step(model, s1[idx], None if opt is None else opt[idx], ids)
-        return {k: v.float().cpu() for k, v in (out if isinstance(out, dict) else {"opt": out}).items()}
+        return _outputs(step(model, s1[idx], None if opt is None else opt[idx], ids))
 
     try:
         outs, groups = [call(ok)], [ok]
@@ -250,7 +258,13 @@ def _apply_rows(model, step: Step, s1, opt, rows: pd.DataFrame) -> tuple[list[in
                     arrays.setdefault(key, []).append(to_dn(value[j].numpy()))
             else:
                 errors.append({"patch_id": rows["patch_id"].iloc[i], "reason": "non-finite model output"})
-    return kept, {key: np.stack(values) for key, values in arrays.items()} or empty, errors
+    return kept, {k: np.stack(v) for k, v in arrays.items()} if arrays else empty, errors
+
+
+def _concat(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """A shard's arrays from its batches' ``{key: DN}``; a batch that kept no tile has only an empty ``opt``."""
+    keys = dict.fromkeys(k for part in parts for k in part)
+    return {k: np.concatenate([part[k] for part in parts if k in part]) for k in keys}
 
 
 def run(
@@ -302,13 +316,6 @@ def run(
     return report
 
 
-def _concat_parts(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    """One shard's arrays from its batches' (a batch whose every tile failed holds only an empty ``opt``)."""
-    shapes = {k: a.shape[1:] for part in parts for k, a in part.items()}
-    return {k: np.concatenate([part.get(k, np.empty((0, *shape), np.uint16)) for part in parts])
-            for k, shape in shapes.items()}  # fmt: skip
-
-
 def _run_locked(*, out: Path, stamp: dict, catalog_root: str, index: pd.DataFrame, step: Step, model, shard_size: int,
                 batch_size: int, device: torch.device, num_workers: int, seed: int, source_root: str | None,
                 config_file: str, progress: bool, label: str, rank: int, world: int,
@@ -355,7 +362,7 @@ def _run_locked(*, out: Path, stamp: dict, catalog_root: str, index: pd.DataFram
             parts = [state["parts"][k] for k in sorted(state["parts"])]
             meta = pd.concat([r for r, _, _ in parts]).drop(columns=[c for c in (*LOCATORS, group) if c in rows])
             errs = pd.DataFrame([e for _, _, es in parts for e in es], columns=["patch_id", "reason"])
-            store.write_shard(name, meta, _concat_parts([a for _, a, _ in parts]), errs)
+            store.write_shard(name, meta, _concat([a for _, a, _ in parts]), errs)
             report.generated += len(meta)
             report.errors.extend(errs.to_dict("records"))
             del pending[name]

@@ -1,6 +1,7 @@
 """Apply a trained stage to every tile of the previous cache: opt_v1 → opt_v2 (Stage 2), opt_v2 → opt_v3 (Stage 3).
 
-The output is a :class:`~gac.io.store.ShardStore` like opt_v1 (key ``opt``, uint16 DN, the same index metadata), written
+The output is a :class:`~gac.io.store.ShardStore` like opt_v1 (key ``opt``, uint16 DN, the same index metadata; a model
+with a σ head also writes its calibrated σ as key ``sigma``, :data:`gac.inference.engine.SIGMA`), written
 by :func:`gac.inference.engine.run` — sharded, resumable after a kill, split across ``torchrun`` ranks, on the device,
 batch size,
 autocast and DataLoader workers of the stage's ``cache`` params — plus ``provenance.json`` (stage, weights origin,
@@ -24,7 +25,7 @@ from gac.io import fingerprint
 from gac.io.provenance import read_timing, write_provenance, write_timing
 from gac.io.store import ShardStore
 from gac.training.crossfit import OutOfFold
-from gac.training.export import apply
+from gac.training.export import apply_with_sigma
 
 CONFIG_FILE = "cache.json"
 
@@ -66,16 +67,21 @@ def write_cache(
         **params.model_dump(include={"shard_size", "batch_size", "precision"}),
     }
 
-    def step(m: torch.nn.Module, s1: torch.Tensor, opt_dn: torch.Tensor, patch_ids: list[str]) -> torch.Tensor:
+    def predict(m: torch.nn.Module, s1: torch.Tensor, opt: torch.Tensor) -> dict[str, torch.Tensor]:
+        mean, sigma = apply_with_sigma(stage, m, s1, opt)
+        return {"opt": mean.float()} | ({} if sigma is None else {engine.SIGMA: sigma.float()})
+
+    def step(m: torch.nn.Module, s1: torch.Tensor, opt_dn: torch.Tensor, patch_ids: list[str]) -> dict:
         s1 = s1.to(device, non_blocking=True)
         opt = (opt_dn.to(device, non_blocking=True) / DN_SCALE).clamp(0, 1)
         with torch.inference_mode(), engine.autocast(device, params.precision):
             if not isinstance(m, OutOfFold):
-                return apply(stage, m, s1, opt).float() * DN_SCALE
-            out = torch.empty_like(opt)
+                return {k: v * DN_SCALE for k, v in predict(m, s1, opt).items()}
+            out: dict[str, torch.Tensor] = {}
             for model, rows in m.groups(patch_ids):
-                out[rows] = apply(stage, model, s1[rows], opt[rows]).float()
-            return out * DN_SCALE
+                for key, value in predict(model, s1[rows], opt[rows]).items():
+                    out.setdefault(key, torch.empty_like(opt))[rows] = value
+            return {k: v * DN_SCALE for k, v in out.items()}
 
     report = engine.run(
         out=out,

@@ -35,6 +35,8 @@ SIGNATURE: dict[str, str] = {
     "opt": "float32 (N, 12, 120, 120): Sentinel-2 L2A surface reflectance in [0, 1] (uint16 DN / 10000, as GAC's "
     "caches hold it)",
     "output": "float32 (N, 12, 120, 120): the refined optical, same bands, reflectance clipped to [0, 1]",
+    "sigma": "float32 (N, 12, 120, 120): the calibrated per-pixel, per-band standard deviation of that reflectance "
+    "(a Gaussian's σ; GAC's caches hold it as key `sigma`, × 10000 like `opt`)",
 }
 #: What each stage's ``opt`` input and output are in the pipeline.
 STAGE_IO: dict[str, tuple[str, str]] = {s: (output(previous(s)), output(s)) for s in TRAINED}
@@ -59,19 +61,26 @@ def _value(v: Any) -> str:
     return str(v)
 
 
-def io_section(stage: str | None) -> list[str]:
-    """The ``## Input and output`` lines: the signature's arrays with their units and band order."""
+def io_section(stage: str | None, sigma: bool = False) -> list[str]:
+    """The ``## Input and output`` lines: the signature's arrays with their units and band order; ``sigma``: the model
+    has a σ head and returns ``{"opt", "sigma"}`` (:func:`gac.training.export.pyfunc_output`)."""
 
     opt_in, opt_out = STAGE_IO.get(stage or "", ("optical", "refined optical"))
     sees_sar = stage in TRAINED and trained_model(stage).sees_sar
     ignored = "" if sees_sar or stage not in TRAINED else " (this stage ignores it; pass any array of that shape)"
+    out = "a dict of two arrays out" if sigma else "one array out"
+    outputs = (
+        [f"- output `opt`: {SIGNATURE['output']}; here {opt_out}", f"- output `sigma`: {SIGNATURE['sigma']}"]
+        if sigma
+        else [f"- output: {SIGNATURE['output']}; here {opt_out}"]
+    )
     return [
         "## Input and output",
-        "A dict of two arrays in, one array out (the MLflow signature holds the shapes; the units are these):",
+        f"A dict of two arrays in, {out} (the MLflow signature holds the shapes; the units are these):",
         "",
         f"- `s1`: {SIGNATURE['s1']}{ignored}",
         f"- `opt`: {SIGNATURE['opt']}; here {opt_in}",
-        f"- output: {SIGNATURE['output']}; here {opt_out}",
+        *outputs,
         f"- band order: S1 {', '.join(S1_BANDS)}; S2 {', '.join(S2_BANDS)}",
         "",
     ]
@@ -102,7 +111,8 @@ def model_card(version_info: Mapping[str, Any]) -> str:
         title += f" version {info['version']}"
     lines = [f"# {title}", ""]
     if info.get("stage") in STAGE_PURPOSE:
-        lines += [STAGE_PURPOSE[info["stage"]], "", *io_section(info["stage"])]
+        sigma = (info.get("params") or {}).get("nll_weight", 0) > 0
+        lines += [STAGE_PURPOSE[info["stage"]], "", *io_section(info["stage"], sigma)]
     data = info.get("data")
     data = data if isinstance(data, Mapping) else ({"source": data} if data is not None else {})
     lines += ["## Data", *([f"- {k}: {_value(v)}" for k, v in sorted(data.items())] or ["- (not recorded)"]), ""]

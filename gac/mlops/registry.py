@@ -32,7 +32,7 @@ from gac.io import tracking
 from gac.io.lock import exclusive
 from gac.mlops.model_card import describe_version, model_card, registered_model_description
 from gac.pipeline import TRAINED, previous, registry_names
-from gac.training.export import apply, load_model
+from gac.training.export import load_model, pyfunc_output
 from gac.training.stages import TRAINED_STAGES
 
 MODEL_NAMES = registry_names()
@@ -360,8 +360,7 @@ def log_and_register(
     x = example_input(2)
     import torch
 
-    with torch.inference_mode():
-        y = apply(stage, model, torch.from_numpy(x["s1"]), torch.from_numpy(x["opt"])).numpy()
+    y = pyfunc_output(stage, model, torch.from_numpy(x["s1"]), torch.from_numpy(x["opt"]))
     name = MODEL_NAMES[stage]
     files = model_code()
     requirements = pip_requirements(files)

@@ -5,7 +5,9 @@ MLflow copies this file beside ``weights.safetensors`` and ``params.json``, and 
 which rebuilds the network with :func:`gac.training.export.load_model`. Nothing is unpickled, so a registry model is as
 safe to load as a ``weights_only`` checkpoint, and it needs no GAC install. Input: ``{"s1": (N, 2, 120, 120) dB,
 "opt": (N, 12, 120, 120) reflectance in [0, 1]}`` (float32; Stage 2 ignores ``s1``); output: the refined optical,
-(N, 12, 120, 120) reflectance in [0, 1].
+(N, 12, 120, 120) reflectance in [0, 1] — or, for a model trained with a σ head, ``{"opt": that, "sigma": its
+calibrated per-pixel, per-band σ (reflectance)}``, as the logged signature says
+(:func:`gac.training.export.pyfunc_output`).
 
 In a process that has imported ``gac`` already (``gac infer``), Python keeps that package: the model then runs the
 imported code, and :meth:`StageModel.load_context` warns if it differs from the code the model shipped with.
@@ -33,12 +35,11 @@ class StageModel(mlflow.pyfunc.PythonModel):
     def predict(self, context, model_input, params=None):  # no type hints: the signature comes from log_model
         import torch
 
-        from gac.training.export import apply
+        from gac.training.export import pyfunc_output
 
         s1 = torch.as_tensor(np.asarray(model_input["s1"], dtype=np.float32))
         opt = torch.as_tensor(np.asarray(model_input["opt"], dtype=np.float32))
-        with torch.inference_mode():
-            return apply(self.stage, self.model, s1, opt).float().numpy()
+        return pyfunc_output(self.stage, self.model, s1, opt)
 
 
 def _warn_if_other_code(shipped) -> None:

@@ -27,6 +27,9 @@ differentiable pass, with no tokenizer anywhere:
   zero-initialised, so it starts at the pretraining mean) turns them into standardised S1 dB.
   ``L1(sar_from_optical(opt_v3), s1)`` thus asks the grounded optical image to carry the SAR's structure.
 
+With ``stage3.nll_weight > 0`` a :class:`gac.models.heads.SigmaHead` (built last, on the pixel head's detached
+features) also predicts opt_v3's per-band log-variance (:meth:`Grounder.distribution`).
+
 Trainable: the LoRA A/B matrices on ``cross_attn.{q,kv,proj}`` and the two heads (the only non-LoRA trainable part,
 since no pretrained pixel output exists). Everything else of TerraMind (embeddings, encoder, decoder self-attention
 and MLPs, norms) is frozen.
@@ -52,7 +55,7 @@ from gac.errors import GacError
 from gac.models import geometry
 from gac.models.backend import uses_terratorch
 from gac.models.checkpoints import load_published
-from gac.models.heads import TokenPixelDecoder
+from gac.models.heads import SigmaHead, TokenPixelDecoder
 from gac.sensors import DN_SCALE
 
 #: BigEarthNet tiles are 120×120 px.
@@ -149,7 +152,7 @@ class Grounder(nn.Module):
     """
 
     @uses_terratorch
-    def __init__(self, encdec: nn.Module, img_size: int) -> None:
+    def __init__(self, encdec: nn.Module, img_size: int, sigma: bool = False) -> None:
         super().__init__()
         from terratorch.models.backbones.terramind.model.modality_info import MODALITY_INFO
         from terratorch.models.backbones.terramind.model.terramind_register import (
@@ -170,6 +173,13 @@ class Grounder(nn.Module):
         self.patch = encdec.decoder_embeddings[self.dec_key[OPTICAL]].patch_size
         self.pixel_head = TokenPixelDecoder(encdec.dim, channels[OPTICAL] + channels[SAR], channels[OPTICAL])
         self.sar_head = TokenPixelDecoder(encdec.dim, channels[OPTICAL], channels[SAR])
+        # created last and on a forked RNG: everything else, and every later draw (the data order), is the same
+        # with and without it
+        guide = channels[OPTICAL] + channels[SAR]
+        self.sigma_head = None
+        if sigma:
+            with torch.random.fork_rng(devices=[]):
+                self.sigma_head = SigmaHead(guide, channels[OPTICAL])
 
     # --- units and geometry -------------------------------------------------------------------------------------
     def _standardise(self, mod: str, x: torch.Tensor) -> torch.Tensor:
@@ -206,11 +216,21 @@ class Grounder(nn.Module):
 
         The output is opt_v2 plus a learnt residual; it is not clipped (callers clip when they quantise to DN).
         """
+        return self.distribution(s1_db, opt_refl)[0]
+
+    def distribution(self, s1_db: torch.Tensor, opt_refl: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """opt_v3 reflectance and, with a σ head, its uncalibrated log-variance in reflectance² (else ``None``)."""
         inputs = self._model_input(s1_db, opt_refl)
         y, _ = self._decode(inputs, OPTICAL)
-        guide = [inputs[self.enc_key[OPTICAL]], inputs[self.enc_key[SAR]]]
-        residual_dn = self._to_image(y, self.pixel_head, guide) * getattr(self, f"std_{OPTICAL}")
-        return opt_refl + residual_dn / DN_PER_REFLECTANCE
+        guide = torch.cat([inputs[self.enc_key[OPTICAL]], inputs[self.enc_key[SAR]]], dim=1)
+        features, guide = self.pixel_head.features(y, guide)
+        standardised = geometry.crop_from(self.pixel_head.out(torch.cat([features, guide], dim=1)), TILE)
+        std_dn = getattr(self, f"std_{OPTICAL}")
+        mean = opt_refl + standardised * std_dn / DN_PER_REFLECTANCE
+        if self.sigma_head is None:
+            return mean, None
+        log_var = geometry.crop_from(self.sigma_head(features, guide), TILE)
+        return mean, log_var + 2 * torch.log(std_dn / DN_PER_REFLECTANCE)
 
     def sar_from_optical(self, opt_refl: torch.Tensor) -> torch.Tensor:
         """Predict S1 σ0 in dB (B, 2, 120, 120) from optical reflectance alone (the cycle-consistency path)."""
@@ -281,7 +301,7 @@ def build_grounder(p: Stage3Params) -> Grounder:
         ) from None
     for name, param in encdec.named_parameters():
         param.requires_grad = "lora_" in name
-    return Grounder(encdec, p.img_size)
+    return Grounder(encdec, p.img_size, sigma=p.nll_weight > 0)
 
 
 def trainable_report(model: nn.Module) -> dict[str, Any]:

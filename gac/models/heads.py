@@ -18,6 +18,11 @@ pixel detail, so this head is written here:
    channels, whose weights and bias start at **zero**, so an untrained stage is
    the identity (its residual is 0) and cannot start worse than its input. (1×1 keeps the fan-in small: Adam's
    first steps move every weight by about the learning rate, and a 3×3 layer's nine times larger fan-in overshot.)
+
+:class:`LogVarianceHead` is the optional aleatoric branch (``stage2/3.nll_weight > 0``): a per-pixel, per-band
+log-variance from the decoder's fused features **detached** and the guide. Detached, because the Gaussian NLL must
+not be able to trade the mean's accuracy for a better variance (a shared trunk would be pulled towards features that
+explain noise); so the mean prediction trains exactly as without the branch.
 """
 
 from __future__ import annotations
@@ -57,6 +62,10 @@ class TokenPixelDecoder(nn.Module):
 
     def forward(self, tokens: Tensor, guide: Tensor) -> Tensor:
         """``tokens`` in row-major patch order (no cls token); ``guide`` at the output resolution."""
+        return self.out(torch.cat(self.features(tokens, guide), dim=1))
+
+    def features(self, tokens: Tensor, guide: Tensor) -> tuple[Tensor, Tensor]:
+        """The fused full-resolution features and the guide (in their dtype) that :attr:`out` projects."""
         batch, n, dim = tokens.shape
         grid = math.isqrt(n)
         if grid * grid != n:
@@ -64,4 +73,56 @@ class TokenPixelDecoder(nn.Module):
         f = self.reduce(tokens.transpose(1, 2).reshape(batch, dim, grid, grid))
         f = F.interpolate(f, size=guide.shape[-2:], mode="bilinear", align_corners=False)
         guide = guide.to(f.dtype)
-        return self.out(torch.cat([self.fuse(torch.cat([f, guide], dim=1)), guide], dim=1))
+        return self.fuse(torch.cat([f, guide], dim=1)), guide
+
+
+#: Range of the predicted log-variance in standardised units (σ from e⁻⁸ ≈ 3·10⁻⁴ to e² ≈ 7 band stds): keeps the
+#: NLL finite on a pixel the mean predicts exactly and a wild first step from an overflowing ``exp``.
+LOG_VAR_RANGE = (-16.0, 4.0)
+
+
+class LogVarianceHead(nn.Module):
+    """``(features (B, width, H, W), guide (B, guide_channels, H, W))`` → log-variance ``(B, out_channels, H, W)``.
+
+    The same shape as :class:`TokenPixelDecoder`'s full-resolution part (two 3×3 convs, then a 1×1 over [features,
+    guide]) on features the caller detaches. Its last conv starts at zero, so an untrained head predicts log σ² = 0
+    (one band std) everywhere: a constant σ, which carries no ranking until the NLL has trained it.
+    """
+
+    def __init__(self, guide_channels: int, out_channels: int, width: int = HEAD_WIDTH) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(width + guide_channels, width, 3, padding=1, padding_mode="reflect"),
+            nn.GELU(),
+            nn.Conv2d(width, width, 3, padding=1, padding_mode="reflect"),
+            nn.GELU(),
+        )
+        self.out = nn.Conv2d(width + guide_channels, out_channels, 1)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, features: Tensor, guide: Tensor) -> Tensor:
+        x = torch.cat([features, guide], dim=1)
+        return self.out(torch.cat([self.body(x), guide], dim=1)).clamp(*LOG_VAR_RANGE)
+
+
+class SigmaHead(nn.Module):
+    """A refiner's σ branch: :class:`LogVarianceHead` plus the per-band ``temperature`` calibration fitted after
+    training (:func:`gac.evaluation.uncertainty.fit_temperature`).
+
+    The temperature is a buffer, so it travels in every state dict — the exported weights, the registered model and
+    whatever writes a cache — and ones (no calibration) until the fit sets it.
+    """
+
+    def __init__(self, guide_channels: int, bands: int, width: int = HEAD_WIDTH) -> None:
+        super().__init__()
+        self.log_var = LogVarianceHead(guide_channels, bands, width)
+        self.register_buffer("temperature", torch.ones(bands))
+
+    def forward(self, features: Tensor, guide: Tensor) -> Tensor:
+        """Log-variance in the units of the decoder's output, from features whose gradient stops here."""
+        return self.log_var(features.detach(), guide)
+
+    def sigma(self, log_var: Tensor) -> Tensor:
+        """Calibrated σ, ``exp(log_var / 2) · temperature`` per band, in the units ``log_var`` is in."""
+        return torch.exp(0.5 * log_var) * self.temperature.view(1, -1, 1, 1).to(log_var.dtype)

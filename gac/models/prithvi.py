@@ -45,7 +45,8 @@ to :class:`gac.models.heads.TokenPixelDecoder` with the standardised input as it
 bilinearly (continuous across token borders, so no 16 px blocks), fused with the input by 3×3 convs and projected to
 12 bands by a zero-initialised conv. The residual is predicted in standardised units and scaled back by the band std.
 The output is not clamped (training losses see the raw values); :func:`gac.training.export.apply`, which every
-inference path uses, clips it to valid reflectance.
+inference path uses, clips it to valid reflectance. With ``nll_weight > 0`` a :class:`gac.models.heads.SigmaHead`
+(built last, on the head's detached features) also predicts a per-band log-variance (:meth:`Refiner.distribution`).
 
 **Weights.** ``pretrained: true`` lets TerraTorch download the Prithvi hub weights (or read a pre-filled hub cache
 with ``HF_HUB_OFFLINE=1``; TerraTorch maps the six pretrained bands into the 12-band patch embedding). ``ckpt_path``
@@ -84,7 +85,7 @@ from gac.errors import GacError
 from gac.models.backend import uses_terratorch
 from gac.models.checkpoints import load_published, load_state_dict, read_state_dict
 from gac.models.geometry import crop_from, pad_to
-from gac.models.heads import TokenPixelDecoder
+from gac.models.heads import SigmaHead, TokenPixelDecoder
 from gac.sensors import DN_SCALE
 
 #: BigEarthNet v2 S2 band order (Stage 1's output and the catalog's ``s2``) and the band name Prithvi is given.
@@ -270,22 +271,36 @@ def new_band_indices(p: Stage2Params) -> list[int]:
 class Refiner(nn.Module):
     """opt_v1 reflectance (B, 12, H, H) → opt_v2 reflectance = opt_v1 + residual (see the module docstring)."""
 
-    def __init__(self, backbone: nn.Module, img_size: int, mean: Tensor, std: Tensor) -> None:
+    def __init__(self, backbone: nn.Module, img_size: int, mean: Tensor, std: Tensor, sigma: bool = False) -> None:
         super().__init__()
         self.backbone = backbone
         self.img_size = img_size
         self.head = TokenPixelDecoder(backbone.embed_dim, len(BAND_NAMES), len(BAND_NAMES))
         self.register_buffer("mean", mean.view(1, -1, 1, 1), persistent=False)
         self.register_buffer("std", std.view(1, -1, 1, 1), persistent=False)
+        # created last and on a forked RNG: everything else, and every later draw (the data order), is the same
+        # with and without it
+        self.sigma_head = None
+        if sigma:
+            with torch.random.fork_rng(devices=[]):
+                self.sigma_head = SigmaHead(len(BAND_NAMES), len(BAND_NAMES))
 
     def forward(self, x: Tensor) -> Tensor:
+        return self.distribution(x)[0]
+
+    def distribution(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
+        """opt_v2 reflectance and, with a σ head, its uncalibrated log-variance in reflectance² (else ``None``)."""
         if x.ndim != 4 or x.shape[1] != len(BAND_NAMES) or x.shape[-1] != x.shape[-2]:
             raise ValueError(f"expected (B, {len(BAND_NAMES)}, H, H) reflectance, got {tuple(x.shape)}")
         size = x.shape[-1]
         z = (pad_to(x, self.img_size) - self.mean) / self.std
         tokens = self.backbone(z)[-1][:, 1:, :]  # last block (layer-normed), cls token dropped
-        residual = crop_from(self.head(tokens, z), size)
-        return x + residual * self.std
+        features, guide = self.head.features(tokens, z)
+        residual = crop_from(self.head.out(torch.cat([features, guide], dim=1)), size)
+        mean = x + residual * self.std
+        if self.sigma_head is None:
+            return mean, None
+        return mean, crop_from(self.sigma_head(features, guide), size) + 2 * torch.log(self.std)
 
 
 def build_refiner(p: Stage2Params, device: str | torch.device = "cpu") -> Refiner:
@@ -301,7 +316,7 @@ def build_refiner(p: Stage2Params, device: str | torch.device = "cpu") -> Refine
     embedding = NewBandEmbedding(backbone.patch_embed.proj, new_band_indices(p))
     backbone.patch_embed.proj = embedding
     mean, std = band_statistics(p)
-    return Refiner(backbone, p.img_size, mean, std)
+    return Refiner(backbone, p.img_size, mean, std, sigma=p.nll_weight > 0)
 
 
 def trainable_report(model: nn.Module) -> dict:

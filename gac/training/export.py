@@ -50,11 +50,43 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu") -> tuple[
     return meta["stage"], section, model.eval()
 
 
+def _inputs(stage: str, s1_db: torch.Tensor, opt_refl: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """What the stage's network takes: Stage 2 refines the optical alone, Stage 3 also sees the SAR."""
+    return (s1_db, opt_refl) if trained_model(stage).sees_sar else (opt_refl,)
+
+
 def apply(stage: str, model: torch.nn.Module, s1_db: torch.Tensor, opt_refl: torch.Tensor) -> torch.Tensor:
-    """Run a stage's network on a batch: Stage 2 refines the optical alone, Stage 3 also sees the SAR.
+    """Run a stage's network on a batch; the refined optical (the mean, where the model also predicts σ).
 
     The output is clipped to valid reflectance ``[0, 1]``: a residual may overshoot, and no caller (caches, the
     registry's pyfunc model, sweeps) should hand out a negative reflectance. Training losses see the raw output.
     """
-    out = model(s1_db, opt_refl) if trained_model(stage).sees_sar else model(opt_refl)
-    return out.clamp(0.0, 1.0)
+    return model(*_inputs(stage, s1_db, opt_refl)).clamp(0.0, 1.0)
+
+
+def has_sigma(model: torch.nn.Module) -> bool:
+    """Whether ``model`` predicts σ (it was trained with ``nll_weight > 0``)."""
+    return getattr(model, "sigma_head", None) is not None
+
+
+def apply_with_sigma(
+    stage: str, model: torch.nn.Module, s1_db: torch.Tensor, opt_refl: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`apply`'s mean and the calibrated σ of the reflectance (the head's σ times its fitted per-band
+    temperature), or ``None`` for a model without a σ head. σ is not clipped: it describes the unclipped Gaussian."""
+    if not has_sigma(model):
+        return apply(stage, model, s1_db, opt_refl), None
+    mean, log_var = model.distribution(*_inputs(stage, s1_db, opt_refl))
+    return mean.clamp(0.0, 1.0), model.sigma_head.sigma(log_var)
+
+
+def pyfunc_output(stage: str, model: torch.nn.Module, s1_db: torch.Tensor, opt_refl: torch.Tensor) -> Any:
+    """What a registered model returns (and its signature describes): the refined optical as a float32 array
+    ``(N, 12, H, W)`` of reflectance, or, for a model with a σ head, ``{"opt": that array, "sigma": its calibrated σ}``
+    (the keys of the cache, :data:`gac.inference.engine.SIGMA`). Without a σ head the output is what it always was,
+    so existing callers of a registered model without σ see no change."""
+    with torch.inference_mode():
+        mean, sigma = apply_with_sigma(stage, model, s1_db, opt_refl)
+    if sigma is None:
+        return mean.float().numpy()
+    return {"opt": mean.float().numpy(), "sigma": sigma.float().numpy()}

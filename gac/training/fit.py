@@ -1,10 +1,10 @@
 """Fit a stage with Lightning, keep its best and last checkpoints, and log and register it in MLflow.
 
 One call of :func:`fit` trains (or continues) one model: params (once, flat), per-step losses, validation metrics, the
-best checkpoint, the data it read as MLflow dataset inputs, its curves and two validation tiles as PNGs
-(:mod:`gac.training.run_media`), and the exported model (see :mod:`gac.mlops.registry_model`) registered as a new
-version of
-``gac-stage2``/``gac-stage3`` with the alias ``challenger``.
+σ head's calibration (:mod:`gac.training.calibration`, when the stage has one), the best checkpoint, the data it read
+as MLflow dataset inputs, its curves and two validation tiles as PNGs (:mod:`gac.training.run_media`), and the
+exported model (see :mod:`gac.mlops.registry_model`) registered as a new version of ``gac-stage2``/``gac-stage3``
+with the alias ``challenger``.
 
 **When a training continues and when it starts again** (the one place this rule lives). ``checkpoints/fit.json``
 records the training's *identity*:
@@ -34,7 +34,7 @@ import json
 import math
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -46,10 +46,11 @@ from gac.io.atomic import atomic_path, write_text
 from gac.io.store import ShardStore
 from gac.pipeline import StageName as S
 from gac.training import run_media
+from gac.training.calibration import calibrate
 from gac.training.crossfit import fold_dir, fold_of
 from gac.training.data import rows_of
 from gac.training.datamodule import PairDataModule
-from gac.training.export import save_model
+from gac.training.export import has_sigma, save_model
 from gac.training.stages import TRAINED_STAGES
 
 CHECKPOINTS = "checkpoints"
@@ -77,6 +78,9 @@ class FitResult:
     run_id: str | None
     model_dir: str
     trainable: dict
+    #: The σ head's per-band temperature and calibrated validation report (:func:`gac.training.calibration.calibrate`);
+    #: empty for a model without a σ head.
+    calibration: dict[str, float] = field(default_factory=dict)
 
 
 def _trainer(section: Stage2Params | Stage3Params, out: Path, task_cls, logger, extra_callbacks=(), steps_per_epoch=1):
@@ -216,6 +220,9 @@ def fit(
     # layers that have already run, and cannot move quantised ones (see gac.models.prithvi, "int8").
     task = spec.task(section.model_dump()).build(trainer.strategy.root_device)
     task.load_state_dict(state["state_dict"])
+    calibration = {}
+    if has_sigma(task.model):  # σ scaled on the validation split before the model is saved (gac.training.calibration)
+        calibration = calibrate(stage, task.model, data.val_dataloader(), trainer.strategy.root_device)
     # A fit that found its training already complete (dvc repro after a change to the code, not to the settings)
     # validated nothing: score the best weights now, with today's metric code, instead of reporting stale scores.
     rescored = not any(k.startswith("val/") for k in trainer.callback_metrics)
@@ -244,6 +251,7 @@ def fit(
         run_id=mlf.run_id,
         model_dir=str(model_dir),
         trainable={k: v for k, v in trainable.items() if k != "names"},
+        calibration=calibration,
     )
 
     def media() -> None:
@@ -348,6 +356,7 @@ def _log_result(
                 "trainable_share": result.trainable["share"],
                 "trainable_params": result.trainable["trainable"],
             }
+            | result.calibration
         )
         mlflow.log_artifact(result.best_checkpoint, "checkpoints")
         mlflow.log_text(json.dumps(result.trainable, indent=2), "trainable.json")

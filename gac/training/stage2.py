@@ -21,8 +21,8 @@ class Stage2Task(RefineTask):
         if self.params.lpips_weight > 0:  # fails with one clear line when no local LPIPS weights are configured
             self.lpips = metrics.lpips_metric(self.params.lpips_weights_path)
 
-    def predict(self, batch: dict) -> torch.Tensor:
-        return self.model(batch["source"])
+    def predict(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return self.model.distribution(batch["source"])
 
     def losses(self, pred: torch.Tensor, batch: dict) -> dict[str, torch.Tensor]:
         p, target = self.params, batch["target"]

@@ -25,8 +25,8 @@ class Stage3Task(RefineTask):
         self.params = Stage3Params.model_validate(self.section)
         self.model = build_grounder(self.params)
 
-    def predict(self, batch: dict) -> torch.Tensor:
-        return self.model(batch["s1"], batch["source"])
+    def predict(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return self.model.distribution(batch["s1"], batch["source"])
 
     def losses(self, pred: torch.Tensor, batch: dict) -> dict[str, torch.Tensor]:
         p = self.params

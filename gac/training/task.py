@@ -1,8 +1,9 @@
 """The Lightning task both trained stages share, in torchgeo's ``BaseTask`` shape.
 
 A stage fills in three hooks — :meth:`RefineTask.configure_models` (the network, built on a given device),
-:meth:`RefineTask.predict` (batch → refined optical) and :meth:`RefineTask.losses` (named loss terms) — and sets
-``monitor``/``mode``; the loop, validation metrics, optimiser and schedule live here once. Only trainable parameters
+:meth:`RefineTask.predict` (batch → refined optical and, with a σ head, its log-variance) and
+:meth:`RefineTask.losses` (named loss terms) — and sets ``monitor``/``mode``; the loop, validation metrics, the
+Gaussian NLL of the σ head (:func:`nll_term`), optimiser and schedule live here once. Only trainable parameters
 (LoRA adapters and heads) reach the optimiser, so the frozen base costs no optimiser state.
 
 The network is built in Lightning's ``configure_model`` hook, not in ``__init__``: by then the trainer knows the device
@@ -28,6 +29,19 @@ from gac.evaluation import metrics
 
 #: Environment variable naming the folder of the per-rank seen-tiles audit files (see the module docstring).
 SEEN_TILES_ENV = "GAC_SEEN_TILES_DIR"
+
+
+def nll_term(mean: torch.Tensor, log_var: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Gaussian NLL (torch's ``gaussian_nll_loss``, mean over pixels and bands) of ``target`` under N(mean, e^log_var).
+
+    The mean is detached: the term trains the variance only, so a stage's mean prediction — and what its other losses
+    make of it — is the same with and without the σ head. ``eps`` is far below any variance the head can predict
+    (:data:`gac.models.heads.LOG_VAR_RANGE`): torch's default 1e-6 would floor σ at 10 DN. The level of σ need not
+    be reached in training: :mod:`gac.training.calibration` scales it per band on the validation split. (Profiling
+    that per-band scale out of the loss was tried: in the learning world it ranked pixels no better — Spearman with
+    the known σ 0.926 vs 0.908 in Stage 2, 0.751 vs 0.853 in Stage 3 — so the plain NLL stays.)
+    """
+    return torch.nn.functional.gaussian_nll_loss(mean.detach(), target, log_var.exp(), eps=1e-12)
 
 
 def selection_score(ssim: torch.Tensor, sar_edge: torch.Tensor) -> torch.Tensor:
@@ -73,8 +87,8 @@ class RefineTask(L.LightningModule):
         """Build ``self.model``; parameters that must be created on the target device (int8) go to ``device``."""
         raise NotImplementedError
 
-    def predict(self, batch: dict) -> torch.Tensor:
-        """Refined optical reflectance (B, 12, 120, 120) for a batch."""
+    def predict(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Refined optical reflectance (B, 12, 120, 120) for a batch, and its log-variance (``None``: no σ head)."""
         raise NotImplementedError
 
     def losses(self, pred: torch.Tensor, batch: dict) -> dict[str, torch.Tensor]:
@@ -83,8 +97,10 @@ class RefineTask(L.LightningModule):
 
     # -- loop --------------------------------------------------------------------------------------------------------
     def _step(self, batch: dict, stage: str) -> tuple[torch.Tensor, torch.Tensor]:
-        pred = self.predict(batch)
+        pred, log_var = self.predict(batch)
         terms = self.losses(pred, batch)
+        if log_var is not None:
+            terms["nll"] = self.params.nll_weight * nll_term(pred, log_var, batch["target"])
         loss = torch.stack(list(terms.values())).sum()
         bs = len(batch["patch_id"])
         on_step = stage == "train"
