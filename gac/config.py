@@ -194,6 +194,10 @@ class Stage2Params(Section):
     #: (:mod:`gac.training.crossfit`); ``0`` = off (Stage 3 then trains on in-sample opt_v2; ``gac evaluate`` reports
     #: the gap).
     cross_fit_folds: int = Field(default=0, ge=0)
+    #: With ``cross_fit_folds`` k ≥ 2: opt_v2's ``sigma`` also carries the spread of the k fold models' predictions
+    #: (what the model has not learnt: k models fitted on different tiles disagree there), at k more forward passes
+    #: per tile; added in quadrature to the σ head's σ.
+    cross_fit_spread: bool = False
     train: TrainParams = TrainParams()
     cache: CacheParams = CacheParams()
     out: str = "artifacts/stage2"
@@ -203,6 +207,8 @@ class Stage2Params(Section):
         _fits_the_tile(self.img_size)
         if self.cross_fit_folds == 1:
             raise ValueError("cross_fit_folds 1 holds nothing out (expected 0 = off, or k >= 2 folds)")
+        if self.cross_fit_spread and self.cross_fit_folds < 2:
+            raise ValueError("cross_fit_spread needs fold models (expected cross_fit_folds >= 2)")
         return self
 
 

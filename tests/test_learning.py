@@ -449,11 +449,11 @@ def test_stage2_cross_fitting_writes_every_train_tile_with_a_model_that_never_sa
 ) -> None:
     """``stage2.cross_fit_folds: 2``: two fold trainings, each without its fold; opt_v2 of a train tile comes from
     the fold model that did not train on it, every other tile from the main model (so Stage 3 trains on honest
-    inputs)."""
+    inputs). With ``cross_fit_spread`` the fold models' disagreement joins σ."""
     from gac.cli import main
     from gac.inference.engine import to_dn
     from gac.training.crossfit import fold_dir, fold_of
-    from gac.training.export import apply, load_model
+    from gac.training.export import apply, apply_with_sigma, load_model
     from gac.training.task import SEEN_TILES_ENV
 
     opt_v1 = write_degraded(catalog, tmp_path / "opt_v1", seed=1)
@@ -490,3 +490,23 @@ def test_stage2_cross_fitting_writes_every_train_tile_with_a_model_that_never_sa
         assert all(np.abs(written - expected[k].astype(np.int32)).max() > 1 for k in others), (pid, who)
     provenance = json.loads((out / "opt_v2" / "provenance.json").read_text())
     assert provenance["cross_fit_folds"] == 2 and len(provenance["fold_models"]) == 2
+
+    # stage2.cross_fit_spread: the same models write σ = √(head σ² + the folds' spread²) (no training: --cache-only)
+    values["stage2"]["cross_fit_spread"] = True
+    params.write_text(yaml.safe_dump(values, sort_keys=False))
+    before = opt_v2.read("sigma")
+    assert main(["--params", str(params), "stage2", "--stage1-dir", str(opt_v1), "--cache-only"]) == 0
+    opt_v2 = ShardStore(out / "opt_v2")
+    x = torch.from_numpy(src.read("opt", src.rows_for([test_tile])).astype(np.float32)) / 10000
+    s1 = torch.from_numpy(cat.read("s1", cat.rows_for([test_tile])).astype(np.float32))
+    with torch.no_grad():
+        head = apply_with_sigma("stage2", models["main"], s1, x.clamp(0, 1))[1]
+        means = torch.stack([apply("stage2", models[i], s1, x.clamp(0, 1)) for i in (0, 1)])
+    spread = means.std(0)
+    expected = to_dn((torch.sqrt(head.square() + spread.square()) * 10000)[0].numpy()).astype(np.int32)
+    written = opt_v2.read("sigma", opt_v2.rows_for([test_tile]))[0].astype(np.int32)
+    assert np.abs(written - expected).max() <= 1
+    assert (spread * 10000 > 1).float().mean() > 0.5  # the folds disagree: the spread is not a rounding error
+    after = opt_v2.read("sigma")
+    assert (after >= before).all() and (after > before).any()  # in quadrature: never smaller, larger where it counts
+    assert json.loads((out / "opt_v2" / "provenance.json").read_text())["cross_fit_spread"] is True

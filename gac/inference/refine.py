@@ -24,7 +24,7 @@ from gac.inference import engine
 from gac.io import fingerprint
 from gac.io.provenance import read_timing, write_provenance, write_timing
 from gac.io.store import ShardStore
-from gac.training.crossfit import OutOfFold
+from gac.training.crossfit import OutOfFold, fold_sigma
 from gac.training.export import apply_with_sigma
 
 CONFIG_FILE = "cache.json"
@@ -65,6 +65,7 @@ def write_cache(
         "inputs": digests,
         "tiles": fingerprint.ids_digest(index["patch_id"]),
         **params.model_dump(include={"shard_size", "batch_size", "precision"}),
+        **({"fold_spread": True} if isinstance(model, OutOfFold) and model.spread else {}),  # σ differs with it
     }
 
     def predict(m: torch.nn.Module, s1: torch.Tensor, opt: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -81,6 +82,9 @@ def write_cache(
             for model, rows in m.groups(patch_ids):
                 for key, value in predict(model, s1[rows], opt[rows]).items():
                     out.setdefault(key, torch.empty_like(opt))[rows] = value
+            if m.spread:  # every tile through every fold model: their disagreement joins σ (crossfit.fold_sigma)
+                means = torch.stack([predict(fold, s1, opt)["opt"] for fold in m.folds])
+                out[engine.SIGMA] = fold_sigma(means, out.get(engine.SIGMA))
             return {k: v * DN_SCALE for k, v in out.items()}
 
     report = engine.run(

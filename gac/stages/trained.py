@@ -64,7 +64,8 @@ def _run(stage: StageName, cfg: Params, section, source_root: str, next_cache: s
     if options.cache_only:
         model_dir = Path(section.out) / "model"
         _, saved, model = load_model(model_dir, device)
-        model, crossfit = _with_folds(model, _cross_fit(stage, section, catalog_root, source_root, cfg, False), device)
+        folds = _cross_fit(stage, section, catalog_root, source_root, cfg, False)
+        model, crossfit = _with_folds(model, folds, device, getattr(section, "cross_fit_spread", False))
         origin = tracking.weights_origin(saved.pretrained, saved.ckpt_path)  # the folder's base, as training records it
         info = write_cache(stage, model, catalog_root, source_root, next_cache, section.cache,
                            provenance={"model_dir": str(model_dir), "data_source": cfg.data.source,
@@ -97,7 +98,7 @@ def _run(stage: StageName, cfg: Params, section, source_root: str, next_cache: s
     }
     if options.write_cache:
         _, _, model = load_model(result.model_dir, device)
-        model, crossfit = _with_folds(model, folds, device)
+        model, crossfit = _with_folds(model, folds, device, getattr(section, "cross_fit_spread", False))
         version = result.metrics.get("registered_version")
         info = write_cache(
             stage,
@@ -143,10 +144,11 @@ def _cross_fit(stage: str, section, catalog_root: str, source_root: str, cfg, tr
                                          for i in range(section.cross_fit_folds)]  # fmt: skip
 
 
-def _with_folds(model, folds, device) -> tuple:
+def _with_folds(model, folds, device, spread: bool = False) -> tuple:
     """``(model routed out of fold, provenance)`` for :func:`_cross_fit`'s result; ``(model, {})`` without."""
     if folds is None:
         return model, {}
     train_ids, dirs = folds
     fold_models = [load_model(d, device)[2] for d in dirs]
-    return OutOfFold(model, fold_models, train_ids), {"cross_fit_folds": len(dirs), "fold_models": dirs}
+    return OutOfFold(model, fold_models, train_ids, spread), {"cross_fit_folds": len(dirs), "fold_models": dirs,
+                                                              "cross_fit_spread": spread}  # fmt: skip

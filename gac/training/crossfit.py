@@ -45,12 +45,16 @@ class OutOfFold(nn.Module):
         main: the model trained on every train tile (used for tiles outside ``folds``' train tiles).
         folds: fold model ``i`` was trained without the tiles ``fold_of(…) == i`` of ``train_ids``.
         train_ids: the train tiles the fold models were fitted on (only these are routed to a fold model).
+        spread: also report the fold models' disagreement as σ (``stage2.cross_fit_spread``, :func:`fold_sigma`).
     """
 
-    def __init__(self, main: nn.Module, folds: Sequence[nn.Module], train_ids: Iterable[str]) -> None:
+    def __init__(
+        self, main: nn.Module, folds: Sequence[nn.Module], train_ids: Iterable[str], spread: bool = False
+    ) -> None:
         super().__init__()
         self.main, self.folds = main, nn.ModuleList(folds)
         self.fold = {pid: fold_of(pid, len(folds)) for pid in train_ids}
+        self.spread = spread
 
     def groups(self, patch_ids: Sequence[str]) -> list[tuple[nn.Module, torch.Tensor]]:
         """``[(model, row positions)]`` covering ``patch_ids``: each tile goes to the model that did not train on it."""
@@ -60,3 +64,17 @@ class OutOfFold(nn.Module):
             rows = torch.tensor([i for i, w in enumerate(which) if w == k], dtype=torch.long)
             out.append((self.main if k < 0 else self.folds[k], rows))
         return out
+
+
+def fold_sigma(fold_means: torch.Tensor, sigma: torch.Tensor | None) -> torch.Tensor:
+    """σ of a tile from the ``k`` fold models' means ``(k, B, C, H, W)`` and the σ head's σ (or ``None``).
+
+    The k models were fitted on different tiles; where they disagree, the prediction depends on which tiles it saw —
+    what the model has not learnt (epistemic), as a deep ensemble's spread measures it, and at no extra training:
+    the folds exist for cross-fitting already. Their standard deviation (``k − 1``: unbiased variance) adds in
+    quadrature to the head's σ (what the SAR cannot determine: aleatoric), the two being independent sources. For a
+    validation or test tile no fold model saw it; for a train tile, ``k − 1`` of them did, so there the spread
+    understates (those tiles are Stage 3's input, not scored).
+    """
+    spread = fold_means.std(0, correction=1)
+    return spread if sigma is None else torch.sqrt(sigma.square() + spread.square())
