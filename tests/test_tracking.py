@@ -135,6 +135,17 @@ def test_mlflow_tracking_uri_wins_over_params_and_runs_record_their_store(
     assert tracking.uri(params) == params.tracking_uri
 
 
+def test_the_host_that_creates_the_experiment_second_uses_the_first_ones(tmp_path: Path, empty_mlflow_db: Path) -> None:
+    """Two hosts' first runs on one server both find no experiment and both create it; the server refuses the second
+    (RESOURCE_ALREADY_EXISTS), which must then use the first's, not fail (seen once in the two-host sweep test)."""
+    import mlflow
+
+    uri = f"sqlite:///{_store(tmp_path, empty_mlflow_db)}"
+    first = mlflow.MlflowClient(uri).create_experiment("gac")  # the other host, between our lookup and our create
+    tracking.use(uri)
+    assert tracking._create_experiment("gac", None).experiment_id == first
+
+
 @pytest.mark.parametrize("location", ["s3://team-bucket/gac", "mlflow-artifacts:/gac", "gs://b/gac"])
 def test_an_artifact_location_with_a_scheme_is_kept_as_given(
     tmp_path: Path, empty_mlflow_db: Path, location: str

@@ -119,12 +119,29 @@ def setup(params: MlflowParams) -> str:
         if experiment is None:
             if root is not None and root.startswith("file:"):
                 Path(params.artifact_location).resolve().mkdir(parents=True, exist_ok=True)
-            experiment_id = mlflow.create_experiment(params.experiment, artifact_location=root)
-            experiment = mlflow.get_experiment(experiment_id)
+            experiment = _create_experiment(params.experiment, root)
         if relative and experiment.artifact_location == root:
             relative_to = Path(params.artifact_location).as_posix()
             _relocate(tracking_uri, experiment.experiment_id, experiment.artifact_location, relative_to)
     return mlflow.set_experiment(params.experiment).experiment_id
+
+
+def _create_experiment(name: str, artifact_location: str | None):
+    """Create experiment ``name``, or return the one another process created first.
+
+    On a shared tracking server nothing serialises two hosts' first runs (the SQLite lock of :func:`setup` is a
+    local file): both find no experiment, both create it, and the server answers the second with
+    ``RESOURCE_ALREADY_EXISTS`` (its unique name). That host then uses the experiment the first one made.
+    """
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return mlflow.get_experiment(mlflow.create_experiment(name, artifact_location=artifact_location))
+    except MlflowException as e:
+        if e.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+        return mlflow.get_experiment_by_name(name)
 
 
 #: The columns :func:`_relocate` rewrites: (table, column, whether the table has an ``experiment_id``).
