@@ -43,11 +43,12 @@ Before the targets carried noise (clean targets, no σ head) the same runs gaine
 dB). Stage 3 gains less in this budget because its SAR-edge term pulls towards edges first: without it and the cycle
 term the same run gains 7.0 dB instead of 3.4 (snowy tile scored; without the cycle term alone: unchanged).
 
-σ on the held-out tiles (DN; UCE in DN²): Stage 2 Spearman with the known σ 0.908, coverage 0.739 (68 %) and 0.937
-(95 %), UCE 29 895, Spearman(|error|, σ) 0.373 per pixel and 0.771 per tile, sharpness 235 DN; Stage 3 0.853, 0.741
-and 0.943, UCE 33 903, 0.252 and 0.761, 268 DN; the lr 1e-9 control Spearman 0.000 (σ constant per band; its
-calibrated coverage, 0.959, alone would pass). Coverage 68 % above 0.68 with 95 % below 0.95: the errors are heavier
-tailed than a Gaussian (the mean's own deblurring errors at edges add to the noise).
+σ on the held-out tiles (DN; UCE in DN²; :mod:`gac.evaluation.uncertainty`'s definitions): Stage 2 Spearman with the
+known σ 0.908, coverage 0.741 (68 %) and 0.937 (95 %), UCE 3 646, Spearman(|error|, σ) 0.249 per pixel and 0.771 per
+tile, sharpness 235 DN; Stage 3 0.853, 0.743 and 0.943, UCE 12 395, 0.117 and 0.761, 268 DN; the lr 1e-9 control
+Spearman 0.000 (σ constant per band; its calibrated coverage, 0.959, alone would pass). Coverage 68 % above 0.68
+with 95 % below 0.95: the errors are heavier tailed than a Gaussian (the mean's own deblurring errors at edges add to
+the noise).
 """
 
 from __future__ import annotations
