@@ -37,6 +37,24 @@ from torch import Tensor, nn
 HEAD_WIDTH = 32
 
 
+def fuse_convs(in_channels: int, width: int) -> nn.Sequential:
+    """Two 3×3 convs with GELU at full resolution (reflect padding: no dark frame at the tile border)."""
+    return nn.Sequential(
+        nn.Conv2d(in_channels, width, 3, padding=1, padding_mode="reflect"),
+        nn.GELU(),
+        nn.Conv2d(width, width, 3, padding=1, padding_mode="reflect"),
+        nn.GELU(),
+    )
+
+
+def zero_conv(in_channels: int, out_channels: int) -> nn.Conv2d:
+    """A 1×1 conv whose weights and bias start at zero: a head that starts as "no change" (see the module doc)."""
+    conv = nn.Conv2d(in_channels, out_channels, 1)
+    nn.init.zeros_(conv.weight)
+    nn.init.zeros_(conv.bias)
+    return conv
+
+
 class TokenPixelDecoder(nn.Module):
     """``(tokens (B, N, dim) on a square grid, guide (B, guide_channels, H, W))`` → ``(B, out_channels, H, W)``.
 
@@ -50,15 +68,8 @@ class TokenPixelDecoder(nn.Module):
     def __init__(self, dim: int, guide_channels: int, out_channels: int, width: int = HEAD_WIDTH) -> None:
         super().__init__()
         self.reduce = nn.Conv2d(dim, width, 1)
-        self.fuse = nn.Sequential(
-            nn.Conv2d(width + guide_channels, width, 3, padding=1, padding_mode="reflect"),
-            nn.GELU(),
-            nn.Conv2d(width, width, 3, padding=1, padding_mode="reflect"),
-            nn.GELU(),
-        )
-        self.out = nn.Conv2d(width + guide_channels, out_channels, 1)
-        nn.init.zeros_(self.out.weight)
-        nn.init.zeros_(self.out.bias)
+        self.fuse = fuse_convs(width + guide_channels, width)
+        self.out = zero_conv(width + guide_channels, out_channels)
 
     def forward(self, tokens: Tensor, guide: Tensor) -> Tensor:
         """``tokens`` in row-major patch order (no cls token); ``guide`` at the output resolution."""
@@ -91,15 +102,8 @@ class LogVarianceHead(nn.Module):
 
     def __init__(self, guide_channels: int, out_channels: int, width: int = HEAD_WIDTH) -> None:
         super().__init__()
-        self.body = nn.Sequential(
-            nn.Conv2d(width + guide_channels, width, 3, padding=1, padding_mode="reflect"),
-            nn.GELU(),
-            nn.Conv2d(width, width, 3, padding=1, padding_mode="reflect"),
-            nn.GELU(),
-        )
-        self.out = nn.Conv2d(width + guide_channels, out_channels, 1)
-        nn.init.zeros_(self.out.weight)
-        nn.init.zeros_(self.out.bias)
+        self.body = fuse_convs(width + guide_channels, width)
+        self.out = zero_conv(width + guide_channels, out_channels)
 
     def forward(self, features: Tensor, guide: Tensor) -> Tensor:
         x = torch.cat([features, guide], dim=1)
