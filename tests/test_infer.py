@@ -104,7 +104,7 @@ def test_model_folders_run_the_whole_pipeline_on_a_bigearthnet_root_into_what_th
     from gac.stages.infer import check_sources
     from gac.training.export import save_model
 
-    s2, s3 = Stage2Params(img_size=128), Stage3Params(img_size=128)
+    s2, s3 = Stage2Params(img_size=128), Stage3Params(img_size=128, nll_weight=0.05)  # Stage 3 with a σ head
     torch.manual_seed(0)
     models = {"stage2": non_identity(build_refiner(s2), seed=2), "stage3": non_identity(build_grounder(s3), seed=3)}
     save_model("stage2", s2, models["stage2"].eval(), workdir / "m2")  # eval(): in place, the reference runs so too
@@ -130,17 +130,19 @@ def test_model_folders_run_the_whole_pipeline_on_a_bigearthnet_root_into_what_th
     assert len(ids) == 3 and all(list(store.index["patch_id"]) == ids for store in stores.values())
     tifs = sorted((workdir / "out" / "geotiff").glob("*_opt_v3.tif"))  # every tile's, by default
     assert len(tifs) == 3
-    with rasterio.open(tifs[0]) as src:
-        assert src.count == 12 and src.crs is not None and src.transform.a == 10.0
+    with rasterio.open(tifs[0]) as src:  # the mean and, since Stage 3 has a σ head, its σ bands
+        assert src.count == 24 and src.descriptions[12] == "B01_sigma" and src.crs is not None
+        assert src.transform.a == 10.0
     (figure,) = (workdir / "out" / "figures").glob("*_compare.png")  # --save-visualizations 1
     with Image.open(figure) as img:  # the title says the models are random-init tiny ones, not trained ones
         title = img.text["Title"]
     assert "weights: opt_v1, opt_v2, opt_v3 random init — random-init weights (demo: not a trained model)" in title
     scenes = sorted((workdir / "out" / "scenes").glob("*.tif"))  # --scenes: the tiles' products as COGs
-    assert f"Scenes: {len(scenes)} Cloud-Optimized GeoTIFFs of 3 opt_v3 tiles, one a scene in out/scenes" in printed.out
+    assert (f"Scenes: {len(scenes)} Cloud-Optimized GeoTIFFs with σ bands of 3 opt_v3 tiles, one a scene in out/scenes"
+            in printed.out)  # fmt: skip
     for path in scenes:  # the pixels and layout of a scene: tests/test_cog.py
         with rasterio.open(path) as src:
-            assert src.tags(ns="IMAGE_STRUCTURE")["LAYOUT"] == "COG" and src.count == 12
+            assert src.tags(ns="IMAGE_STRUCTURE")["LAYOUT"] == "COG" and src.count == 24
     catalog = ShardStore(workdir / "out" / "catalog")
     s1 = torch.from_numpy(catalog.read("s1", catalog.rows_for(ids)).astype(np.float32))
     for stage, source, cache in (("stage2", "opt_v1", "opt_v2"), ("stage3", "opt_v2", "opt_v3")):
@@ -149,6 +151,16 @@ def test_model_folders_run_the_whole_pipeline_on_a_bigearthnet_root_into_what_th
         moved, worst = float(np.median(np.abs(expected - given))), int(np.abs(written - expected).max())
         assert moved > 20 * ROUNDING_DN, (stage, moved)  # the model is not the identity
         assert worst <= ROUNDING_DN, (stage, worst)
+    # gac infer writes σ: opt_v3's is the in-process model's calibrated σ; opt_v2's model has no σ head, no σ
+    from gac.inference.engine import to_dn
+    from gac.training.export import apply_with_sigma
+
+    opt_v2 = torch.from_numpy(stores["opt_v2"].read("opt").astype(np.float32)) / 10000
+    with torch.inference_mode():
+        sigma = apply_with_sigma("stage3", models["stage3"], s1, opt_v2.clamp(0, 1))[1]
+    written = stores["opt_v3"].read("sigma").astype(int)
+    assert np.abs(written - to_dn(sigma.numpy() * 10000).astype(int)).max() <= ROUNDING_DN
+    assert not stores["opt_v2"].has("sigma")
 
 
 def computed(stage: str, model, s1, opt_dn: np.ndarray) -> np.ndarray:
