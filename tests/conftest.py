@@ -33,6 +33,12 @@ def pytest_configure(config: pytest.Config) -> None:
         import torch
 
         torch.set_num_threads(1)
+    if os.environ.get("PYTEST_XDIST_WORKER") or config.getoption("numprocesses", None) in (None, 0):
+        # the process that runs the tests: TerraTorch (and with it torch, Lightning, timm…) imported once, up front,
+        # with the collector quiet and what it built frozen (gac.startup), not re-scanned by each later collection
+        from gac.models.backend import import_terratorch
+
+        import_terratorch()
 
 
 #: Modules that take minutes, longest first: under pytest-xdist (``--dist loadscope``: a module stays on one worker, in

@@ -13,9 +13,11 @@ import importlib
 import os
 import sys
 from collections.abc import Callable, Sequence
+from importlib.util import find_spec
 
 from gac.errors import GacError
 from gac.pipeline import StageName as S
+from gac.startup import quiet_gc
 
 #: subcommand → (module with ``add_arguments(parser)`` and ``run(args)``, one-line help).
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -34,8 +36,6 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 def _available() -> dict[str, tuple[str, str]]:
     """Subcommands whose module exists (looked up without importing it)."""
-    from importlib.util import find_spec
-
     return {name: spec for name, spec in COMMANDS.items() if find_spec(spec[0]) is not None}
 
 
@@ -55,7 +55,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``gac`` console script."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    run: Callable[[argparse.Namespace], int | None] = importlib.import_module(args._module).run
+    with quiet_gc():  # the stage's imports (torch, Lightning, MLflow…) at start-up: see gac.startup
+        run: Callable[[argparse.Namespace], int | None] = importlib.import_module(args._module).run
+        if find_spec(stage := f"gac.stages.{args.command}") is not None:
+            importlib.import_module(stage)
     try:
         return int(run(args) or 0)
     except GacError as e:

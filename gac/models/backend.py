@@ -20,6 +20,8 @@ from typing import ParamSpec, TypeVar
 
 import torch
 
+from gac.startup import quiet_gc
+
 P = ParamSpec("P")
 R = TypeVar("R")
 
@@ -32,7 +34,8 @@ def import_terratorch() -> None:
     resets torch's default (``"highest"``).
     """
     before = "highest" if "terratorch" in sys.modules else torch.get_float32_matmul_precision()
-    importlib.import_module("terratorch")
+    with quiet_gc():  # ~8,000 modules: see gac.startup
+        importlib.import_module("terratorch")
     torch.set_float32_matmul_precision(before)
 
 
