@@ -18,7 +18,9 @@ printed; ``GAC_KILL_SEED=<seed>`` replays it.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import os
 import random
 import subprocess
@@ -124,3 +126,19 @@ def store_bytes(root: Path) -> dict[str, str]:
     rejected lists (not the cache's provenance or timing, which name paths and seconds)."""
     files = [*(root / "shards").rglob("*"), root / "index.parquet", root / "rejected.parquet"]
     return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(files) if p.is_file()}
+
+
+def rerun(args: list[str], cwd: Path | None = None) -> str:
+    """``gac *args`` run to completion in this process (asserting exit status 0); its standard output.
+
+    A kill test proves what the *killed* process left behind; the run after it is an ordinary ``gac`` run over that
+    folder, through the same ``main``, so it needs no fresh interpreter (which would only import torch and TerraTorch
+    again). The test's own thread settings apply (one intra-op thread under pytest-xdist), as they did to its reference.
+    """
+    from gac.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.chdir(cwd or Path.cwd()), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(args)
+    assert code == 0, f"gac {' '.join(args)} exited {code}:\n{out.getvalue()[-3000:]}\n{err.getvalue()[-3000:]}"
+    return out.getvalue()

@@ -12,6 +12,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import killpoint
 import numpy as np
 import pytest
 import sweeping
@@ -125,8 +126,9 @@ def test_sweep_pareto_mlflow_and_registration(tmp_path, stores, one_thread):
 
     storage = f"sqlite:///{tmp_path}/optuna.db"
     params = sweep_params(tmp_path, stores, storage, n_trials=2)
-    done = subprocess.run(sweep_cmd(params), env=ENV, capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stderr[-3000:]
+    from gac.cli import main
+
+    assert main(sweep_cmd(params)[3:]) == 0  # `python -m gac sweep …` in this process, on one thread (`one_thread`)
     trials = trials_of(storage)
     assert [t.state.name for t in trials] == ["COMPLETE", "COMPLETE"]
     assert all(len(t.values) == 4 for t in trials)
@@ -251,8 +253,7 @@ def test_kill_and_continue(tmp_path, stores):
             break
         assert asked_at < killed_at + GRACE_S + HEARTBEAT_S, "the killed trial's heartbeat did not go stale"
         time.sleep(0.5)
-    again = subprocess.run(sweep_cmd(params, "--no-register"), env=ENV, capture_output=True, text=True, timeout=900)
-    assert again.returncode == 0, again.stderr[-3000:]
+    killpoint.rerun(sweep_cmd(params, "--no-register")[3:])  # `python -m gac sweep …` again, in this process
     trials = trials_of(storage)
     states = [t.state.name for t in trials]
     assert states.count("COMPLETE") == 2
