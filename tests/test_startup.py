@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 import gc
+import importlib
+import sys
+from pathlib import Path
 
 from gac.startup import quiet_gc
 
+#: A module whose import builds 100k containers (~140 collections with the collector on), like a heavy package does.
+HEAVY = "BUILT = [[i] for i in range(100_000)]\n"
 
-def test_nothing_is_collected_inside_and_what_the_block_built_is_frozen() -> None:
+
+def test_nothing_is_collected_inside_and_what_the_imports_built_is_frozen(tmp_path: Path, monkeypatch) -> None:
+    (tmp_path / "gac_startup_heavy.py").write_text(HEAVY)
+    monkeypatch.syspath_prepend(str(tmp_path))
     started: list[int] = []
 
     def seen(phase: str, info: dict) -> None:
@@ -19,13 +27,22 @@ def test_nothing_is_collected_inside_and_what_the_block_built_is_frozen() -> Non
     try:
         with quiet_gc():
             assert not gc.isenabled()
-            built = [[i] for i in range(100_000)]  # 100k containers: ~140 collections with the collector on
+            heavy = importlib.import_module("gac_startup_heavy")
         assert started == [] and gc.isenabled()
-        assert gc.get_freeze_count() >= frozen + len(built)  # later full collections skip them
+        assert gc.get_freeze_count() >= frozen + len(heavy.BUILT)  # later full collections skip them
         more = [[i] for i in range(100_000)]  # after the block the collector runs as before
-        assert started and len(more) == len(built)
+        assert started and len(more) == len(heavy.BUILT)
     finally:
         gc.callbacks.remove(seen)
+        sys.modules.pop("gac_startup_heavy", None)
+
+
+def test_a_block_that_imports_nothing_freezes_nothing() -> None:
+    """``gac.cli.main`` called again in one process: what is alive then (garbage cycles too) is not pinned for good."""
+    frozen = gc.get_freeze_count()
+    with quiet_gc():
+        alive = [[i] for i in range(10_000)]
+    assert gc.get_freeze_count() == frozen and len(alive) == 10_000
 
 
 def test_it_nests_and_leaves_a_disabled_collector_disabled() -> None:
