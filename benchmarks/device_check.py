@@ -70,13 +70,14 @@ def check_stage1(size: dict, device: str) -> dict:
     precision = "bf16" if device.startswith("cuda") else "auto"  # a CPU: bf16 where it is native (AVX512-BF16, AMX)
     args = argparse.Namespace(tiles=size["tiles"], timesteps=size["timesteps"], img_size=size["img_size"],
                               batch_size=size["batch"], variant=size["stage1"], device=device, threads=None,
-                              channels_last=False, precision=precision, repeats=1, seed=0, mosaic=True,
-                              scene_side=size["scene_side"], profile_rows=15)  # fmt: skip
+                              channels_last=False, compile=False, baseline=True, precision=precision, repeats=1,
+                              seed=0, mosaic=True, scene_side=size["scene_side"], profile_rows=15)  # fmt: skip
     r = bench.run(args)
     return {"variant": size["stage1"], "precision": r["p"].precision, "tiles_per_s": r["batched_tps"],
             "mosaic_tiles_per_s": r["mosaic_tps"], "gflop_per_tile": r["flops_per_tile"] / 1e9,
             "mosaic_gflop_per_tile": r["mosaic_flops_per_tile"] / 1e9, "bf16_vs_fp32": r["quality"],
-            "profile": r["profile"].splitlines(), "line": bench.last_line(r, mosaic=True)}  # fmt: skip
+            "profile": r["profile"].splitlines(), "line": bench.last_line(r, mosaic=True), "fast_path": r["fast"],
+            "fast_vs_before": r["vs_before"] | {"speedup": r["batched_tps"] / r["before_tps"]}}  # fmt: skip
 
 
 def check_training(stage: str, size: dict, device: str) -> dict:

@@ -32,6 +32,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import copy
 import functools
 import sys
 import tempfile
@@ -168,9 +169,9 @@ def profiler_activities(device) -> list:
     return cpu + [torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else cpu
 
 
-def bf16_vs_fp32(model, s1, p, device, seed: int) -> dict[str, float] | None:
-    """PSNR (dB) and SAM (degrees) of bf16 opt_v1 against fp32 opt_v1: the same tiles, weights and seeds, both rounded
-    to the uint16 DN the cache stores; ``None`` where the device has no native bf16."""
+def agreement(a: dict, b: dict, s1, p, device, seed: int) -> dict[str, float]:
+    """PSNR (dB) and SAM (degrees) of opt_v1 from ``a`` against ``b`` (each ``{"model": …, "precision": …}``): the
+    same tiles and seeds, both rounded to the uint16 DN the cache stores; ``identical`` when every DN agrees."""
     import numpy as np
     import torch
 
@@ -178,15 +179,32 @@ def bf16_vs_fp32(model, s1, p, device, seed: int) -> dict[str, float] | None:
     from gac.inference import engine
     from gac.inference import generate as stage1
 
+    out = []
+    for side in (a, b):
+        stage1.seed_batch(seed, "quality", 0)
+        dn = stage1.generate(side["model"], s1, p.model_copy(update={"precision": side["precision"]}), device)
+        out.append(torch.from_numpy(engine.to_dn(dn.numpy()).astype(np.float32)))
+    ref = [metrics.to_reflectance(x) for x in out]
+    return {"psnr": metrics.psnr(*ref).mean().item(), "sam_deg": metrics.sam_deg(*ref).mean().item(),
+            "identical": bool(torch.equal(*out))}  # fmt: skip
+
+
+def bf16_vs_fp32(model, reference, s1, p, device, seed: int) -> dict[str, float] | None:
+    """bf16 opt_v1 as ``gac stage1`` makes it (``model`` where the run is bf16, else a copy of ``reference`` put on
+    the bf16 fast path) against fp32 opt_v1 of ``reference`` (as built); ``None`` where the device has no native
+    bf16."""
+    import copy
+
+    from gac.inference import engine, fastpath
+
     if not engine.native_bf16(device):
         return None
-    out = {}
-    for precision in ("32", "bf16"):
-        stage1.seed_batch(seed, "quality", 0)
-        dn = stage1.generate(model, s1, p.model_copy(update={"precision": precision}), device)
-        out[precision] = metrics.to_reflectance(torch.from_numpy(engine.to_dn(dn.numpy()).astype(np.float32)))
-    return {"psnr": metrics.psnr(out["bf16"], out["32"]).mean().item(),
-            "sam_deg": metrics.sam_deg(out["bf16"], out["32"]).mean().item()}  # fmt: skip
+    bf16 = p.model_copy(update={"precision": "bf16"})
+    if p.precision != "bf16":
+        model = copy.deepcopy(reference)
+        fastpath.prepare(model, bf16, device)
+    return agreement({"model": model, "precision": "bf16"}, {"model": reference, "precision": "32"}, s1, p, device,
+                     seed)  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -194,7 +212,7 @@ def run(args: argparse.Namespace) -> dict:
     from torch.utils.flop_counter import FlopCounterMode
 
     from gac.config import Stage1Params
-    from gac.inference import engine
+    from gac.inference import engine, fastpath
     from gac.inference import generate as stage1
     from gac.models.terramind import build_generator
 
@@ -207,6 +225,7 @@ def run(args: argparse.Namespace) -> dict:
         img_size=args.img_size,
         batch_size=args.batch_size,
         precision=engine.resolve_precision(device, args.precision)[0],
+        compile=args.compile,
     )
     stage1.check_precision(device, p.precision)
     peaks = {"32": matmul_peak(device, torch.float32, reps=10), "bf16": matmul_peak(device, torch.bfloat16, reps=3)}
@@ -219,8 +238,11 @@ def run(args: argparse.Namespace) -> dict:
     model = build_generator(p).to(device)
     build_s = time.perf_counter() - start
     wake(model)
+    reference = copy.deepcopy(model)  # as built: fp32 weights, NCHW, eager (bf16 vs fp32, and --baseline)
+    fast = fastpath.prepare(model, p, device)  # what gac stage1 runs
     if args.channels_last:  # the convolutions live in the tokenizer's diffusion decoder (a UNet)
         model.tokenizer.to(memory_format=torch.channels_last)
+        fast["layout"] = "channels_last"
 
     def batched() -> None:
         for b, i in enumerate(range(0, len(s1), p.batch_size)):
@@ -236,18 +258,37 @@ def run(args: argparse.Namespace) -> dict:
         stage1.seed_batch(args.seed, "bench", 0)
         stage1.generate_scenes(model, s1, places, p, device)
 
+    def before() -> None:  # the batched path as it ran before the fast path: per-call casts, NCHW, eager
+        for b, i in enumerate(range(0, len(s1), p.batch_size)):
+            stage1.seed_batch(args.seed, "bench", b)
+            stage1.generate(reference, s1[i : i + p.batch_size], p, device)
+
     paths = {"batched": batched, "naive": naive} | ({"mosaic": scene} if args.mosaic else {})
-    # Warm-up at every shape (oneDNN/cuDNN pick and cache kernels per shape on the first call), then the paths
-    # alternately, best of --repeats each, so that load from other processes hits all alike.
-    stage1.generate(model, s1[: p.batch_size], p, device)
-    stage1.generate(model, s1[:1], p, device)
-    if args.mosaic:
-        stage1.generate_scenes(model, s1, places, p, device)
+    paths |= {"before": before} if args.baseline else {}
+    # Warm-up at every shape (oneDNN/cuDNN pick and cache kernels per shape on the first call; with --compile, inductor
+    # compiles one graph per shape: that time is kept), then the paths alternately, best of --repeats each, so that
+    # load from other processes hits all alike.
+    warmup = {
+        "batched": lambda: stage1.generate(model, s1[: p.batch_size], p, device),
+        "naive": lambda: stage1.generate(model, s1[:1], p, device),
+        "mosaic": lambda: stage1.generate_scenes(model, s1, places, p, device),
+        "before": lambda: stage1.generate(reference, s1[: p.batch_size], p, device),
+    }
+    first = {path: timed(warmup[path], device) for path in paths}
     passes: dict[str, list[dict[str, float]]] = {path: [] for path in paths}
     for _ in range(args.repeats):
         for path, fn in paths.items():
-            passes[path].append(split_time(model, fn, device))
+            passes[path].append(split_time(model if path != "before" else reference, fn, device))
     best = {path: min(runs, key=lambda r: r["total"]) for path, runs in passes.items()}
+    compile_s = None
+    if args.compile:  # first calls minus a steady call of each shape; then again from inductor's caches (cache hit)
+        steady = timed(warmup["batched"], device)
+        cold = sum(first[k] for k in ("batched", "naive", "mosaic") if k in first)
+        cold -= steady + timed(warmup["naive"], device) + (timed(warmup["mosaic"], device) if args.mosaic else 0)
+        torch._dynamo.reset()
+        fastpath.prepare(model, p, device)
+        warm = timed(warmup["batched"], device) - steady
+        compile_s = {"cold": cold, "warm": warm}
 
     with FlopCounterMode(display=False) as counter:
         stage1.generate(model, s1[: p.batch_size], p, device)
@@ -261,6 +302,10 @@ def run(args: argparse.Namespace) -> dict:
         batched()
     by_op = prof.key_averages().table(sort_by=f"self_{'cuda' if device.type == 'cuda' else 'cpu'}_time_total",
                                       row_limit=args.profile_rows)  # fmt: skip
+    vs_before = None
+    if args.baseline:
+        sides = ({"model": m, "precision": p.precision} for m in (model, reference))
+        vs_before = agreement(*sides, s1[: p.batch_size], p, device, args.seed)
     batched_tps = len(s1) / best["batched"]["total"]
     naive_tps = len(s1) / best["naive"]["total"]
     return {
@@ -279,7 +324,11 @@ def run(args: argparse.Namespace) -> dict:
         "parts": best,
         "peaks": peaks,
         "profile": by_op,
-        "quality": bf16_vs_fp32(model, s1[: p.batch_size], p, device, args.seed),
+        "quality": bf16_vs_fp32(model, reference, s1[: p.batch_size], p, device, args.seed),
+        "fast": fast,
+        "compile_s": compile_s,
+        "vs_before": vs_before,
+        "before_tps": len(s1) / best["before"]["total"] if args.baseline else None,
     }
 
 
@@ -292,7 +341,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variant", default="terramind_v1_tiny_generate", help="default %(default)s")
     parser.add_argument("--device", default="cpu", help="cpu | cuda | auto (default %(default)s)")
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
-    parser.add_argument("--channels-last", action="store_true", help="NHWC convolution weights (both paths)")
+    parser.add_argument("--channels-last", action="store_true", help="NHWC decoder on any CPU (default: AMX bf16)")
+    parser.add_argument("--compile", action="store_true", help="stage1.compile: torch.compile the diffusion decoder")
+    parser.add_argument("--baseline", action="store_true", help="also the batched path as before the fast path")
     parser.add_argument("--precision", default="32", choices=["32", "bf16", "16", "auto"], help="as stage1.precision")
     parser.add_argument("--profile-rows", type=int, default=15, help="operators in the profile table (%(default)s)")
     parser.add_argument("--repeats", type=int, default=2, help="timed passes per path, best kept (%(default)s)")
@@ -303,7 +354,9 @@ def main(argv: list[str] | None = None) -> int:
 
     r = run(args)
     p, giga = r["p"], 1e9
-    layout = "channels_last" if args.channels_last else "NCHW"
+    fast = r["fast"]
+    layout = (f"decoder {fast['layout']}, weights cast once to {p.precision}: {fast['precast']} modules, "
+              f"{'compiled' if fast['compile'] else 'eager'}")  # fmt: skip
     scene = f" ({args.scene_side} x {args.scene_side} adjacent)" if args.mosaic else ""
     print(f"{p.variant}, random init, {p.img_size} px, {p.timesteps} diffusion steps, {r['tiles']} synthetic "
           f"tiles{scene}, device {r['device']}, {r['threads']} threads, {layout}, precision {p.precision}; "
@@ -314,6 +367,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.mosaic:
         name = f"mosaic (batch {p.batch_size} windows)"
         print(f"{name:<28}{r['mosaic_tps']:>10.3f}{1 / r['mosaic_tps']:>10.2f}")
+    if args.baseline:
+        before = r["before_tps"]
+        print(f"{'batched, before fast path':<28}{before:>10.3f}{1 / before:>10.2f}")
+        v = r["vs_before"]
+        same = "identical DN" if v["identical"] else f"PSNR {v['psnr']:.1f} dB, SAM {v['sam_deg']:.2f} deg"
+        print(f"fast path vs before (autocast casting weights per call, NCHW, eager): tiles/s "
+              f"{r['batched_tps'] / before:.2f}x, opt_v1 {same}")  # fmt: skip
+    if r["compile_s"]:
+        c = r["compile_s"]
+        print(f"compile (stage1.compile): {c['cold']:.0f} s over this run's batch shapes (cold cache), "
+              f"{c['warm']:.0f} s again for one shape from inductor's cache; counted over the tiles of this run: "
+              f"{(c['cold'] + r['tiles'] / r['batched_tps']) / r['tiles']:.2f} s/tile batched")  # fmt: skip
     ratio = r["batched_tps"] / r["naive_tps"]
     print(f"batched / naive: {ratio:.2f}x (target >= 2x: {'met' if ratio >= 2 else 'NOT met'})")
     print(f"FLOPs (FlopCounterMode, one batch of {p.batch_size}): {r['flops_per_tile'] / giga:.1f} GFLOP per tile")

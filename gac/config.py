@@ -99,6 +99,9 @@ class Stage1Params(Section):
     #: Generate over scenes of adjacent tiles with overlapping, blended windows instead of tile by tile
     #: (gac.inference.mosaic).
     mosaic: bool = False
+    #: ``torch.compile`` the diffusion decoder (inductor, frozen weights): one compile per process and batch shape,
+    #: then faster steps (gac.inference.fastpath).
+    compile: bool = False
     out: str = "artifacts/opt_v1"
 
     @model_validator(mode="after")

@@ -101,6 +101,10 @@ def test_the_device_check_runs_every_check_on_a_cpu_at_tiny_sizes(tmp_path: Path
     assert any(row.strip().startswith("aten::") for row in checks["stage1"]["profile"])
     if native:  # bf16 really ran: its opt_v1 is not fp32's (that would be PSNR_MAX_DB, the cap of identical tiles)
         assert 0 < checks["stage1"]["bf16_vs_fp32"]["psnr"] < metrics.PSNR_MAX_DB
+    # the fast path (weights cast once; NCHW but on AMX) against the batched path as it ran before, side by side
+    fast, before = checks["stage1"]["fast_path"], checks["stage1"]["fast_vs_before"]
+    assert (fast["precast"] > 0) == (name == "bf16") and before["speedup"] > 0
+    assert before["identical"] == (fast["layout"] == "contiguous")
     for stage in ("stage2", "stage3"):
         assert checks[stage]["steps"] == 2 and checks[stage]["s_per_step"] > 0
         assert 0 < checks[stage]["trainable"] < checks[stage]["params"]

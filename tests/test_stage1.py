@@ -325,6 +325,34 @@ def test_a_precision_without_native_support_is_refused_before_any_tile(
     assert not (tmp_path / "opt_v1").exists()  # refused before the cache (or a model) was touched
 
 
+@pytest.mark.skipif(not stage1.native_bf16(CPU), reason="no AVX512-BF16/AMX: bf16 is refused here")
+def test_the_generator_the_stage_builds_runs_on_the_fast_path(
+    catalog: Path, p: Stage1Params, model: torch.nn.Module, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``gac stage1`` in bf16 builds its generator (from ``ckpt_path``) with the weights cast once and the decoder's
+    layout for this CPU: the same cache as plain autocast over the same weights where the layout is NCHW (bit for
+    bit: the same casts, done once), within the stated bf16 difference where it is channels-last (AMX)."""
+    from gac.evaluation import metrics
+    from gac.inference import fastpath
+
+    prepared: list[torch.nn.Module] = []
+    prepare = fastpath.prepare
+    monkeypatch.setattr(fastpath, "prepare", lambda m, *a: prepared.append(m) or prepare(m, *a))  # a spy: it runs
+    bf16 = p.model_copy(update={"max_tiles": 2, "precision": "bf16"})
+    built = stage1.run(bf16.model_copy(update={"out": str(tmp_path / "built")}), str(catalog), progress=False)
+    [generator] = prepared
+    cast = [m for m in generator.modules() if isinstance(m, fastpath.CAST_ON_CALL)]
+    assert cast and {w.dtype for m in cast for w in m.parameters()} == {torch.bfloat16}
+    given = bf16.model_copy(update={"out": str(tmp_path / "given")})  # a model given is run as it is: autocast
+    stage1.run(given, str(catalog), model=model, progress=False)
+    assert built.generated == 2 and {w.dtype for w in model.parameters()} == {torch.float32}
+    if fastpath.layout(CPU, "bf16") == "contiguous":
+        assert_same_cache(tmp_path / "built", tmp_path / "given")
+    else:
+        ours, plain = (torch.from_numpy(read_cache(tmp_path / d)[1].astype(np.float32)) for d in ("built", "given"))
+        assert metrics.psnr(metrics.to_reflectance(ours), metrics.to_reflectance(plain)).mean().item() > 45.0
+
+
 def test_precision_auto_picks_the_native_one_says_why_and_keeps_it_in_the_provenance(
     catalog: Path,
     p: Stage1Params,
@@ -336,7 +364,7 @@ def test_precision_auto_picks_the_native_one_says_why_and_keeps_it_in_the_proven
     """``auto`` is bf16 on a CPU with AVX512-BF16/AMX and 32 elsewhere: the cache equals the one the chosen precision
     writes when it is set by hand (same identity, same bytes), and the choice is printed and kept in provenance."""
     from gac.config import Params
-    from gac.inference import engine
+    from gac.inference import engine, fastpath
     from gac.io.provenance import read_provenance
     from gac.stages import stage1 as stage
 
@@ -356,6 +384,7 @@ def test_precision_auto_picks_the_native_one_says_why_and_keeps_it_in_the_proven
     stage.record(Params(), section, report, why)
     provenance = read_provenance(tmp_path / "auto", "stage1")
     assert (provenance["precision"], provenance["precision_choice"]) == (section.precision, why)
+    assert (provenance["decoder_layout"], provenance["compile"]) == (fastpath.layout(CPU, section.precision), False)
     # and where the hardware has no bf16 (this CPU's probe answering no), auto falls back to float32 and says so
     monkeypatch.setattr(engine, "native_bf16", lambda device: False)
     assert engine.resolve_precision(CPU, "auto") == (

@@ -24,7 +24,7 @@ import torch
 
 from gac.config import Stage1Params
 from gac.errors import GacError
-from gac.inference import engine, mosaic
+from gac.inference import engine, fastpath, mosaic
 from gac.inference.engine import autocast, check_precision, native_bf16, plan, resolve_device, seed_batch, to_dn  # noqa: F401
 from gac.io import fingerprint as fingerprints
 from gac.io.store import ShardStore
@@ -81,8 +81,9 @@ def spread(draws: torch.Tensor) -> dict[str, torch.Tensor]:
     return {"opt": draws.mean(0), "sigma": draws.std(0, correction=1)}
 
 
-def fingerprint(p: Stage1Params, catalog_ids: list[str]) -> dict:
-    """Everything that determines opt_v1; a cache written under another fingerprint is not resumed."""
+def fingerprint(p: Stage1Params, catalog_ids: list[str], device: torch.device | None = None) -> dict:
+    """Everything that determines opt_v1 on ``device`` (its fast path: :func:`gac.inference.fastpath.fingerprint_keys`);
+    a cache written under another fingerprint is not resumed."""
 
     def file_sha(path: str) -> str:
         return fingerprints.file_digest(path) if Path(path).is_file() else "?"
@@ -98,6 +99,7 @@ def fingerprint(p: Stage1Params, catalog_ids: list[str]) -> dict:
     ident = {k: getattr(p, k) for k in keys} | {"weights": weights}
     if p.samples > 1:  # only then: a one-draw cache written before ``samples`` existed stays valid (no 28 h redo)
         ident["samples"] = p.samples
+    ident |= fastpath.fingerprint_keys(p, device or resolve_device(p.device))
     ident["tiles"] = fingerprints.ids_digest(catalog_ids)
     return ident
 
@@ -118,10 +120,11 @@ def run(
 
     def build() -> torch.nn.Module:
         torch.manual_seed(p.seed)
+        model = build_generator(p).to(device)
+        fastpath.prepare(model, p, device)
+        return model
 
-        return build_generator(p)
-
-    stamp = fingerprint(p, list(index["patch_id"]))
+    stamp = fingerprint(p, list(index["patch_id"]), device)
     places: dict[str, mosaic.Place] = {}
     if p.mosaic:  # scenes contiguous, in the order of their first tile: the engine keeps each in one batch and shard
         index, places = mosaic.scenes(index)
@@ -142,7 +145,7 @@ def run(
         catalog_root=catalog_root,
         index=index,
         step=step,
-        model=model if model is not None else build,
+        model=model if model is not None else build,  # a model given is run as it is
         shard_size=p.shard_size,
         batch_size=p.batch_size,
         device=device,

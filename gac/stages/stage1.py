@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from gac.config import Params, Stage1Params
-from gac.inference import engine, generate
+from gac.inference import engine, fastpath, generate
 from gac.io import tracking
 from gac.io.atomic import write_json
 from gac.io.lock import exclusive_first_rank
@@ -67,8 +67,10 @@ def record(cfg: Params, section: Stage1Params, report: engine.Report, why: str =
         return read_timing(section.out).get("seconds_per_tile")
     seconds = report.work_seconds / report.generated
     origin = tracking.weights_origin(section.pretrained, section.ckpt_path)
+    layout = fastpath.layout(engine.resolve_device(section.device), section.precision)
     write_provenance(section.out, {"stage": NAME, "weights_origin": origin, "variant": section.variant,
                                    "data_source": cfg.data.source, "precision": section.precision,
-                                   "precision_choice": why})  # fmt: skip
+                                   "precision_choice": why, "decoder_layout": layout,
+                                   "compile": section.compile})  # fmt: skip
     write_timing(section.out, {"seconds_per_tile": seconds})
     return seconds
