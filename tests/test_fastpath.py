@@ -109,17 +109,56 @@ def test_what_changes_opt_v1_is_in_the_fingerprint_and_nothing_else() -> None:
     assert ("layout" in stage1.fingerprint(P.model_copy(update={"precision": "bf16"}), ["a"], CPU)) == amx
 
 
-def test_a_compiled_decoder_gives_the_eager_opt_v1_within_its_precision(
-    generator: torch.nn.Module, s1: torch.Tensor
-) -> None:
-    """``stage1.compile: true`` (inductor, frozen weights) in the precision ``auto`` picks here: bf16 within the
-    stated bf16 bound of fp32 eager; fp32 within fp32's rounding (the fused kernels sum in another order)."""
-    precision = engine.resolve_precision(CPU, "auto")[0]
-    p = P.model_copy(update={"precision": precision, "compile": True})
+def test_compile_is_set_on_the_generators_decoders_and_only_there(generator: torch.nn.Module) -> None:
+    """``stage1.compile: true`` compiles each diffusion decoder in place (lazily: the compile runs at the first call of
+    each batch shape); the sampler stays eager."""
     model = copy.deepcopy(generator)
-    done = fastpath.prepare(model, p, CPU)
-    assert done["compile"] and all(d._compiled_call_impl is not None for d in fastpath.decoders(model))
-    compiled, eager = opt_v1(model, s1, precision), opt_v1(generator, s1, "32")
-    bound = BF16_PSNR_DB if precision == "bf16" else 70.0
-    assert bound < psnr_db(compiled, eager)
-    assert psnr_db(compiled, eager) < metrics.PSNR_MAX_DB or precision == "32"
+    done = fastpath.prepare(model, P.model_copy(update={"compile": True}), CPU)
+    decoders = fastpath.decoders(model)
+    assert done["compile"] and decoders and all(d._compiled_call_impl is not None for d in decoders)
+    assert model.sampler._compiled_call_impl is None
+    assert torch._dynamo.config.recompile_limit >= P.batch_size + 1
+
+
+def small_decoder() -> torch.nn.Module:
+    """TerraTorch's diffusion decoder class (``PatchedUNetCondCat``: the blocks, norms, attention and patching of
+    TerraMind's) at a twentieth of the released one's size: inductor compiles it in seconds, the released one in
+    60–100 s on two cores (that one is measured by ``benchmarks/stage1_throughput.py --compile``)."""
+    from terratorch.models.backbones.terramind.tokenizer.models.unet.unet import PatchedUNetCondCat
+
+    torch.manual_seed(0)
+    size = {"model_channels": 32, "num_res_blocks": 1, "attention_resolutions": [2], "channel_mult": (1, 2)}
+    decoder = PatchedUNetCondCat(in_channels=12, out_channels=12, cond_channels=5, patch_size=4, image_size=64, **size)
+    with torch.no_grad():
+        for weight in decoder.parameters():
+            if weight.dim() > 1 and not weight.any():
+                torch.nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
+    return decoder.eval()
+
+
+def test_a_compiled_decoder_computes_what_the_eager_one_does_within_its_precision() -> None:
+    """:func:`gac.inference.fastpath.compile_decoder` (inductor, frozen weights) on TerraTorch's decoder class, in the
+    precision ``auto`` picks here. bf16: no further from fp32 eager than autocast's eager bf16 is (25 % slack for the
+    other summation order), and within a few roundings of bf16's 8-bit mantissa (4 x 2**-8 relative); fp32: within
+    fp32's rounding (the fused kernels sum in another order: 1e-4 relative)."""
+    precision = engine.resolve_precision(CPU, "auto")[0]
+    eager, compiled = small_decoder(), small_decoder()
+    dtype = fastpath.reduced_dtype(precision)
+    if dtype is not None:
+        fastpath.precast(compiled, dtype)
+    fastpath.compile_decoder(compiled, batch_size=2)
+    g = torch.Generator().manual_seed(4)
+    x, cond, t = torch.randn(2, 12, 64, 64, generator=g), torch.randn(2, 5, 4, 4, generator=g), torch.tensor(500)
+    with torch.inference_mode():
+        want = eager(x, t, cond)
+        with engine.autocast(CPU, precision):
+            got, autocast = compiled(x, t, cond).float(), eager(x, t, cond).float()
+    assert compiled._compiled_call_impl is not None and want.abs().mean() > 0.1
+
+    def rel(a: torch.Tensor) -> float:
+        return ((a - want).norm() / want.norm()).item()
+
+    if precision == "bf16":
+        assert 0 < rel(got) < min(1.25 * rel(autocast), 4 * 2**-8), (rel(got), rel(autocast))
+    else:
+        assert rel(got) < 1e-4, rel(got)
