@@ -42,7 +42,9 @@ def test_a_block_that_imports_nothing_freezes_nothing() -> None:
     frozen = gc.get_freeze_count()
     with quiet_gc():
         alive = [[i] for i in range(10_000)]
-    assert gc.get_freeze_count() == frozen and len(alive) == 10_000
+    # at most as many: a frozen object freed meanwhile (another thread, e.g. inductor's compile workers left by an
+    # earlier test, drops its last reference) lowers the count; a freeze would raise it by the 10,000 lists at least
+    assert gc.get_freeze_count() <= frozen and len(alive) == 10_000
 
 
 def test_it_nests_and_leaves_a_disabled_collector_disabled() -> None:
