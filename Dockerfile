@@ -10,9 +10,10 @@ FROM python:3.11-slim-bookworm
 # make runs the pipeline; git is DVC's and records each run's commit; libexpat1 is the one system library a pinned
 # wheel needs that it does not bundle (rasterio's GDAL). Debian's security updates replace exact versions, so they
 # are not pinned: the base image's tag fixes the distribution.
+# g++: inductor compiles its CPU kernels with it (stage1.compile: true).
 # hadolint ignore=DL3008
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends git make libexpat1 \
+    && apt-get install -y --no-install-recommends git make libexpat1 g++ \
     && rm -rf /var/lib/apt/lists/*
 
 # No pip cache in the image; no usage reports sent from the container (DVC analytics, MLflow telemetry).
